@@ -1,0 +1,138 @@
+"""ModelConfig: one frozen dataclass that describes every architecture scratchlm runs.
+
+GPT-2 and Llama differ in a handful of switches, not in code paths:
+
+| switch          | GPT-2                  | Llama / SmolLM2            |
+|-----------------|------------------------|----------------------------|
+| ``positions``   | ``"learned"`` table    | ``"rope"`` (rotary)        |
+| ``norm``        | ``"layernorm"``        | ``"rmsnorm"``              |
+| ``mlp``         | ``"gelu"`` (4x wide)   | ``"swiglu"`` (gated)       |
+| ``bias``        | linear layers biased   | no biases                  |
+| ``n_kv_heads``  | = ``n_heads``          | fewer (grouped-query attn) |
+
+Presets are plain data and cite the upstream ``config.json`` they mirror.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from scratchlm.errors import ConfigError
+
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of a decoder-only transformer; validated on construction."""
+
+    vocab_size: int
+    context_length: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None  # None means n_heads (plain multi-head attention)
+    d_ff: int | None = None  # None means 4 * d_model (gelu) or Llama's 8/3 rule rounded to 256 (swiglu)
+    positions: str = "rope"
+    norm: str = "rmsnorm"
+    mlp: str = "swiglu"
+    bias: bool = False  # biases in the attention and MLP linear layers
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
+    dropout: float = 0.0
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"invalid model config: {msg}")
+
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", _default_d_ff(self.d_model, self.mlp))
+        if self.positions not in POSITIONS:
+            raise bad(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.norm not in NORMS:
+            raise bad(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.mlp not in MLPS:
+            raise bad(f"mlp must be one of {MLPS}, got {self.mlp!r}")
+        if self.d_model % self.n_heads:
+            raise bad(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+            raise bad(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise bad(f"rotary positions need an even head size, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise bad(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise bad("norm_eps and rope_theta must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; ``ModelConfig.from_dict`` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _default_d_ff(d_model: int, mlp: str) -> int:
+    if mlp == "gelu":
+        return 4 * d_model
+    # Llama: two thirds of 4 * d_model (the gate makes SwiGLU 1.5x the work), rounded up to 256.
+    hidden = int(2 * 4 * d_model / 3)
+    return 256 * ((hidden + 255) // 256)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # HuggingFaceTB/SmolLM2-135M(-Instruct) config.json: LlamaForCausalLM, hidden_size 576,
+    # intermediate_size 1536, 30 layers, 9 heads, 3 KV heads, rope_theta 100000, rms_norm_eps 1e-5,
+    # tie_word_embeddings true, vocab 49152, max_position_embeddings 8192.
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m", vocab_size=49152, context_length=8192, d_model=576, n_layers=30, n_heads=9,
+        n_kv_heads=3, d_ff=1536, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+        norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True,
+    ),
+    # openai-community/gpt2 config.json: n_embd 768, n_layer 12, n_head 12, n_positions 1024,
+    # vocab 50257, layer_norm_epsilon 1e-5, activation gelu_new (tanh approximation), tied head.
+    "gpt2-124m": ModelConfig(
+        name="gpt2-124m", vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_heads=12,
+        positions="learned", norm="layernorm", mlp="gelu", bias=True, norm_eps=1e-5, tie_embeddings=True,
+    ),
+    # Tiny sizes for tests and demos: same switches, a few thousand parameters.
+    "tiny-llama": ModelConfig(
+        name="tiny-llama", vocab_size=512, context_length=128, d_model=64, n_layers=2, n_heads=4,
+        n_kv_heads=2, d_ff=160, positions="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False,
+    ),
+    "tiny-gpt2": ModelConfig(
+        name="tiny-gpt2", vocab_size=512, context_length=128, d_model=64, n_layers=2, n_heads=4,
+        positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The named preset, or a ConfigError that lists the known names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None

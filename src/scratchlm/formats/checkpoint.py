@@ -1,0 +1,85 @@
+"""scratchlm's own model directory: the canonical state dict as safetensors, plus JSON.
+
+    model_config.json        ModelConfig.to_dict()
+    model.safetensors        canonical parameter names (a tied LM head is stored once)
+    tokenizer.json           HF-compatible tokenizer (see scratchlm.tokenizer)
+    tokenizer_config.json    chat_template, bos_token, eos_token (optional)
+
+Training checkpoints add optimizer and trainer state beside these files; every file is written to a
+temporary name and renamed into place, so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from scratchlm.config import ModelConfig
+from scratchlm.errors import ModelFileError
+
+CONFIG_FILE = "model_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def save_model_dir(directory: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                   tokenizer=None, chat_template: str | None = None) -> Path:
+    """Write a model directory that ``LLM.load`` reads."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(tensors, metadata={"format": "scratchlm"}))
+    atomic_write_json(directory / CONFIG_FILE, config.to_dict())
+    if tokenizer is not None:
+        tokenizer.save(directory / "tokenizer.json")
+        atomic_write_json(directory / "tokenizer_config.json", {
+            "chat_template": chat_template, "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+        })
+    return directory
+
+
+def is_model_dir(directory: Path) -> bool:
+    return (Path(directory) / CONFIG_FILE).is_file()
+
+
+def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read the config and canonical weights of a scratchlm model directory."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from scratchlm.formats.hf import read_json
+
+    directory = Path(directory)
+    config = ModelConfig.from_dict(read_json(directory / CONFIG_FILE))
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelFileError(f"missing weights file: {weights}")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+    return config, {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,157 @@
+"""Read GGUF files (llama.cpp's format) into scratchlm's canonical representation.
+
+Parsing and dequantization use the `gguf` package, llama.cpp's own reader. What is ours is the mapping:
+GGUF metadata -> ModelConfig, GGUF tensor names -> canonical names, and undoing llama.cpp's
+reordering of the Q and K rows (its converter interleaves the two rotary halves of each head).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scratchlm.config import ModelConfig
+from scratchlm.errors import ModelFileError, UnsupportedError
+
+# Tensor types we dequantize (the gguf package does the arithmetic); others are refused by name.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+                   "Q5_K", "Q6_K")
+ARCHITECTURES = ("llama", "gpt2")
+
+
+def read_gguf(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Open a GGUF file; returns the reader and its metadata as plain Python values.
+
+    Large tokenizer arrays stay as lists; anything unreadable becomes a ModelFileError naming the file.
+    """
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"GGUF file not found: {path}")
+    try:
+        reader = gguf.GGUFReader(path)
+        meta = {name: field.contents() for name, field in reader.fields.items()}
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors... on bad files
+        raise ModelFileError(f"{path} is not a readable GGUF file (truncated or corrupt?): {exc}") from None
+    return reader, meta
+
+
+def config_from_gguf(meta: dict[str, Any], name: str = "gguf") -> ModelConfig:
+    """The ModelConfig that GGUF metadata describes (``llama`` or ``gpt2`` architecture)."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedError(
+            f"unsupported GGUF architecture {arch!r}; scratchlm reads {', '.join(ARCHITECTURES)}"
+        )
+
+    def get(key: str, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ModelFileError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    n_heads = int(get("attention.head_count"))
+    common = dict(
+        name=name, vocab_size=int(vocab), context_length=int(get("context_length")),
+        d_model=int(get("embedding_length")), n_layers=int(get("block_count")), n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)), d_ff=int(get("feed_forward_length")),
+    )
+    if arch == "gpt2":
+        return ModelConfig(**common, positions="learned", norm="layernorm", mlp="gelu", bias=True,
+                           norm_eps=float(get("attention.layer_norm_epsilon")), tie_embeddings=True)
+    if meta.get("llama.rope.scaling.type") not in (None, "none"):
+        raise UnsupportedError(f"RoPE scaling {meta['llama.rope.scaling.type']!r} is not supported")
+    head_dim = common["d_model"] // n_heads
+    if int(meta.get("llama.rope.dimension_count", head_dim)) != head_dim:
+        raise UnsupportedError("partial rotary embeddings (rope.dimension_count != head size) are not supported")
+    return ModelConfig(**common, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                       norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+                       rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)), tie_embeddings=True)
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order: within each head, rows (0, 1, 2, 3, ...) hold the pairs
+    (x0, x_{D/2}), (x1, x_{D/2+1}), ... interleaved; HF's rotate-half layout keeps the halves apart."""
+    out_dim = w.shape[0]
+    d = out_dim // n_heads
+    return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of ``unpermute_qk``: HF rotate-half rows -> llama.cpp interleaved rows."""
+    out_dim = w.shape[0]
+    d = out_dim // n_heads
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _tensor_to_torch(t, path: Path) -> torch.Tensor:
+    from gguf import GGMLQuantizationType, quants
+
+    kind = t.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise UnsupportedError(
+            f"{path}: tensor {t.name} has quantization type {kind}, which scratchlm does not read; "
+            f"supported: {', '.join(SUPPORTED_TYPES)}"
+        )
+    shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest-moving dimension first
+    if t.tensor_type == GGMLQuantizationType.F32:
+        array = np.asarray(t.data, dtype=np.float32).reshape(shape)
+        return torch.from_numpy(array.copy())
+    array = quants.dequantize(t.data, t.tensor_type)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
+
+
+def _canonical_name(gguf_name: str) -> str | list[str] | None:
+    """GGUF tensor name -> canonical name (None for tensors we derive ourselves, like rope_freqs)."""
+    fixed = {"token_embd.weight": "tok_embeddings.weight", "position_embd.weight": "pos_embeddings.weight",
+             "output_norm.weight": "final_norm.weight", "output_norm.bias": "final_norm.bias",
+             "output.weight": "lm_head.weight", "rope_freqs.weight": None}
+    if gguf_name in fixed:
+        return fixed[gguf_name]
+    parts = gguf_name.split(".")
+    if parts[0] != "blk" or len(parts) != 4:
+        raise UnsupportedError(f"unexpected GGUF tensor {gguf_name}")
+    i, kind, suffix = parts[1], parts[2], parts[3]
+    per_block = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "attn.q_proj",
+                 "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
+                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+                 "attn_qkv": "attn.qkv"}
+    if kind not in per_block:
+        raise UnsupportedError(f"unexpected GGUF tensor {gguf_name}")
+    return f"blocks.{i}.{per_block[kind]}.{suffix}"
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """Read a GGUF model: (config, canonical state dict in ``dtype``, metadata)."""
+    path = Path(path)
+    reader, meta = read_gguf(path)
+    config = config_from_gguf(meta, name=path.stem)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for t in reader.tensors:
+            name = _canonical_name(t.name)
+            if name is None:
+                continue
+            w = _tensor_to_torch(t, path)
+            if name.endswith("q_proj.weight") and config.positions == "rope":
+                w = unpermute_qk(w, config.n_heads)
+            elif name.endswith("k_proj.weight") and config.positions == "rope":
+                w = unpermute_qk(w, config.n_kv_heads)
+            if ".attn.qkv." in name:  # GPT-2 keeps Q, K and V in one fused tensor
+                for part, chunk in zip("qkv", w.chunk(3, dim=0)):
+                    state[name.replace(".qkv.", f".{part}_proj.")] = chunk.to(dtype).contiguous()
+                continue
+            state[name] = w.to(dtype) if w.dtype != dtype else w
+    except (ValueError, IndexError, TypeError) as exc:
+        raise ModelFileError(f"{path}: tensor data is unreadable (truncated or corrupt?): {exc}") from None
+    if "lm_head.weight" in state and config.tie_embeddings:
+        if torch.equal(state["lm_head.weight"], state["tok_embeddings.weight"]):
+            del state["lm_head.weight"]
+        else:
+            config = config.replace(tie_embeddings=False)
+    return config, state, meta

@@ -1,0 +1,176 @@
+"""``LLM``: a model, its tokenizer and its chat template, loaded from any supported source.
+
+    llm = LLM.load("smollm2-135m-instruct")     # a known name, a .gguf file, an HF or scratchlm directory
+    llm.generate("Once upon a time", max_new_tokens=40)
+    llm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0)
+    for chunk in llm.stream("The sea is", max_new_tokens=20): print(chunk, end="")
+
+Every file format is converted to the canonical representation at load time (``scratchlm.formats``);
+nothing after this point knows where the model came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from scratchlm.chat import ChatTemplate
+from scratchlm.config import ModelConfig
+from scratchlm.errors import ConfigError, ModelFileError
+from scratchlm.generate import Completion, Sequence, stream_sequences
+from scratchlm.model import Transformer, build_model
+from scratchlm.sampling import SamplingParams
+from scratchlm.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json writes special tokens as strings or as {"content": ...} dicts."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class LLM:
+    """A ready-to-use language model: ``model`` (a torch Module), ``tokenizer`` and ``template``."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, template: ChatTemplate | None = None,
+                 name: str = "model", source: Path | None = None, eos_ids: set[int] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template or ChatTemplate(None, tokenizer.bos_token, tokenizer.eos_token)
+        self.name = name
+        self.source = source
+        self.eos_ids = set(eos_ids or ()) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LLM:
+        """Load a known model name (pulled), a GGUF file, an HF model directory or a scratchlm directory."""
+        from scratchlm.hub import KNOWN_MODELS, resolve
+
+        path = resolve(name_or_path)
+        torch_dtype = parse_dtype(dtype)
+        name = str(name_or_path) if str(name_or_path) in KNOWN_MODELS else path.stem
+        if path.is_file() and path.suffix == ".gguf":
+            llm = cls._from_gguf(path, torch_dtype, name)
+        elif path.is_dir():
+            llm = cls._from_directory(path, torch_dtype, name)
+        else:
+            raise ModelFileError(f"{path} is neither a .gguf file nor a model directory")
+        llm.model.to(device)
+        return llm
+
+    @classmethod
+    def _from_gguf(cls, path: Path, dtype: torch.dtype, name: str) -> LLM:
+        from scratchlm.formats.gguf import load_gguf
+
+        config, state, meta = load_gguf(path, dtype)
+        config = config.replace(name=name)
+        tokenizer = Tokenizer.from_gguf_metadata(meta)
+        template = ChatTemplate(meta.get("tokenizer.chat_template"), tokenizer.bos_token, tokenizer.eos_token)
+        return cls(build_model(config, state, source=str(path)), tokenizer, template, name, path)
+
+    @classmethod
+    def _from_directory(cls, path: Path, dtype: torch.dtype, name: str) -> LLM:
+        from scratchlm.formats import checkpoint, hf
+
+        if checkpoint.is_model_dir(path):
+            config, state = checkpoint.load_model_dir(path, dtype)
+        elif (path / "config.json").is_file():
+            config, state, _ = hf.load_hf(path, dtype)
+        else:
+            raise ModelFileError(f"{path} holds neither config.json (HF) nor {checkpoint.CONFIG_FILE} (scratchlm)")
+        config = config.replace(name=name)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ModelFileError(f"missing tokenizer file: {tok_file}")
+        tokenizer = Tokenizer.from_file(tok_file)
+        tok_config = hf.read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        for attr in ("bos_token", "eos_token"):
+            text = _token_text(tok_config.get(attr))
+            if text is not None and tokenizer.token_to_id(text) is not None:
+                setattr(tokenizer, attr, text)
+                setattr(tokenizer, attr.replace("_token", "_id"), tokenizer.token_to_id(text))
+        source = tok_config.get("chat_template")
+        if source is None and (path / "chat_template.jinja").is_file():
+            source = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        eos_ids: set[int] = set()
+        if (path / "generation_config.json").is_file():
+            eos = hf.read_json(path / "generation_config.json").get("eos_token_id")
+            eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        template = ChatTemplate(source, tokenizer.bos_token, tokenizer.eos_token)
+        return cls(build_model(config, state, source=str(path)), tokenizer, template, name, path, eos_ids)
+
+    # ----------------------------------------------------------------------------------------------
+    def sampling(self, **kwargs) -> SamplingParams:
+        """SamplingParams from keyword arguments (``stop`` may be a string or a list)."""
+        unknown = set(kwargs) - set(SamplingParams.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown sampling options {sorted(unknown)}; "
+                              f"known: {', '.join(SamplingParams.__dataclass_fields__)}")
+        if isinstance(kwargs.get("stop"), (list, tuple)):
+            kwargs["stop"] = tuple(kwargs["stop"])
+        return SamplingParams(**kwargs)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, allowed_special="all")
+
+    def _prompt_ids(self, prompt: str | list[dict] | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, allowed_special="all")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return self.encode_chat(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return prompt
+        raise ConfigError("a prompt must be a string, a list of chat messages, or a list of token ids")
+
+    def sequences(self, prompts: list, params: SamplingParams) -> list[Sequence]:
+        """One ``Sequence`` per prompt (text, messages or token ids), checked against the context window."""
+        cfg = self.config
+        return [Sequence(self._prompt_ids(p), params, self.tokenizer, self.eos_ids, cfg.vocab_size,
+                         cfg.context_length) for p in prompts]
+
+    def complete(self, prompts: list, **sampling) -> list[Completion]:
+        """Complete a batch of prompts together (different lengths are fine); one Completion each."""
+        seqs = self.sequences(prompts, self.sampling(**sampling))
+        for _ in stream_sequences(self.model, seqs):
+            pass
+        return [s.completion() for s in seqs]
+
+    def generate(self, prompt: str | list[str], **sampling) -> str | list[str]:
+        """Continue a text (or each text of a list, batched); returns the new text only."""
+        if isinstance(prompt, list):
+            return [c.text for c in self.complete(prompt, **sampling)]
+        return self.complete([prompt], **sampling)[0].text
+
+    def chat(self, messages: list[dict], **sampling) -> str:
+        """The assistant's reply to a conversation of ``{"role", "content"}`` messages."""
+        return self.complete([messages], **sampling)[0].text
+
+    def stream(self, prompt: str | list[dict], **sampling) -> Iterator[str]:
+        """Yield the continuation of a text, or the reply to messages, chunk by chunk as it is made."""
+        seqs = self.sequences([prompt], self.sampling(**sampling))
+        for _, text in stream_sequences(self.model, seqs):
+            yield text
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (f"LLM({self.name!r}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+                f"{self.model.num_parameters() / 1e6:.1f}M parameters)")

@@ -1,0 +1,338 @@
+"""The transformer: token ids in, next-token logits out.
+
+One file, one class per idea, following a token from embedding to logits:
+
+    ids -> token embedding (+ learned positions) -> n_layers x Block -> final norm -> LM head -> logits
+    Block: x + Attention(norm(x)), then x + MLP(norm(x))            (pre-norm, GPT-2 and Llama alike)
+
+Shapes in comments: B batch, T new tokens, L cached + new tokens, H query heads, Hkv key/value heads,
+D head size, C = d_model, V vocabulary.
+
+Canonical parameter names (every file format converts to and from these, see ``formats/``):
+
+    tok_embeddings.weight                 [V, C]
+    pos_embeddings.weight                 [context_length, C]      (positions="learned" only)
+    blocks.{i}.attn_norm.weight / .bias   [C]                      (.bias with layernorm only)
+    blocks.{i}.attn.{q,k,v,o}_proj.weight [H*D or Hkv*D, C] / [C, H*D] for o   (+ .bias if config.bias)
+    blocks.{i}.mlp_norm.weight / .bias    [C]
+    blocks.{i}.mlp.{gate,up}_proj.weight  [d_ff, C]                (gate only with swiglu; + .bias if config.bias)
+    blocks.{i}.mlp.down_proj.weight       [C, d_ff]
+    final_norm.weight / .bias             [C]
+    lm_head.weight                        [V, C]                   (absent when tie_embeddings)
+
+Q and K rows are in the "rotate half" layout of HF transformers (the GGUF loader undoes llama.cpp's
+interleaved permutation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from scratchlm.config import ModelConfig
+from scratchlm.errors import ContextLengthError, ModelFileError
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * weight, no mean, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32: a bfloat16 sum of squares loses most of its digits.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
+
+
+def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every (position, frequency) pair, each [context_length, D], in float32.
+
+    RoPE (Su et al. 2021, eq. 34): pair i of a head rotates by angle pos * theta^(-2i/D). We use the
+    "rotate half" pairing (i, i + D/2), as HF transformers does, so the frequencies are repeated twice.
+    """
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    pos = torch.arange(config.context_length, device=device).float()
+    angles = torch.outer(pos, inv_freq)  # [context, D/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [context, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, D] by the angles of its positions; cos and sin are [B, 1, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, for a batch of sequences decoded together.
+
+    ``k`` and ``v`` are [n_layers, B, Hkv, max_len, D]; ``lengths[b]`` counts the tokens cached for row b.
+    Rows are independent: each one can hold a sequence of its own length (the server puts one request in
+    each row), and a forward pass may touch only some rows (``rows=``).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        self.max_len = max_len or config.context_length
+        shape = (config.n_layers, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
+        """Forget the cached tokens of some rows (all rows by default); the buffers stay allocated."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and an optional KV cache."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c, h, hkv, d = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(c, h * d, bias=config.bias)
+        self.k_proj = nn.Linear(c, hkv * d, bias=config.bias)
+        self.v_proj = nn.Linear(c, hkv * d, bias=config.bias)
+        self.o_proj = nn.Linear(h * d, c, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        cfg = self.config
+        q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
+        if cache is not None:
+            # Write the new keys/values at each row's own positions, then attend over the whole prefix.
+            k_cache, v_cache = cache  # (B, Hkv, max_len, D) each: views into KVCache for these rows
+            L = mask.shape[-1]
+            index = positions[:, None, :, None].expand(B, cfg.n_kv_heads, T, cfg.head_dim)
+            k_cache.scatter_(2, index, k)
+            v_cache.scatter_(2, index, v)
+            k, v = k_cache[:, :, :L], v_cache[:, :, :L]
+        dropout = cfg.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+            enable_gqa=cfg.n_kv_heads != cfg.n_heads,
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2) or SwiGLU (Shazeer 2020, used by Llama)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new").
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: attention then MLP, each added to the residual stream."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, cache, positions, mask):
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, positions, mask))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model described by a ModelConfig.
+
+    ``model(input_ids)`` returns logits [B, T, V]. With a KVCache, only the new tokens are fed:
+    prefill the prompt once, then one token per step.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positions == "learned":
+            self.pos_embeddings = nn.Embedding(config.context_length, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        self.gradient_checkpointing = False
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.apply(self._init_weights)
+        # GPT-2 paper, section 2.3: scale the residual projections by 1/sqrt(number of residual layers).
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.device.type != "meta":
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # ----------------------------------------------------------------------------------------------
+    def rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables, built on first use (they are derived data, never saved)."""
+        if self._rope is None or self._rope[0].device != torch.device(device):
+            self._rope = rope_tables(self.config, device)
+        return self._rope
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      rows: torch.Tensor | None = None, input_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states [B, T, C] for ``input_ids`` [B, T].
+
+        Without a cache this is a plain causal forward over positions 0..T-1. With a cache, the tokens
+        continue each row's cached sequence: row b's tokens take positions lengths[b] .. lengths[b]+T-1
+        and attend to everything cached before them. ``rows`` picks which cache rows the batch maps to
+        (default: all, in order); ``input_lengths`` gives each row's real token count when the batch is
+        right-padded (default: T for every row), and is what the cache lengths advance by.
+        """
+        cfg = self.config
+        B, T = input_ids.shape
+        device = input_ids.device
+        if cache is None:
+            if T > cfg.context_length:
+                raise ContextLengthError(
+                    f"input of {T} tokens is longer than the context window of {cfg.context_length} tokens"
+                )
+            positions = torch.arange(T, device=device).expand(B, T)
+            mask = None
+            layer_cache = [None] * cfg.n_layers
+        else:
+            if rows is None:
+                rows = torch.arange(cache.batch_size, device=device)
+            start = cache.lengths[rows]  # (B,)
+            positions = start[:, None] + torch.arange(T, device=device)  # (B, T)
+            L = int(start.max()) + T
+            if L > cache.max_len:
+                raise ContextLengthError(
+                    f"{L} tokens do not fit in the context window of {cache.max_len} tokens"
+                )
+            # Query at position p sees keys 0..p of its own row; stale cache entries lie beyond p.
+            mask = (torch.arange(L, device=device)[None, None, :] <= positions[:, :, None])[:, None]  # (B,1,T,L)
+            if B == cache.batch_size and rows.tolist() == list(range(B)):
+                layer_cache = [(cache.k[i], cache.v[i]) for i in range(cfg.n_layers)]  # views, no copy
+            else:
+                layer_cache = [(cache.k[i, rows], cache.v[i, rows]) for i in range(cfg.n_layers)]
+        x = self.tok_embeddings(input_ids)  # (B, T, C)
+        rope = None
+        if cfg.positions == "learned":
+            x = x + self.pos_embeddings(positions)
+        else:
+            cos, sin = self.rope(device)
+            rope = (cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype))  # (B,1,T,D)
+        x = self.dropout(x)
+        for i, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, layer_cache[i], positions, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, layer_cache[i], positions, mask)
+        if cache is not None:
+            if layer_cache[0] is not None and layer_cache[0][0].data_ptr() != cache.k[0].data_ptr():
+                # Rows were gathered into copies: write them back.
+                for i, (k, v) in enumerate(layer_cache):
+                    cache.k[i, rows] = k
+                    cache.v[i, rows] = v
+            advance = input_lengths if input_lengths is not None else T
+            cache.lengths[rows] = start + advance
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states [..., C] onto the vocabulary: logits [..., V]."""
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, rows: torch.Tensor | None = None,
+                input_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for input_ids [B, T]; see ``hidden_states`` for the cache arguments."""
+        return self.logits(self.hidden_states(input_ids, cache, rows, input_lengths))
+
+    # ----------------------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (a tied head counts once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def canonical_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict under canonical names, without the tied LM head duplicate."""
+        sd = self.state_dict()
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical parameter name with its shape, for checking files before loading them."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {k: tuple(v.shape) for k, v in model.canonical_state_dict().items()}
+
+
+def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str = "weights",
+                dtype: torch.dtype | None = None) -> Transformer:
+    """A Transformer holding ``state_dict`` (canonical names), checked name by name and shape by shape.
+
+    The model is built on the meta device and the tensors are assigned, not copied, so loading needs no
+    second copy of the weights. ``source`` names the file in error messages.
+    """
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise ModelFileError(
+            f"{source}: tensors do not match the architecture (missing {missing[:5]}, unexpected {extra[:5]})"
+        )
+    for name, shape in expected.items():
+        if tuple(state_dict[name].shape) != shape:
+            raise ModelFileError(
+                f"{source}: tensor {name} has shape {tuple(state_dict[name].shape)}, expected {shape}"
+            )
+    with torch.device("meta"):
+        model = Transformer(config)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state_dict.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_embeddings.weight
+    return model.eval()
