@@ -88,6 +88,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
     ChatSession(llm, system=args.system, sampling=sampling_kwargs(args)).run(sys.stdin, sys.stdout)
 
 
+# Modules whose `register(subparsers)` adds more subcommands (training, serving, quantization, ...).
+# Keep their imports light: heavy imports belong inside the command functions.
+COMMAND_MODULES: list[str] = []
+
+
 # --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchlm", description="A from-scratch LLM stack in PyTorch.")
@@ -117,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    # Feature packages add their own subcommands: each module has `register(subparsers)`.
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
