@@ -36,3 +36,11 @@ class SamplingError(ScratchLMError):
 
 class DownloadError(ScratchLMError):
     """`scratchlm pull` could not fetch or verify a model."""
+
+
+class DataError(ScratchLMError):
+    """Training data that is missing, empty, too short or not valid UTF-8/JSONL."""
+
+
+class TrainingError(ScratchLMError):
+    """Training that cannot go on: a non-finite loss, a failed checkpoint write, a mismatched resume."""
