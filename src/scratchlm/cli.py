@@ -90,7 +90,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 # Modules whose `register(subparsers)` adds more subcommands (training, serving, quantization, ...).
 # Keep their imports light: heavy imports belong inside the command functions.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "scratchlm.train.cli",
+    "scratchlm.convert",
+    "scratchlm.serve.cli",
+]
 
 
 # --------------------------------------------------------------------------------------------------

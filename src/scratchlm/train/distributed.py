@@ -1,0 +1,106 @@
+"""Several processes, one model: PyTorch DistributedDataParallel under ``torchrun``.
+
+    torchrun --nproc_per_node 2 -m scratchlm.cli train --preset shakespeare-char
+
+``torchrun`` starts the processes and sets RANK, LOCAL_RANK and WORLD_SIZE; ``init_distributed`` reads
+them, joins the process group (gloo on CPU, NCCL on GPU) and picks the device. Each process computes
+gradients on its slice of the global batch; DDP averages them with an all-reduce during backward, so
+every process applies the same update. Only rank 0 writes files and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: its rank among ``world_size`` processes and its device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        """True for the one process that writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group when started by torchrun; a single-process Dist otherwise.
+
+    Args:
+        device: "cpu", "cuda" or "auto" (CUDA when available).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or "RANK" not in os.environ:
+        return Dist(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def shutdown(d: Dist) -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    """Wait until every process gets here (rank 0 preparing data, the others waiting to read it)."""
+    if d.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(d: Dist, *values: float) -> list[float]:
+    """Element-wise sums of a few numbers over all processes."""
+    if not d.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_flag(d: Dist, flag: bool) -> bool:
+    """Rank 0's value of ``flag`` on every process (so all of them stop together)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=d.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def gather_json(d: Dist, obj) -> list:
+    """Every process's JSON-serialisable ``obj``, in rank order (on every rank).
+
+    Sent as UTF-8 bytes in a padded uint8 tensor, so nothing is pickled (``all_gather_object`` would).
+    """
+    if not d.enabled:
+        return [obj]
+    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=d.device)
+    length = torch.tensor([data.numel()], dtype=torch.int64, device=d.device)
+    lengths = [torch.zeros_like(length) for _ in range(d.world_size)]
+    dist.all_gather(lengths, length)
+    longest = int(max(n.item() for n in lengths))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=d.device)
+    padded[: data.numel()] = data
+    chunks = [torch.zeros_like(padded) for _ in range(d.world_size)]
+    dist.all_gather(chunks, padded)
+    return [json.loads(bytes(c[: int(n.item())].tolist()).decode("utf-8")) for c, n in zip(chunks, lengths)]
