@@ -1,0 +1,74 @@
+"""``scratchlm serve MODEL``: the OpenAI-compatible server on uvicorn (registered in cli.COMMAND_MODULES)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from scratchlm.errors import ConfigError, ScratchLMError
+
+API_KEY_ENV = "SCRATCHLM_API_KEY"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a chat page")
+    p.add_argument("model", help="known model name, .gguf file, or model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require this key on every route but /health (default: ${API_KEY_ENV}; none if unset)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a batch slot; more are answered 429 (default 64)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per request, prompt + completion (default: the model's context, at most 2048)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the model's name)")
+    p.add_argument("--log-prompts", action="store_true", help="include prompts in the access log")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.set_defaults(func=cmd_serve)
+
+
+def load_model(args: argparse.Namespace):
+    """The one place the server loads its model (flags that change loading belong here)."""
+    from scratchlm.llm import LLM
+
+    return LLM.load(args.model, dtype=args.dtype)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from scratchlm.hub import resolve
+    from scratchlm.serve.app import create_app
+
+    for name in ("max_batch", "max_queue", "port"):
+        if getattr(args, name) < (0 if name == "max_queue" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number")
+    if args.max_len is not None and args.max_len < 2:
+        raise ConfigError("--max-len must be at least 2")
+    resolve(args.model)  # an unknown name or missing file fails here, before the server starts
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("scratchlm.serve")
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("warning: listening on %s without an API key: anyone who can reach it can use the model "
+                    "(set --api-key or $%s)", args.host, API_KEY_ENV)
+    failure: list[BaseException] = []
+
+    def on_load_error(exc: BaseException) -> None:
+        failure.append(exc)
+        server.should_exit = True
+
+    app = create_app(lambda: load_model(args), api_key=api_key, max_batch=args.max_batch,
+                     max_queue=args.max_queue, max_len=args.max_len, log_prompts=args.log_prompts,
+                     model_name=args.model_name, on_load_error=on_load_error)
+    # uvicorn's own access log is off: the server writes one structured line per request instead.
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
+                                           log_level="info", timeout_graceful_shutdown=5))
+    log.info("scratchlm serve: http://%s:%d/ (chat page), OpenAI API at /v1; loading %s ...",
+             args.host, args.port, args.model)
+    server.run()
+    if failure:
+        exc = failure[0]
+        raise exc if isinstance(exc, ScratchLMError) else ScratchLMError(f"could not load the model: {exc}")

@@ -1,0 +1,418 @@
+"""The scheduler: one worker thread runs the model for every request at once (continuous batching).
+
+One ``KVCache`` holds ``max_batch`` rows; each row is a *slot* that one request occupies from its prefill to
+its last token. The worker loops:
+
+    admit waiting requests into free slots
+    -> prefill: at most ``prefill_chunk`` prompt tokens, from one or more joining requests
+    -> decode: one token for every request past its prefill, all rows in one forward pass
+    -> embeddings: at most ``prefill_chunk`` tokens of waiting embedding inputs
+
+so requests join and leave between steps, and a long prompt is prefilled in chunks between decode steps
+instead of stalling the streams already running (Yu et al. 2022, "Orca", iteration-level scheduling;
+chunked prefill as in Agrawal et al. 2023, "Sarathi").
+
+Each request keeps its own ``generate.Sequence`` (sampling settings, seeded generator, stop logic), so its
+tokens are the ones it would get alone. The event loop never touches the model: it hands jobs in with
+``submit`` and gets ``Event``s back through a callback, which it makes thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from scratchlm.generate import Sequence
+from scratchlm.model import KVCache
+from scratchlm.sampling import SamplingParams
+from scratchlm.serve.metrics import ServerMetrics
+
+log = logging.getLogger("scratchlm.serve")
+
+DEFAULT_MAX_LEN = 2048  # KV cache positions per slot unless told otherwise (float32 SmolLM2: 94 MB per slot)
+
+
+class QueueFullError(Exception):
+    """Raised by ``submit`` when the waiting queue is full (the server answers 429)."""
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model, with the ``top`` most likely alternatives (best first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class GenerationJob:
+    """One completion to produce. ``max_tokens=0`` only scores the prompt (``echo`` with logprobs)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    index: int = 0  # the choice index in the response
+    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k best alternatives
+    prompt_logprobs: bool = False  # also score every prompt token after the first
+
+
+@dataclass
+class Event:
+    """What the engine reports about one job: new text, and at the end why it stopped."""
+
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None  # once, with the first event, when asked for
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Ticket:
+    """The caller's handle on submitted work; ``Engine.cancel(ticket)`` frees its slots."""
+
+    def __init__(self, sink: Callable[[object], None]):
+        self.sink = sink
+        self.cancelled = False  # set by the event loop, read by the worker: a plain bool is enough
+
+
+class _Active:
+    """A job inside the engine: waiting, prefilling (``done`` < prompt length) or decoding."""
+
+    def __init__(self, job: GenerationJob, ticket: Ticket, seq: Sequence):
+        self.job, self.ticket, self.seq = job, ticket, seq
+        self.slot = -1
+        self.done = 0  # prompt tokens already in the cache
+        self.next_token = 0  # the token to feed at the next decode step
+        self.generated = 0  # tokens sampled, an end-of-sequence token included
+        self.held: list[TokenLogprob] = []  # logprobs of tokens whose text is not released yet
+        self.prompt_lp: list[TokenLogprob] = []
+        self.arrived = time.perf_counter()
+        self.last_token_at = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.done < len(self.job.prompt_ids)
+
+
+@dataclass
+class _EmbedJob:
+    inputs: list[list[int]]
+    ticket: Ticket
+    vectors: list[torch.Tensor | None] = field(default_factory=list)
+    next: int = 0
+
+
+def cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
+    """A KVCache whose rows are rows ``start:stop`` of ``cache``, sharing its memory (no copy).
+
+    ``Transformer.hidden_states`` copies rows in and out when ``rows=`` picks a strict subset; a view of
+    contiguous rows lets it work in place.
+    """
+    view = KVCache.__new__(KVCache)
+    view.max_len = cache.max_len
+    view.k, view.v, view.lengths = cache.k[:, start:stop], cache.v[:, start:stop], cache.lengths[start:stop]
+    return view
+
+
+def token_logprob(logprobs: torch.Tensor, token_id: int, top: int) -> TokenLogprob:
+    """The entry for ``token_id`` from a row of log-probabilities [V], with ``top`` alternatives."""
+    alternatives: list[tuple[int, float]] = []
+    if top > 0:
+        values, ids = torch.topk(logprobs, top)
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token_id, float(logprobs[token_id]), alternatives)
+
+
+class Engine:
+    """Runs generation and embedding jobs for many clients in one batch, on one worker thread."""
+
+    def __init__(self, llm, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
+                 prefill_chunk: int = 128, metrics: ServerMetrics | None = None):
+        self.llm, self.model = llm, llm.model
+        cfg = self.model.config
+        self.max_len = min(max_len or DEFAULT_MAX_LEN, cfg.context_length)
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.metrics = metrics or ServerMetrics()
+        param = next(self.model.parameters())
+        self.device = param.device
+        self.cache = KVCache(cfg, max_batch, self.max_len, dtype=param.dtype, device=param.device)
+        self.slots: list[_Active | None] = [None] * max_batch
+        self._waiting: deque[_Active] = deque()
+        self._embeds: deque[_EmbedJob] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="scratchlm-engine", daemon=True)
+
+    # ---- the event loop's side --------------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def sequence(self, job: GenerationJob) -> Sequence:
+        """The ``Sequence`` a job decodes with (raises ContextLengthError when it cannot fit)."""
+        cfg = self.model.config
+        return Sequence(job.prompt_ids, job.params, self.llm.tokenizer, self.llm.eos_ids, cfg.vocab_size,
+                        self.max_len)
+
+    def submit(self, jobs: list[GenerationJob], sink: Callable[[Event], None]) -> Ticket:
+        """Queue jobs; ``sink`` receives their Events from the worker thread. Raises QueueFullError."""
+        ticket = Ticket(sink)
+        actives = [_Active(job, ticket, self.sequence(job)) for job in jobs]
+        with self._cond:
+            free = sum(s is None for s in self.slots)
+            if len(self._waiting) + len(actives) > self.max_queue + free:
+                raise QueueFullError(f"the server is busy ({len(self._waiting)} requests waiting): retry later")
+            self._waiting.extend(actives)
+            self.metrics.record(self.metrics.queue_depth.set, len(self._waiting))
+            self._cond.notify()
+        return ticket
+
+    def embed(self, inputs: list[list[int]], sink: Callable[[list[torch.Tensor] | Exception], None]) -> Ticket:
+        """Queue token lists to embed; ``sink`` receives one unit vector per input (or an exception)."""
+        ticket = Ticket(sink)
+        with self._cond:
+            if len(self._embeds) >= self.max_queue:
+                raise QueueFullError("the server is busy (embedding queue full): retry later")
+            self._embeds.append(_EmbedJob(inputs, ticket, [None] * len(inputs)))
+            self._cond.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Drop a ticket's jobs (client gone): the worker frees their slots before its next step."""
+        ticket.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        """Slots in use and requests waiting (read without the worker's cooperation: a snapshot)."""
+        return {"active": sum(s is not None for s in self.slots), "waiting": len(self._waiting),
+                "max_batch": self.max_batch, "max_queue": self.max_queue}
+
+    # ---- the worker thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._has_work():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._admit()
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as exc:  # a bug must not take the server down: fail what was running
+                log.exception("engine step failed")
+                self._fail_all(f"internal error in the engine: {type(exc).__name__}: {exc}")
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._embeds or any(self.slots))
+
+    def _admit(self) -> None:
+        """Move waiting jobs into free slots, lowest slot first (keeps the decode batch compact)."""
+        while self._waiting and self._waiting[0].ticket.cancelled:
+            self._waiting.popleft()
+        for slot in range(self.max_batch):
+            if not self._waiting:
+                break
+            if self.slots[slot] is None:
+                active = self._waiting.popleft()
+                active.slot = slot
+                self.cache.lengths[slot] = 0
+                self.slots[slot] = active
+                while self._waiting and self._waiting[0].ticket.cancelled:
+                    self._waiting.popleft()
+        self._waiting = deque(a for a in self._waiting if not a.ticket.cancelled)
+        m = self.metrics
+        m.record(m.queue_depth.set, len(self._waiting))
+        m.record(m.active.set, sum(s is not None for s in self.slots))
+
+    def _step(self) -> None:
+        for active in self.slots:
+            if active is not None and active.ticket.cancelled:
+                self._release(active)
+        prefilling = sorted((a for a in self.slots if a is not None and a.prefilling), key=lambda a: a.arrived)
+        if prefilling:
+            self._prefill(prefilling)
+        decoding = [a for a in self.slots if a is not None and not a.prefilling]
+        if decoding:
+            self._decode(decoding)
+        if self._embeds:
+            self._embed_some()
+
+    def _release(self, active: _Active) -> None:
+        self.slots[active.slot] = None
+        self.cache.lengths[active.slot] = 0  # an idle row sits at position 0 so it never outgrows its buffer
+
+    def _emit(self, active: _Active, event: Event) -> None:
+        try:
+            active.ticket.sink(event)
+        except Exception:  # the client side is gone; nothing left to tell
+            active.ticket.cancelled = True
+
+    # ---- prefill ------------------------------------------------------------------------------------
+    def _prefill(self, joining: list[_Active]) -> None:
+        """Feed the next chunk of prompt tokens of the oldest joining requests, as one right-padded batch."""
+        budget, group = self.prefill_chunk, []
+        for active in joining:
+            n = min(len(active.job.prompt_ids) - active.done, budget)
+            group.append((active, n))
+            budget -= n
+            if budget <= 0:
+                break
+        group.sort(key=lambda g: g[0].slot)
+        slots = [a.slot for a, _ in group]
+        width = max(n for _, n in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for row, (active, n) in enumerate(group):
+            ids[row, :n] = torch.tensor(active.job.prompt_ids[active.done: active.done + n])
+        lengths = torch.tensor([n for _, n in group], device=self.device)
+        if slots == list(range(slots[0], slots[0] + len(slots))):  # contiguous: work on a view, no copy
+            hidden = self.model.hidden_states(ids, cache_rows(self.cache, slots[0], slots[-1] + 1),
+                                              input_lengths=lengths)
+        else:
+            hidden = self.model.hidden_states(ids, self.cache, rows=torch.tensor(slots, device=self.device),
+                                              input_lengths=lengths)
+        for row, (active, n) in enumerate(group):
+            prompt = active.job.prompt_ids
+            if active.job.prompt_logprobs:
+                # Position p predicts prompt token p + 1; the chunk's last position predicts the next chunk's
+                # first token (or, at the end of the prompt, the first generated one: scored below).
+                logprobs = self.model.logits(hidden[row, :n]).float().log_softmax(-1)
+                top = active.job.logprobs or 0
+                for j in range(n):
+                    p = active.done + j
+                    if p + 1 < len(prompt):
+                        active.prompt_lp.append(token_logprob(logprobs[j], prompt[p + 1], top))
+            active.done += n
+            if not active.prefilling:
+                self.metrics.record(self.metrics.prompt_tokens.inc, len(prompt))
+                self._first_token(active, self.model.logits(hidden[row, n - 1]).float())
+
+    def _first_token(self, active: _Active, logits: torch.Tensor) -> None:
+        prompt_lp = [None, *active.prompt_lp] if active.job.prompt_logprobs else None
+        if active.job.max_tokens == 0:  # scoring only
+            self._emit(active, Event(active.job.index, prompt_logprobs=prompt_lp, finish_reason="length",
+                                     prompt_tokens=len(active.job.prompt_ids)))
+            self._release(active)
+            return
+        self._accept(active, logits, prompt_lp)
+
+    # ---- decode -------------------------------------------------------------------------------------
+    def _decode(self, decoding: list[_Active]) -> None:
+        """One token for every decoding request. All rows up to the highest busy slot run together (a view,
+        so nothing is copied); idle and still-prefilling rows get a dummy token whose cache write lands at
+        their own length, a position that later real tokens overwrite, and keep their length."""
+        rows = max(a.slot for a in self.slots if a is not None) + 1
+        view = cache_rows(self.cache, 0, rows)
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        for active in decoding:
+            tokens[active.slot, 0] = active.next_token
+        saved = view.lengths.clone()
+        hidden = self.model.hidden_states(tokens, view)[:, -1]  # (rows, C)
+        busy = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        busy[[a.slot for a in decoding]] = True
+        view.lengths.copy_(torch.where(busy, view.lengths, saved))
+        logits = self.model.logits(hidden[busy]).float()  # (len(decoding), V), in slot order
+        m = self.metrics
+        m.record(m.batch_size.set, len(decoding))
+        m.record(m.batch_sizes.observe, len(decoding))
+        for row, active in enumerate(sorted(decoding, key=lambda a: a.slot)):
+            if not active.ticket.cancelled:
+                self._accept(active, logits[row])
+            else:
+                self._release(active)
+
+    def _accept(self, active: _Active, logits: torch.Tensor, prompt_lp: list | None = None) -> None:
+        """Sample the next token from ``logits`` [V], record it, and tell the client what it released."""
+        seq, job = active.seq, active.job
+        token = seq.next_token(logits)
+        entry = None
+        if job.logprobs is not None:  # log-probabilities of the model itself, before any sampling filter
+            entry = token_logprob(logits.log_softmax(-1), token, job.logprobs)
+        n_out = len(seq.output_ids)
+        text = seq.push(token)
+        active.generated += 1
+        if entry is not None and len(seq.output_ids) > n_out:  # an end-of-sequence token is not output
+            active.held.append(entry)
+        now = time.perf_counter()
+        m = self.metrics
+        if active.generated == 1:
+            m.record(m.ttft.observe, now - active.arrived)
+        else:
+            m.record(m.itl.observe, now - active.last_token_at)
+        active.last_token_at = now
+        active.next_token = token
+        if not (text or seq.finished or prompt_lp is not None):
+            return  # nothing released yet (a partial character, or a possible stop string)
+        event = Event(job.index, text, active.held, prompt_logprobs=prompt_lp)
+        active.held = []
+        if seq.finished:
+            event.finish_reason = seq.finish_reason
+            event.prompt_tokens, event.completion_tokens = len(job.prompt_ids), active.generated
+            m.record(m.completion_tokens.inc, active.generated)
+            self._release(active)
+        self._emit(active, event)
+
+    # ---- embeddings ---------------------------------------------------------------------------------
+    def _embed_some(self) -> None:
+        """Embed up to ``prefill_chunk`` tokens of inputs (at least one input) as one right-padded batch.
+
+        With right padding and causal attention, real tokens never attend to the padding after them, so
+        each input's states equal those of the input alone; the mean runs over its real tokens only.
+        """
+        job = self._embeds[0]
+        if job.ticket.cancelled:
+            self._embeds.popleft()
+            return
+        batch, budget = [], self.prefill_chunk
+        while job.next < len(job.inputs) and (not batch or len(job.inputs[job.next]) <= budget):
+            batch.append(job.next)
+            budget -= len(job.inputs[job.next])
+            job.next += 1
+        sizes = [len(job.inputs[i]) for i in batch]
+        lengths = torch.tensor(sizes, device=self.device)
+        ids = torch.zeros(len(batch), max(sizes), dtype=torch.long, device=self.device)
+        for row, i in enumerate(batch):
+            ids[row, : sizes[row]] = torch.tensor(job.inputs[i])
+        hidden = self.model.hidden_states(ids).float()  # (B, T, C)
+        real = (torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]).float()  # (B, T)
+        mean = (hidden * real[..., None]).sum(1) / lengths[:, None]
+        vectors = torch.nn.functional.normalize(mean, dim=-1)
+        for row, i in enumerate(batch):
+            job.vectors[i] = vectors[row].cpu()
+        if job.next == len(job.inputs):
+            self._embeds.popleft()
+            self.metrics.record(self.metrics.prompt_tokens.inc, sum(len(x) for x in job.inputs))
+            try:
+                job.ticket.sink(job.vectors)
+            except Exception:
+                pass
+
+    def _fail_all(self, message: str) -> None:
+        for active in self.slots:
+            if active is not None:
+                self._emit(active, Event(active.job.index, finish_reason="error", error=message))
+                self._release(active)
+        while self._embeds:
+            job = self._embeds.popleft()
+            try:
+                job.ticket.sink(RuntimeError(message))
+            except Exception:
+                pass

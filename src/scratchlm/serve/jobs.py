@@ -1,0 +1,176 @@
+"""From OpenAI requests to engine jobs: prompts to token ids, fields to SamplingParams, limits checked.
+
+Every check that fails raises ``ApiError`` with the HTTP status and OpenAI error fields to answer with.
+"""
+
+from __future__ import annotations
+
+from scratchlm.errors import ScratchLMError
+from scratchlm.sampling import SamplingParams
+from scratchlm.serve.engine import GenerationJob
+from scratchlm.serve.schemas import (
+    MAX_STOP,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    SamplingRequest,
+    unsupported,
+)
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_PROMPTS = 256  # prompts (or embedding inputs) in one request
+
+
+class ApiError(Exception):
+    """An answer other than 200, in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def _is_ids(x) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) for t in x)
+
+
+def prompt_list(value, param: str) -> list[str | list[int]]:
+    """A prompt (or embedding input) as a list of texts and/or token id lists."""
+    if isinstance(value, str):
+        items = [value]
+    elif _is_ids(value) and value:
+        items = [value]
+    elif isinstance(value, list) and value:
+        items = value
+    else:
+        raise ApiError(400, f"{param} must not be empty", param=param)
+    if len(items) > MAX_PROMPTS:
+        raise ApiError(400, f"{param} holds {len(items)} items; at most {MAX_PROMPTS} per request", param=param)
+    return items
+
+
+def encode_prompts(llm, items: list[str | list[int]], param: str) -> list[list[int]]:
+    """Token ids of each text (special tokens such as ``<|im_end|>`` are recognised), ids checked."""
+    vocab = llm.model.config.vocab_size
+    out = []
+    for item in items:
+        ids = llm.tokenizer.encode(item, allowed_special="all") if isinstance(item, str) else list(item)
+        if not ids:
+            raise ApiError(400, f"{param} is empty: give at least one token", param=param)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} in {param} is outside the vocabulary (0..{vocab - 1})",
+                           param=param)
+        out.append(ids)
+    return out
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    """Messages as the chat template expects them: string contents, ``developer`` read as ``system``."""
+    messages = []
+    for i, m in enumerate(body.messages):
+        if isinstance(m.content, list):
+            if any(part.type != "text" or part.text is None for part in m.content):
+                raise ApiError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+            content = "\n".join(part.text for part in m.content)
+        else:
+            content = m.content or ""
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return messages
+
+
+def encode_chat(llm, body: ChatCompletionRequest) -> list[int]:
+    try:
+        ids = llm.encode_chat(chat_messages(body))
+    except ScratchLMError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+    return encode_prompts(llm, [ids], "messages")[0]
+
+
+def choice_seed(seed: int | None, j: int) -> int | None:
+    """Choice j of a seeded request with n > 1 uses seed + j (choice 0 uses the seed itself)."""
+    if seed is None or j == 0:
+        return seed
+    return seed + j if seed + j <= 2**64 - 1 else seed - j
+
+
+def sampling_params(body: SamplingRequest, max_tokens: int, seed: int | None) -> SamplingParams:
+    stops = body.stop_strings()
+    if len(stops) > MAX_STOP:
+        raise ApiError(400, f"stop holds {len(stops)} strings; at most {MAX_STOP}", param="stop")
+    try:
+        return SamplingParams(
+            max_new_tokens=max(1, max_tokens),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=body.top_k if body.top_k and body.top_k > 0 else None,
+            top_p=body.top_p, min_p=body.min_p,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+            seed=seed, stop=stops,
+        )
+    except ScratchLMError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def check_fits(prompt_len: int, max_tokens: int, max_len: int, param: str) -> None:
+    needed = prompt_len + max(1, max_tokens)
+    if needed > max_len:
+        raise ApiError(
+            400, f"This model's maximum context length is {max_len} tokens. However, you requested {needed} "
+            f"tokens ({prompt_len} in the {param}, {max(1, max_tokens)} for the completion). "
+            f"Please reduce the length of the {param} or the completion.",
+            param=param, code="context_length_exceeded")
+
+
+def generation_jobs(body: SamplingRequest, prompts: list[list[int]], max_len: int, capacity: int) -> list:
+    """One GenerationJob per (prompt, choice); choice index = prompt index x n + j, as OpenAI numbers them."""
+    message = unsupported(body)
+    if message:
+        raise ApiError(400, message)
+    chat = isinstance(body, ChatCompletionRequest)
+    if chat:
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if body.max_tokens == 0 and not body.max_completion_tokens:
+            raise ApiError(400, "max_tokens must be at least 1", param="max_tokens")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        echo = False
+    else:
+        assert isinstance(body, CompletionRequest)
+        max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_TOKENS
+        if max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens must be at least 1 (0 only scores the prompt, with echo)",
+                           param="max_tokens")
+        logprobs, echo = body.logprobs, body.echo
+    if len(prompts) * body.n > capacity:
+        raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more completions than this server takes "
+                       f"at once ({capacity})", param="n")
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        tokens = max_tokens if max_tokens is not None else max_len - len(prompt)  # chat default: all that fits
+        check_fits(len(prompt), tokens, max_len, "messages" if chat else "prompt")
+        for j in range(body.n):
+            params = sampling_params(body, tokens, choice_seed(body.seed, j))
+            jobs.append(GenerationJob(prompt, params, tokens, index=i * body.n + j, logprobs=logprobs,
+                                      prompt_logprobs=echo and logprobs is not None))
+    return jobs
+
+
+def embedding_inputs(llm, body: EmbeddingRequest, context_length: int) -> list[list[int]]:
+    if body.dimensions is not None and body.dimensions != llm.model.config.d_model:
+        raise ApiError(400, f"dimensions must be {llm.model.config.d_model} (this model's hidden size) or unset",
+                       param="dimensions")
+    inputs = encode_prompts(llm, prompt_list(body.input, "input"), "input")
+    for ids in inputs:
+        if len(ids) > context_length:
+            raise ApiError(400, f"This model's maximum context length is {context_length} tokens. However, an "
+                           f"input has {len(ids)} tokens. Please shorten it.", param="input",
+                           code="context_length_exceeded")
+    return inputs
+
+
+def validate_model(name: str, served: str) -> None:
+    if name != served:
+        raise ApiError(404, f"The model '{name}' does not exist; this server serves '{served}'", param="model",
+                       code="model_not_found")
