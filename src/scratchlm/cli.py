@@ -92,6 +92,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 # Keep their imports light: heavy imports belong inside the command functions.
 COMMAND_MODULES: list[str] = [
     "scratchlm.train.cli",
+    "scratchlm.serve.cli",
 ]
 
 
