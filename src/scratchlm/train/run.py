@@ -83,6 +83,7 @@ def _run(opts: RunOptions, preset: Preset, dist: Dist) -> TrainResult:
         resume_dir = ckpt.resolve_checkpoint(out / "last")
         if resume_dir is None:
             raise TrainingError(f"no checkpoint to resume from in {out / 'last'}: train without --resume first")
+        say(f"resuming from {resume_dir} at step {ckpt.read_trainer_state(resume_dir)['step']}")
 
     # Tokenizer and token binaries: built once by rank 0, read by everyone.
     if dist.is_main:
