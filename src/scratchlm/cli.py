@@ -40,12 +40,16 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="known model name, .gguf file, or model directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="quantize the weights at load: int8 per channel, int4 group-wise (see --group-size)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 64)")
 
 
 def load_llm(args: argparse.Namespace):
     from scratchlm.llm import LLM
 
-    return LLM.load(args.model, dtype=args.dtype)
+    return LLM.load(args.model, dtype=args.dtype, quantize=getattr(args, "quantize", None),
+                    group_size=getattr(args, "group_size", None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,7 +96,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
 # Keep their imports light: heavy imports belong inside the command functions.
 COMMAND_MODULES: list[str] = [
     "scratchlm.train.cli",
+    "scratchlm.convert",
     "scratchlm.serve.cli",
+    "scratchlm.quant.cli",
+    "scratchlm.eval.cli",
 ]
 
 

@@ -12,7 +12,9 @@ from scratchlm.model import expected_shapes
 def _architecture(config: ModelConfig) -> str:
     if config.positions == "learned":
         return "gpt2-style (learned positions, LayerNorm, GELU)"
-    gqa = f", grouped-query attention {config.n_heads}/{config.n_kv_heads}" if config.n_kv_heads != config.n_heads else ""
+    gqa = ""
+    if config.n_kv_heads != config.n_heads:
+        gqa = f", grouped-query attention {config.n_heads}/{config.n_kv_heads}"
     return f"llama-style (RoPE theta {config.rope_theta:g}, RMSNorm, SwiGLU{gqa})"
 
 

@@ -59,10 +59,19 @@ class LLM:
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LLM:
-        """Load a known model name (pulled), a GGUF file, an HF model directory or a scratchlm directory."""
+    def load(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
+             quantize: str | None = None, group_size: int | None = None) -> LLM:
+        """Load a known model name (pulled), a GGUF file, an HF model directory or a scratchlm directory.
+
+        ``quantize="int8"|"int4"`` quantizes the weights after loading (``group_size`` 32, 64 or 128 for
+        int4, default 64); a directory written by ``scratchlm quantize`` loads quantized as it is.
+        """
         from scratchlm.hub import KNOWN_MODELS, resolve
 
+        if quantize is not None:
+            from scratchlm.quant.quantize import check_options
+
+            check_options(quantize, group_size)  # before the slow part
         path = resolve(name_or_path)
         torch_dtype = parse_dtype(dtype)
         name = str(name_or_path) if str(name_or_path) in KNOWN_MODELS else path.stem
@@ -72,6 +81,10 @@ class LLM:
             llm = cls._from_directory(path, torch_dtype, name)
         else:
             raise ModelFileError(f"{path} is neither a .gguf file nor a model directory")
+        if quantize is not None:
+            from scratchlm.quant import quantize_model
+
+            quantize_model(llm.model, quantize, group_size)
         llm.model.to(device)
         return llm
 
@@ -88,8 +101,12 @@ class LLM:
     @classmethod
     def _from_directory(cls, path: Path, dtype: torch.dtype, name: str) -> LLM:
         from scratchlm.formats import checkpoint, hf
+        from scratchlm.quant.checkpoint import is_quantized_dir, load_quantized_dir
 
-        if checkpoint.is_model_dir(path):
+        model = None
+        if is_quantized_dir(path):
+            config, model = load_quantized_dir(path, dtype)
+        elif checkpoint.is_model_dir(path):
             config, state = checkpoint.load_model_dir(path, dtype)
         elif (path / "config.json").is_file():
             config, state, _ = hf.load_hf(path, dtype)
@@ -114,7 +131,10 @@ class LLM:
             eos = hf.read_json(path / "generation_config.json").get("eos_token_id")
             eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         template = ChatTemplate(source, tokenizer.bos_token, tokenizer.eos_token)
-        return cls(build_model(config, state, source=str(path)), tokenizer, template, name, path, eos_ids)
+        if model is None:
+            model = build_model(config, state, source=str(path))
+        model.config = config
+        return cls(model, tokenizer, template, name, path, eos_ids)
 
     # ----------------------------------------------------------------------------------------------
     def sampling(self, **kwargs) -> SamplingParams:

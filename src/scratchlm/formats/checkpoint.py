@@ -66,7 +66,8 @@ def is_model_dir(directory: Path) -> bool:
     return (Path(directory) / CONFIG_FILE).is_file()
 
 
-def load_model_dir(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_model_dir(directory: str | Path,
+                   dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read the config and canonical weights of a scratchlm model directory."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file

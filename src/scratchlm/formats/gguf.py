@@ -106,27 +106,34 @@ def _tensor_to_torch(t, path: Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
 
 
-def _canonical_name(gguf_name: str) -> str | list[str] | None:
+# GGUF tensor name -> canonical name, shared by the loader and by ``export_gguf`` (which inverts it).
+# None marks tensors we derive ourselves (rope_freqs).
+GGUF_FIXED_NAMES: dict[str, str | None] = {
+    "token_embd.weight": "tok_embeddings.weight", "position_embd.weight": "pos_embeddings.weight",
+    "output_norm.weight": "final_norm.weight", "output_norm.bias": "final_norm.bias",
+    "output.weight": "lm_head.weight", "rope_freqs.weight": None,
+}
+# Per-block names: ``blk.{i}.<gguf>.{weight,bias}`` <-> ``blocks.{i}.<canonical>.{weight,bias}``.
+# ``attn.qkv`` is GPT-2's fused Q/K/V tensor, split into q/k/v_proj on load.
+GGUF_BLOCK_NAMES: dict[str, str] = {
+    "attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "attn.q_proj", "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj", "attn_output": "attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_qkv": "attn.qkv",
+}
+
+
+def _canonical_name(gguf_name: str) -> str | None:
     """GGUF tensor name -> canonical name (None for tensors we derive ourselves, like rope_freqs)."""
-    fixed = {"token_embd.weight": "tok_embeddings.weight", "position_embd.weight": "pos_embeddings.weight",
-             "output_norm.weight": "final_norm.weight", "output_norm.bias": "final_norm.bias",
-             "output.weight": "lm_head.weight", "rope_freqs.weight": None}
-    if gguf_name in fixed:
-        return fixed[gguf_name]
+    if gguf_name in GGUF_FIXED_NAMES:
+        return GGUF_FIXED_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if parts[0] != "blk" or len(parts) != 4:
+    if parts[0] != "blk" or len(parts) != 4 or parts[2] not in GGUF_BLOCK_NAMES:
         raise UnsupportedError(f"unexpected GGUF tensor {gguf_name}")
-    i, kind, suffix = parts[1], parts[2], parts[3]
-    per_block = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "attn.q_proj",
-                 "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
-                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-                 "attn_qkv": "attn.qkv"}
-    if kind not in per_block:
-        raise UnsupportedError(f"unexpected GGUF tensor {gguf_name}")
-    return f"blocks.{i}.{per_block[kind]}.{suffix}"
+    return f"blocks.{parts[1]}.{GGUF_BLOCK_NAMES[parts[2]]}.{parts[3]}"
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+def load_gguf(path: str | Path,
+              dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """Read a GGUF model: (config, canonical state dict in ``dtype``, metadata)."""
     path = Path(path)
     reader, meta = read_gguf(path)
@@ -138,9 +145,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Mod
             if name is None:
                 continue
             w = _tensor_to_torch(t, path)
-            if name.endswith("q_proj.weight") and config.positions == "rope":
+            # llama.cpp's converter permutes the Q/K biases too (Llama variants with attention biases).
+            if name.endswith(("q_proj.weight", "q_proj.bias")) and config.positions == "rope":
                 w = unpermute_qk(w, config.n_heads)
-            elif name.endswith("k_proj.weight") and config.positions == "rope":
+            elif name.endswith(("k_proj.weight", "k_proj.bias")) and config.positions == "rope":
                 w = unpermute_qk(w, config.n_kv_heads)
             if ".attn.qkv." in name:  # GPT-2 keeps Q, K and V in one fused tensor
                 for part, chunk in zip("qkv", w.chunk(3, dim=0)):
@@ -149,6 +157,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Mod
             state[name] = w.to(dtype) if w.dtype != dtype else w
     except (ValueError, IndexError, TypeError) as exc:
         raise ModelFileError(f"{path}: tensor data is unreadable (truncated or corrupt?): {exc}") from None
+    if config.positions == "rope" and any(k.endswith("_proj.bias") for k in state):
+        config = config.replace(bias=True)  # a Llama variant with linear biases (llama.cpp reads them too)
     if "lm_head.weight" in state and config.tie_embeddings:
         if torch.equal(state["lm_head.weight"], state["tok_embeddings.weight"]):
             del state["lm_head.weight"]

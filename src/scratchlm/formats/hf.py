@@ -107,7 +107,8 @@ def hf_name_map(config: ModelConfig) -> dict[str, str]:
     return _gpt2_names(config.n_layers) if config.positions == "learned" else _llama_names(config.n_layers)
 
 
-def from_hf_state_dict(config: ModelConfig, hf_state: dict[str, torch.Tensor], source: str = "") -> dict[str, torch.Tensor]:
+def from_hf_state_dict(config: ModelConfig, hf_state: dict[str, torch.Tensor],
+                       source: str = "") -> dict[str, torch.Tensor]:
     """Rename HF tensors to canonical names (GPT-2: transpose Conv1D weights and split c_attn)."""
     names = hf_name_map(config)
     gpt2 = config.positions == "learned"
@@ -121,7 +122,8 @@ def from_hf_state_dict(config: ModelConfig, hf_state: dict[str, torch.Tensor], s
         if key not in names:
             raise ModelFileError(f"{source}: unexpected tensor {hf_name} for this architecture")
         ours = names[key]
-        if gpt2 and ours.endswith(".weight") and tensor.ndim == 2 and "embeddings" not in ours and ours != "lm_head.weight":
+        conv1d = "embeddings" not in ours and ours != "lm_head.weight"
+        if gpt2 and conv1d and ours.endswith(".weight") and tensor.ndim == 2:
             tensor = tensor.t()  # GPT-2's Conv1D stores weights as [in, out]
         if ".attn.qkv." in ours:
             for part, chunk in zip("qkv", tensor.chunk(3, dim=0)):
@@ -145,7 +147,8 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     elif index.is_file():
         files = [directory / f for f in sorted(set(read_json(index)["weight_map"].values()))]
     else:
-        hint = " (pickled .bin weights are not read: convert them to safetensors)" if any(directory.glob("*.bin")) else ""
+        pickled = any(directory.glob("*.bin"))
+        hint = " (pickled .bin weights are not read: convert them to safetensors)" if pickled else ""
         raise ModelFileError(f"{directory} has no model.safetensors or model.safetensors.index.json{hint}")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
@@ -158,7 +161,8 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+def load_hf(directory: str | Path,
+            dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """Read an HF model directory: (config, canonical state dict in ``dtype``, tokenizer_config dict)."""
     directory = Path(directory)
     config = config_from_hf(read_json(directory / "config.json"), name=directory.name)
