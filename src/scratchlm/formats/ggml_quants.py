@@ -1,0 +1,104 @@
+"""ggml's block quantization formats Q8_0, Q4_0 and Q4_1, written out for export to GGUF.
+
+Each row of a weight matrix is cut into blocks of 32 values; a block stores one or two float16 numbers
+(its scale ``d``, and for Q4_1 its minimum ``m``) followed by 32 small integers:
+
+    Q8_0  (34 bytes)  x ~ d * q,      q in [-127, 127] (int8),  d = max|x| / 127
+    Q4_0  (18 bytes)  x ~ d * (q - 8), q in [0, 15] (4 bits),  d = (value of largest |x|) / -8
+    Q4_1  (20 bytes)  x ~ d * q + m,  q in [0, 15] (4 bits),   d = (max - min) / 15, m = min
+
+Two 4-bit values share a byte: byte j of a block holds q[j] in its low nibble and q[j + 16] in its
+high nibble. The arithmetic follows ggml's reference quantizers (``quantize_row_*_ref`` in
+ggml-quants.c) step by step in float32, so the bytes equal those of llama.cpp's converter and of the
+``gguf`` package's ``gguf.quants.quantize``; ``tests/test_export_gguf.py`` checks both that and the
+error bound of each format through ``gguf.quants.dequantize``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from scratchlm.errors import UnsupportedError
+
+BLOCK_SIZE = 32
+# Bytes per block of 32 values.
+BLOCK_BYTES = {"q8_0": 2 + 32, "q4_0": 2 + 16, "q4_1": 2 + 2 + 16}
+
+
+def _blocks(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """A 2-D float32 view [n_blocks, 32] of ``w``'s rows, or an error if a row does not fill whole blocks."""
+    if w.ndim < 1 or w.shape[-1] % BLOCK_SIZE:
+        raise UnsupportedError(
+            f"{kind.upper()} packs each row in blocks of {BLOCK_SIZE} values, but this tensor's rows have "
+            f"{w.shape[-1] if w.ndim else 0} values; export it as f16 or f32"
+        )
+    return w.detach().to(torch.float32).reshape(-1, BLOCK_SIZE)
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (halves away from zero); torch.round rounds halves to even, which ggml does not."""
+    a = x.abs()
+    whole = a.floor()
+    return torch.sign(x) * (whole + (a - whole >= 0.5).to(x.dtype))  # a - whole is exact in float32
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """1 / d, with 0 for all-zero blocks (ggml's ``id = d ? 1.0f/d : 0.0f``)."""
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32 [n, 1] -> the 2 little-endian bytes of its float16 value, [n, 2] uint8."""
+    return x.to(torch.float16).view(torch.uint8).reshape(-1, 2)
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[n, 32] values in 0..15 -> [n, 16] bytes: low nibble q[j], high nibble q[j + 16]."""
+    q = q.to(torch.uint8)
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks of ``w`` as uint8 [n_blocks, 34]."""
+    x = _blocks(w, "q8_0")
+    d = x.abs().amax(dim=1, keepdim=True) / 127
+    q = _round_half_away(x * _inverse(d)).to(torch.int8)
+    return torch.cat([_f16_bytes(d), q.view(torch.uint8)], dim=1)
+
+
+def quantize_q4_0(w: torch.Tensor) -> torch.Tensor:
+    """Q4_0 blocks of ``w`` as uint8 [n_blocks, 18]."""
+    x = _blocks(w, "q4_0")
+    # The signed value of largest magnitude (the first one on ties) maps to q = 0, i.e. -8 * d.
+    peak = x.gather(1, x.abs().argmax(dim=1, keepdim=True))
+    d = peak / -8
+    # ggml: MIN(15, (int8_t)(x * id + 8.5f)); the cast truncates toward zero.
+    q = torch.trunc(x * _inverse(d) + 8.5).clamp(0, 15)
+    return torch.cat([_f16_bytes(d), _pack_nibbles(q)], dim=1)
+
+
+def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
+    """Q4_1 blocks of ``w`` as uint8 [n_blocks, 20]."""
+    x = _blocks(w, "q4_1")
+    low = x.amin(dim=1, keepdim=True)
+    high = x.amax(dim=1, keepdim=True)
+    d = (high - low) / 15
+    # ggml: MIN(15, (int8_t)((x - min) * id + 0.5f)).
+    q = torch.trunc((x - low) * _inverse(d) + 0.5).clamp(0, 15)
+    return torch.cat([_f16_bytes(d), _f16_bytes(low), _pack_nibbles(q)], dim=1)
+
+
+QUANTIZERS = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "q4_1": quantize_q4_1}
+
+
+def quantize(w: torch.Tensor, kind: str) -> np.ndarray:
+    """``w`` [rows, cols] in ggml format ``kind`` as a uint8 array [rows, cols / 32 * block bytes].
+
+    That byte shape is what ``gguf.GGUFWriter.add_tensor(..., raw_dtype=...)`` expects for a quantized tensor.
+    """
+    if kind not in QUANTIZERS:
+        raise UnsupportedError(f"unknown ggml quantization {kind!r}; choose one of {', '.join(QUANTIZERS)}")
+    blocks = QUANTIZERS[kind](w)
+    rows = w.shape[:-1]
+    return blocks.reshape(*rows, -1).numpy()
