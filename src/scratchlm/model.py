@@ -27,6 +27,7 @@ interleaved permutation).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,16 @@ class KVCache:
             self.lengths[torch.as_tensor(rows, dtype=torch.long, device=self.lengths.device)] = 0
 
 
+class AttentionMask(NamedTuple):
+    """Which keys each query may see: an explicit boolean ``mask`` [B, 1, T, kv_len], or ``causal``
+    (SDPA's built-in lower-triangular mask, valid when queries and keys both start at position 0), or
+    neither (every cached key is visible: one new token per row, all rows at the same position)."""
+
+    mask: torch.Tensor | None
+    causal: bool
+    kv_len: int
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and an optional KV cache."""
 
@@ -120,8 +131,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, c, bias=config.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                cache: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor,
+                mask: AttentionMask) -> torch.Tensor:
         B, T, _ = x.shape
         cfg = self.config
         q = self.q_proj(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -133,14 +144,13 @@ class Attention(nn.Module):
         if cache is not None:
             # Write the new keys/values at each row's own positions, then attend over the whole prefix.
             k_cache, v_cache = cache  # (B, Hkv, max_len, D) each: views into KVCache for these rows
-            L = mask.shape[-1]
             index = positions[:, None, :, None].expand(B, cfg.n_kv_heads, T, cfg.head_dim)
             k_cache.scatter_(2, index, k)
             v_cache.scatter_(2, index, v)
-            k, v = k_cache[:, :, :L], v_cache[:, :, :L]
+            k, v = k_cache[:, :, : mask.kv_len], v_cache[:, :, : mask.kv_len]
         dropout = cfg.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+            q, k, v, attn_mask=mask.mask, dropout_p=dropout, is_causal=mask.causal,
             enable_gqa=cfg.n_kv_heads != cfg.n_heads,
         )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
@@ -240,7 +250,7 @@ class Transformer(nn.Module):
                     f"input of {T} tokens is longer than the context window of {cfg.context_length} tokens"
                 )
             positions = torch.arange(T, device=device).expand(B, T)
-            mask = None
+            mask = AttentionMask(None, True, T)
             layer_cache = [None] * cfg.n_layers
         else:
             if rows is None:
@@ -252,8 +262,14 @@ class Transformer(nn.Module):
                 raise ContextLengthError(
                     f"{L} tokens do not fit in the context window of {cache.max_len} tokens"
                 )
-            # Query at position p sees keys 0..p of its own row; stale cache entries lie beyond p.
-            mask = (torch.arange(L, device=device)[None, None, :] <= positions[:, :, None])[:, None]  # (B,1,T,L)
+            # Query at position p sees keys 0..p of its own row; stale cache entries lie beyond p. SDPA's
+            # fused kernels are several times faster without an explicit mask, so use one only when needed.
+            first = int(start[0])
+            if bool((start == first).all()) and (T == 1 or first == 0):
+                mask = AttentionMask(None, T > 1, L)
+            else:
+                visible = torch.arange(L, device=device)[None, None, :] <= positions[:, :, None]
+                mask = AttentionMask(visible[:, None], False, L)  # (B, 1, T, L)
             if B == cache.batch_size and rows.tolist() == list(range(B)):
                 layer_cache = [(cache.k[i], cache.v[i]) for i in range(cfg.n_layers)]  # views, no copy
             else:
