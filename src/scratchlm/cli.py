@@ -96,6 +96,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 # Keep their imports light: heavy imports belong inside the command functions.
 COMMAND_MODULES: list[str] = [
     "scratchlm.train.cli",
+    "scratchlm.train.tokenizer_cli",
     "scratchlm.convert",
     "scratchlm.serve.cli",
     "scratchlm.quant.cli",
