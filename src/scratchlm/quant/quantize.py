@@ -1,0 +1,163 @@
+"""Quantize a whole Transformer by swapping modules, and rebuild one from portable tensors.
+
+    quantize_model(model, "int4", group_size=64)   # in place: every nn.Linear -> Int4Linear, embedding too
+    quantized_state_dict(model)                    # portable tensors under canonical names (for files)
+    build_quantized_model(config, tensors, info)   # the inverse, used when loading a quantized checkpoint
+
+Names in the portable state dict follow the canonical ones of ``model.py``: the ``.weight`` of a quantized
+layer is replaced by ``.qweight`` and ``.scales`` (int8), plus ``.mins`` (int4); biases and norms stay float.
+A tied LM head is stored once, as the embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scratchlm.config import ModelConfig
+from scratchlm.errors import ConfigError, ModelFileError
+from scratchlm.quant.embedding import QuantEmbedding
+from scratchlm.quant.int4 import GROUP_SIZES, Int4Linear, check_group_size
+from scratchlm.quant.int8 import Int8Linear
+
+MODES = ("int8", "int4")
+DEFAULT_GROUP_SIZE = 64
+QUANT_MODULES = (Int8Linear, Int4Linear, QuantEmbedding)
+
+
+def quantization_of(model: nn.Module) -> dict | None:
+    """``{"mode", "group_size"}`` of a quantized model, None for a float one."""
+    info = getattr(model, "quantization", None)
+    if info is None and any(isinstance(m, QUANT_MODULES) for m in model.modules()):
+        info = {"mode": "unknown", "group_size": None}
+    return info
+
+
+def check_options(mode: str, group_size: int | None) -> int | None:
+    """Validate a mode and group size; returns the group size to use (None for int8)."""
+    if mode not in MODES:
+        raise ConfigError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "int8":
+        if group_size is not None:
+            raise ConfigError("int8 uses one scale per output channel: --group-size applies to int4 only")
+        return None
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    check_group_size(group_size)
+    return group_size
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def quantize_model(model: nn.Module, mode: str = "int4", group_size: int | None = None,
+                   embeddings: bool = True) -> nn.Module:
+    """Quantize ``model``'s linear layers (and its token embedding, when ``embeddings``) in place.
+
+    ``mode`` is "int8" (per output channel) or "int4" (group-wise, ``group_size`` 32, 64 or 128, default 64).
+    Layers compute in the model's current float dtype. Returns the model.
+    """
+    if quantization_of(model) is not None:
+        info = quantization_of(model)
+        raise ConfigError(f"this model is already quantized ({info['mode']}); quantizing twice would only add "
+                          "error: load the float model and quantize that")
+    group_size = check_options(mode, group_size)
+    dtype = _float_dtype(model)
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if mode == "int4":  # check every layer before changing any
+        for name, m in linears:
+            check_group_size(group_size, m.in_features, name)
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    emb = getattr(model, "tok_embeddings", None)
+    bits = 8 if mode == "int8" else 4
+    with torch.no_grad():
+        if embeddings and isinstance(emb, nn.Embedding):
+            model.tok_embeddings = QuantEmbedding.from_embedding(emb, bits, group_size, dtype)
+        for name, m in linears:
+            if tied and name == "lm_head" and embeddings and mode == "int8":
+                q = model.tok_embeddings  # the head is the embedding: share its int8 tensor
+                new = Int8Linear(q.qweight, q.scales, None, dtype)
+            elif mode == "int8":
+                new = Int8Linear.from_linear(m, dtype)
+            else:
+                new = Int4Linear.from_linear(m, group_size, dtype)
+            model.set_submodule(name, new)
+    model.quantization = {"mode": mode, "group_size": group_size, "embeddings": bool(embeddings)}
+    return model
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All tensors of a quantized model in the portable format, under canonical names."""
+    info = quantization_of(model)
+    if info is None:
+        raise ConfigError("the model is not quantized: call quantize_model first")
+    tied = model.config.tie_embeddings
+    out: dict[str, torch.Tensor] = {}
+    handled: set[str] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_MODULES):
+            handled.add(name)
+            if tied and name == "lm_head" and info.get("embeddings", True):
+                continue  # rebuilt from the embedding on load
+            tensors = m.portable()
+            if not isinstance(tensors, dict):
+                tensors = dict(zip(("qweight", "scales", "mins"), tensors))
+            out.update({f"{name}.{k}": v for k, v in tensors.items()})
+            if getattr(m, "bias", None) is not None:
+                out[f"{name}.bias"] = m.bias.detach()
+    for key, value in model.state_dict().items():
+        if key.rpartition(".")[0] not in handled and not (tied and key == "lm_head.weight"):
+            out[key] = value
+    return out
+
+
+def build_quantized_model(config: ModelConfig, tensors: dict[str, torch.Tensor], info: dict,
+                          dtype: torch.dtype = torch.float32, source: str = "weights") -> nn.Module:
+    """A quantized Transformer from portable tensors (the inverse of ``quantized_state_dict``)."""
+    from scratchlm.model import Transformer
+
+    mode, group_size = info.get("mode"), info.get("group_size")
+    if mode not in MODES or (mode == "int4" and group_size not in GROUP_SIZES):
+        raise ModelFileError(f"{source}: unknown quantization {info!r}")
+    tensors = dict(tensors)
+
+    def take(prefix: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        missing = [f"{prefix}.{n}" for n in names if f"{prefix}.{n}" not in tensors]
+        if missing:
+            raise ModelFileError(f"{source}: missing quantized tensors {missing[:3]}: the file is incomplete")
+        return {n: tensors.pop(f"{prefix}.{n}") for n in names}
+
+    names = ("qweight", "scales") if mode == "int8" else ("qweight", "scales", "mins")
+    with torch.device("meta"):
+        model = Transformer(config)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    emb = None
+    if info.get("embeddings", True):
+        emb = QuantEmbedding(8 if mode == "int8" else 4, take("tok_embeddings", names), group_size, dtype)
+        model.tok_embeddings = emb
+    for name in linears:
+        if name == "lm_head" and config.tie_embeddings and emb is not None:
+            parts = emb.portable()
+        else:
+            parts = take(name, names)
+        bias = tensors.pop(f"{name}.bias", None)
+        if mode == "int8":
+            new = Int8Linear(parts["qweight"], parts["scales"], bias, dtype)
+        else:
+            new = Int4Linear(parts["qweight"], parts["scales"], parts["mins"], group_size, bias, dtype)
+        model.set_submodule(name, new)
+    floats = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    expected = set(model.state_dict())
+    try:
+        model.load_state_dict(floats, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise ModelFileError(f"{source}: tensors do not fit the architecture: {str(exc).splitlines()[0]}") from None
+    left = [k for k, v in list(model.named_parameters()) + list(model.named_buffers()) if v.is_meta]
+    if left or set(floats) - expected:
+        raise ModelFileError(f"{source}: tensors do not match the architecture (missing {left[:3]}, "
+                             f"unexpected {sorted(set(floats) - expected)[:3]})")
+    model.quantization = {"mode": mode, "group_size": group_size, "embeddings": info.get("embeddings", True)}
+    return model.eval()
