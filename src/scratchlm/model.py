@@ -47,6 +47,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # PyTorch's fused kernel computes exactly this, in one call
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Statistics in float32: a bfloat16 sum of squares loses most of its digits.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -69,15 +71,18 @@ def rope_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.T
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     pos = torch.arange(config.context_length, device=device).float()
     angles = torch.outer(pos, inv_freq)  # [context, D/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [context, D]
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    # The sine table carries the rotation's signs: -sin for the first half, +sin for the second (see apply_rope).
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, heads, T, D] by the angles of its positions; cos and sin are [B, 1, T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, D] by the angles of its positions; the tables are [B, 1, T, D].
+
+    Each pair (x_i, x_{i+D/2}) turns by its angle a: (x_i cos a - x_{i+D/2} sin a, x_{i+D/2} cos a + x_i sin a).
+    ``x.roll(D/2)`` swaps the halves and ``signed_sin`` holds (-sin, +sin), so this is three tensor operations.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class KVCache:
