@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import tiny_llm
 
+from conftest import tiny_llm
 from scratchlm.serve.app import create_app
 from scratchlm.serve.background import BackgroundServer
 

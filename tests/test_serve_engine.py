@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_llm
-from test_serve_support import run_jobs
 
+from conftest import tiny_llm
 from scratchlm.serve.engine import Engine, GenerationJob, QueueFullError
+from test_serve_support import run_jobs
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,18 @@ def test_queue_is_bounded():
     engine.submit([job], lambda e: None)  # waits in the queue
     with pytest.raises(QueueFullError):
         engine.submit([job], lambda e: None)
+
+
+def test_joint_prefill_never_runs_past_the_cache():
+    """A request deep into its prompt and one just starting must not share a padded batch that would write
+    beyond the cache (a bug the API fuzzer found)."""
+    llm = tiny_llm(context_length=64)
+    params = llm.sampling(temperature=0, max_new_tokens=3)
+    jobs = [GenerationJob(list(range(60)), params, 3, index=0), GenerationJob(list(range(40)), params, 3, index=1)]
+    engine = Engine(llm, max_batch=2, prefill_chunk=48).start()
+    try:
+        got = run_jobs(engine, jobs)
+    finally:
+        engine.stop()
+    for job in jobs:
+        assert got[job.index]["text"] == llm.complete([job.prompt_ids], temperature=0, max_new_tokens=3)[0].text

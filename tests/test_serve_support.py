@@ -12,9 +12,9 @@ import time
 from collections import defaultdict
 
 import torch
-from conftest import byte_tokenizer
 from torch import nn
 
+from conftest import byte_tokenizer
 from scratchlm.config import ModelConfig
 from scratchlm.llm import LLM
 from scratchlm.model import KVCache

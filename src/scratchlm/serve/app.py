@@ -47,7 +47,7 @@ STATIC = Path(__file__).parent / "static"
 # The chat page runs only its own script file: no inline script, no event-handler attributes, no other origin.
 PAGE_HEADERS = {
     "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
 }
 
@@ -134,9 +134,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
             return _error(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"invalid request: {where or 'body'}: {first.get('msg', 'invalid value')}",
-                      param=where or None)
+        where = _field_path(first.get("loc", ()))
+        message = first.get("msg", "invalid value")
+        if sum(_field_path(e.get("loc", ())) == where for e in exc.errors()) > 1:  # a union: several forms
+            message += " (or one of the other accepted forms)"
+        return _error(400, f"invalid request: {where or 'body'}: {message}", param=where or None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -147,6 +149,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def crash(request: Request, exc: Exception):
         log.exception("unhandled error")
         return _error(500, f"internal server error: {type(exc).__name__}", type="server_error")
+
+
+def _field_path(loc) -> str:
+    """``("body", "stop", "list[str]", 0)`` -> ``"stop.0"``: pydantic puts union member names in locations."""
+    return ".".join(str(p) for p in loc if p != "body" and not (isinstance(p, str) and (
+        "[" in p or p in ("str", "int", "float", "bool", "dict") or p.startswith("function"))))
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:

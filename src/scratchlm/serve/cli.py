@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the model's name)")
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the access log")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to merge in at load")
     p.set_defaults(func=cmd_serve)
 
 
@@ -33,7 +34,7 @@ def load_model(args: argparse.Namespace):
     """The one place the server loads its model (flags that change loading belong here)."""
     from scratchlm.llm import LLM
 
-    return LLM.load(args.model, dtype=args.dtype)
+    return LLM.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -68,7 +69,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                            log_level="info", timeout_graceful_shutdown=5))
     log.info("scratchlm serve: http://%s:%d/ (chat page), OpenAI API at /v1; loading %s ...",
              args.host, args.port, args.model)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the shutdown was clean
+        pass
     if failure:
         exc = failure[0]
         raise exc if isinstance(exc, ScratchLMError) else ScratchLMError(f"could not load the model: {exc}")

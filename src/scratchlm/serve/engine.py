@@ -269,10 +269,14 @@ class Engine:
     # ---- prefill ------------------------------------------------------------------------------------
     def _prefill(self, joining: list[_Active]) -> None:
         """Feed the next chunk of prompt tokens of the oldest joining requests, as one right-padded batch."""
-        budget, group = self.prefill_chunk, []
+        budget, group, start, width = self.prefill_chunk, [], 0, 0
         for active in joining:
             n = min(len(active.job.prompt_ids) - active.done, budget)
+            # Right padding writes every row up to its start + the batch width: that must fit the cache.
+            if group and max(start, active.done) + max(width, n) > self.max_len:
+                break
             group.append((active, n))
+            start, width = max(start, active.done), max(width, n)
             budget -= n
             if budget <= 0:
                 break

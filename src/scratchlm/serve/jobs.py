@@ -18,6 +18,8 @@ from scratchlm.serve.schemas import (
 )
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily
+MIN_TOP_P = 1e-8  # smaller top_p values act like this one: only the best token survives
 MAX_PROMPTS = 256  # prompts (or embedding inputs) in one request
 
 
@@ -94,6 +96,14 @@ def choice_seed(seed: int | None, j: int) -> int | None:
     return seed + j if seed + j <= 2**64 - 1 else seed - j
 
 
+def _temperature(value: float | None) -> float:
+    """OpenAI's default is 1. Below 1e-5, logits / temperature overflows float32 (a fuzzer found 1e-300), so
+    such values mean greedy decoding, as in vLLM."""
+    if value is None:
+        return 1.0
+    return 0.0 if value < GREEDY_BELOW else value
+
+
 def sampling_params(body: SamplingRequest, max_tokens: int, seed: int | None) -> SamplingParams:
     stops = body.stop_strings()
     if len(stops) > MAX_STOP:
@@ -101,12 +111,13 @@ def sampling_params(body: SamplingRequest, max_tokens: int, seed: int | None) ->
     try:
         return SamplingParams(
             max_new_tokens=max(1, max_tokens),
-            temperature=1.0 if body.temperature is None else body.temperature,
+            temperature=_temperature(body.temperature),
             top_k=body.top_k if body.top_k and body.top_k > 0 else None,
-            top_p=body.top_p, min_p=body.min_p,
+            # A top_p that rounds to 0 in float32 (the fuzzer sent 5e-324) would drop even the best token.
+            top_p=None if body.top_p is None else max(body.top_p, MIN_TOP_P), min_p=body.min_p,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            seed=seed, stop=stops,
+            seed=seed, stop=stops, ignore_eos=body.ignore_eos,
         )
     except ScratchLMError as exc:
         raise ApiError(400, str(exc)) from None

@@ -43,10 +43,11 @@ class SamplingRequest(Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="extension: keep the k best tokens (0 or -1 = off)")
     min_p: float | None = Field(None, ge=0, le=1, description="extension: drop tokens below min_p x the best")
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension: CTRL penalty, 1 = off")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10, description="extension: CTRL penalty, 1 = off")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings that end the text")
+    ignore_eos: bool = Field(False, description="extension: keep going past the end-of-sequence token")
     seed: int | None = Field(None, **SEED_RANGE)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
