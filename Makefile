@@ -33,6 +33,8 @@ run: $(VENV)/.installed
 	@echo "      $(VENV)/bin/scratchlm --help"
 
 test: $(VENV)/.dev
+	@# The chat page tests drive Debian's chromium through Playwright (no browser download).
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 	$(VENV)/bin/scratchlm pull smollm2-135m-instruct
 	$(PY) -m pytest -q
 
