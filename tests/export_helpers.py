@@ -7,9 +7,11 @@ embedding is larger than the tokenizer, as with padded vocabularies).
 
 from __future__ import annotations
 
-import torch
-from conftest import SPECIALS, tiny_config
+import functools
 
+import torch
+
+from conftest import SPECIALS, tiny_config
 from scratchlm.llm import LLM
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import BYTE_TO_UNICODE, Tokenizer
@@ -45,3 +47,37 @@ def export_llm(kind: str = "llama", pretokenizer: str = "gpt2", seed: int = 0, *
 def logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return llm.model(torch.tensor([ids]))[0]
+
+
+@functools.cache
+def trained_from_scratch(steps: int = 30) -> LLM:
+    """A GPT-2-style model trained here on the bundled Shakespeare with its own BPE (scratchlm.train.bpe).
+
+    nanoGPT's layout (learned positions, LayerNorm, GELU, no biases, tied head) at a tiny size; a few dozen
+    AdamW steps move it well away from its random start. Skips the test while the BPE trainer is missing.
+    Built once per test session (tests must not modify it).
+    """
+    import pytest
+
+    train_bpe = pytest.importorskip("scratchlm.train.bpe").train_bpe
+    from importlib.resources import files
+
+    from scratchlm.train.loop import TrainConfig, train
+
+    text = (files("scratchlm") / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:60_000]
+    tokenizer = train_bpe([text], 400, ["<|endoftext|>"])
+    tokenizer.eos_token = "<|endoftext|>"
+    ids = torch.tensor(tokenizer.encode(text))
+    torch.manual_seed(0)
+    config = tiny_config("gpt2", vocab_size=tokenizer.vocab_size, context_length=64, bias=False)
+    model = Transformer(config)
+
+    def batches():
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            starts = torch.randint(0, len(ids) - 65, (8,), generator=generator)
+            window = torch.stack([ids[s:s + 65] for s in starts])
+            yield window[:, :-1], window[:, 1:]
+
+    train(model, TrainConfig(max_steps=steps, batch_size=8, warmup_steps=5, eval_interval=10**6), batches())
+    return LLM(model.eval(), tokenizer, name="shakespeare-tiny")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_helpers import TEXT, export_llm, logits
 
+from export_helpers import TEXT, export_llm, logits
 from scratchlm.cli import main
 from scratchlm.convert import convert
 from scratchlm.errors import ScratchLMError

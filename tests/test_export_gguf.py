@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from export_helpers import TEXT, export_llm, logits
 
+from export_helpers import TEXT, export_llm, logits
 from scratchlm.errors import UnsupportedError
 from scratchlm.formats.export_gguf import GGUF_PRE_NAMES, export_gguf
 from scratchlm.formats.ggml_quants import quantize
@@ -184,3 +184,13 @@ def test_refuses_what_gguf_cannot_hold(tmp_path):
     with pytest.raises(UnsupportedError, match="no BPE merges"):
         export_gguf(tiny_llm("llama"), tmp_path / "bytes.gguf", "f32")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.gguf"]
+
+
+def test_model_trained_from_scratch_round_trips_through_gguf(tmp_path):
+    from export_helpers import trained_from_scratch
+
+    llm = trained_from_scratch()
+    back = LLM.load(export_gguf(llm, tmp_path / "m.gguf", "f32"))
+    ids = llm.tokenizer.encode(TEXT)
+    assert back.tokenizer.encode(TEXT) == ids
+    assert torch.equal(logits(back, ids), logits(llm, ids))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from export_helpers import TEXT, export_llm, logits
 
+from export_helpers import TEXT, export_llm, logits
 from scratchlm.formats.export_hf import export_hf
 from scratchlm.llm import LLM
 
@@ -82,3 +82,11 @@ def test_smollm2_matches_transformers(smollm2, tmp_path):
     assert tok_config["chat_template"] == smollm2.template.source
     assert (tok_config["bos_token"], tok_config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
     assert_same_as_hf(smollm2, path, atol=1e-4)
+
+
+def test_model_trained_from_scratch_matches_transformers(tmp_path):
+    """A GPT-2-style model trained here with its own BPE tokenizer: same ids and logits in transformers."""
+    from export_helpers import trained_from_scratch
+
+    llm = trained_from_scratch()
+    assert_same_as_hf(llm, export_hf(llm, tmp_path / "out"))

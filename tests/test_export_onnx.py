@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_helpers import export_llm
 
+from export_helpers import export_llm
 from scratchlm.errors import ConfigError
 from scratchlm.formats.onnx import export_onnx
 
