@@ -128,7 +128,8 @@ def evaluate(model: nn.Module, batches: Sequence[Batch], config: TrainConfig, di
 def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_batches: Sequence[Batch] | None = None,
           *, trainable: Sequence[str] | None = None, out_dir: str | Path | None = None,
           save_model: Callable[[Path], None] | None = None, resume_from: str | Path | None = None,
-          dist: Dist | None = None, reporter=None) -> TrainResult:
+          dist: Dist | None = None, reporter=None, load_model: Callable[[Path], None] | None = None,
+          loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
     """Train ``model`` for ``config.max_steps`` optimizer steps (counting steps already done when resuming).
 
     Args:
@@ -141,6 +142,10 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
         resume_from: a checkpoint directory (``out/last``) to continue from, exactly.
         dist: this process's place in data-parallel training.
         reporter: receives ``on_start/on_step/on_eval/on_end`` calls (progress bar, metrics, plot).
+        load_model: reads what ``save_model`` wrote back into the model when resuming (None: the checkpoint
+            holds ``model.safetensors`` with the model's own parameter names). Fine-tuning saves adapters.
+        loss_fn: ``loss_fn(forward, x, y)`` -> mean loss, instead of ``lm_loss(forward(x), y)`` (fine-tuning
+            projects only the positions with a target onto the vocabulary).
     """
     dist = dist or Dist()
     device = dist.device
@@ -167,7 +172,7 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
     state = {"step": 0, "best_val_loss": None, "best_step": None, "evals_without_improvement": 0, "tokens": 0}
     torch.manual_seed(config.seed + dist.rank)  # dropout masks differ per process, as in nanoGPT
     if resume_from is not None:
-        state = _resume(Path(resume_from), model, optimizer, names, batches, dist, state)
+        state = _resume(Path(resume_from), model, optimizer, names, batches, dist, state, load_model)
 
     def save(kind: str, with_optimizer: bool) -> None:
         # Every process takes part in gathering RNG and data states; only rank 0 writes.
@@ -199,7 +204,7 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
             no_sync = forward.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
             with no_sync:
                 with autocast_context(config.dtype, device):
-                    loss = lm_loss(forward(x), y)
+                    loss = lm_loss(forward(x), y) if loss_fn is None else loss_fn(forward, x, y)
                 (loss / config.grad_accum_steps).backward()
             loss_sum += loss.detach()
             tokens += x.numel()
@@ -255,21 +260,25 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
     return result
 
 
-def _resume(directory: Path, model: nn.Module, optimizer, names, batches, dist: Dist, state: dict) -> dict:
+def _resume(directory: Path, model: nn.Module, optimizer, names, batches, dist: Dist, state: dict,
+            load_model: Callable[[Path], None] | None = None) -> dict:
     """Load weights, optimizer, data position and RNG states from a checkpoint; returns its trainer state."""
     from safetensors.torch import load_file
 
     found = ckpt.resolve_checkpoint(directory)
     if found is None:
         raise TrainingError(f"no checkpoint to resume from in {directory}: train without --resume first")
-    ckpt.check_resume_config(found, model.config)
     saved = ckpt.read_trainer_state(found)
-    weights = load_file(found / "model.safetensors")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise TrainingError(f"checkpoint {found} does not fit the model (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]})")
+    if load_model is not None:
+        load_model(found)
+    else:
+        ckpt.check_resume_config(found, model.config)
+        weights = load_file(found / "model.safetensors")
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]
+        if missing or unexpected:
+            raise TrainingError(f"checkpoint {found} does not fit the model (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
     load_optimizer_tensors(optimizer, names, ckpt.read_optimizer_tensors(found))
     same_world = saved.get("world_size") == dist.world_size
     if same_world:

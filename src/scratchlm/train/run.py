@@ -116,9 +116,9 @@ def _run(opts: RunOptions, preset: Preset, dist: Dist) -> TrainResult:
     val = eval_batches(prepared.val(), config.batch_size, model_config.context_length, config.eval_batches,
                        dist.rank, dist.world_size)
     reporter = None
+    n_sample = preset.sample_tokens if opts.sample_tokens is None else opts.sample_tokens
+    prompt = preset.sample_prompt if opts.prompt is None else opts.prompt
     if dist.is_main:
-        n_sample = preset.sample_tokens if opts.sample_tokens is None else opts.sample_tokens
-        prompt = preset.sample_prompt if opts.prompt is None else opts.prompt
         sample = (lambda: sample_text(model, tokenizer, prompt, n_sample)) if n_sample > 0 else None
         reporter = TrainingReport(out, progress=opts.progress, sample=sample)
 
@@ -129,6 +129,9 @@ def _run(opts: RunOptions, preset: Preset, dist: Dist) -> TrainResult:
     result = train(model, config, batches, val, out_dir=out, save_model=save_model, resume_from=resume_dir,
                    dist=dist, reporter=reporter)
     elapsed = time.perf_counter() - start
+    if dist.is_main and n_sample > 0:
+        text = sample_text(model, tokenizer, prompt, 2 * n_sample, seed=config.seed)
+        say(f"\nA sample from the trained model (step {result.step}, prompt {prompt!r}):\n{prompt}{text}\n")
     if result.best_val_loss is not None:
         say(f"done: {result.step} steps in {elapsed:.0f} s; best validation loss {result.best_val_loss:.4f}"
             f"{' (stopped early)' if result.stopped_early else ''}")
