@@ -171,8 +171,8 @@ def windows_of(ids: list[int], size: int) -> list[list[int]]:
 
 def check_model(label: str, source, work: Path, python: str, threads: int, prompts: list[str],
                 passages: dict[str, str]) -> list[dict]:
+    """Export ``source`` with every GGUF type and compare each file in llama.cpp and scratchlm."""
     from scratchlm.formats.export_gguf import export_gguf
-    from scratchlm.llm import LLM
 
     rows = []
     for gguf_type in GGUF_TYPES:
@@ -180,44 +180,51 @@ def check_model(label: str, source, work: Path, python: str, threads: int, promp
         start = time.perf_counter()
         export_gguf(source, path, gguf_type, force=True)
         exported = time.perf_counter() - start
-        llm = LLM.load(path)  # scratchlm reads the very file llama.cpp reads
-        ctx = llm.config.context_length
-        texts = [*prompts, *passages.values(), AWKWARD]
-        passage_ids = {name: llm.tokenizer.encode(text)[:PASSAGE_TOKENS] for name, text in passages.items()}
-        windows = {name: windows_of(ids, min(ctx, PASSAGE_TOKENS)) for name, ids in passage_ids.items()}
-        quantized = gguf_type not in ("f32", "f16")
-        job = {"model": str(path), "n_ctx": ctx, "threads": threads, "texts": texts,
-               "windows": [w for ws in windows.values() for w in ws],
-               "greedy_prompts": [] if quantized else [llm.tokenizer.encode(p) for p in prompts],
-               "greedy_tokens": GREEDY_TOKENS}
-        theirs = llama_cpp(python, job)
-        mine = ours(llm, job["greedy_prompts"], job["windows"])
-        row = {"model": label, "type": gguf_type, "MiB": path.stat().st_size / 2**20, "export_s": exported,
-               "tokens_equal": theirs["tokens"] == [llm.tokenizer.encode(t) for t in texts],
-               "agreement": {}, "noise_floor": {}, "max_gap": {}}
-        offset = 0
-        for name, ids in passage_ids.items():
-            span = slice(offset, offset + len(ids))
-            offset += len(ids)
-            mine_here, theirs_here = mine["argmax"][span], theirs["argmax"][span]
-            row["agreement"][name] = agreement(theirs_here, mine_here)
-            row["max_gap"][name] = max(disagreement_margins(mine["logits"][span], mine_here, theirs_here), default=0)
-            if quantized:
-                with eight_bit_activations(llm.model):
-                    rounded = ours(llm, [], windows[name])["argmax"]
-                row["noise_floor"][name] = agreement(rounded, mine_here)
-        if quantized:
-            row["ok"] = row["tokens_equal"] and min(row["agreement"].values()) >= MIN_ARGMAX_AGREEMENT
-        else:
-            row["greedy_equal"] = theirs["greedy"] == mine["greedy"]
-            row["greedy_matching_prefix"] = [
-                next((i for i, (a, b) in enumerate(zip(t, m)) if a != b), GREEDY_TOKENS)
-                for t, m in zip(theirs["greedy"], mine["greedy"])]
-            row["ok"] = row["tokens_equal"] and row["greedy_equal"]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-        del llm
+        rows.append(compare_file(label, gguf_type, path, python, threads, prompts, passages, exported))
     return rows
+
+
+def compare_file(label: str, gguf_type: str, path: Path, python: str, threads: int, prompts: list[str],
+                 passages: dict[str, str], exported: float | None = None) -> dict:
+    """One GGUF file in llama.cpp and in scratchlm: token ids, greedy tokens (f32/f16), argmax agreement."""
+    from scratchlm.llm import LLM
+
+    llm = LLM.load(path)  # scratchlm reads the very file llama.cpp reads
+    ctx = llm.config.context_length
+    texts = [*prompts, *passages.values(), AWKWARD]
+    passage_ids = {name: llm.tokenizer.encode(text)[:PASSAGE_TOKENS] for name, text in passages.items()}
+    windows = {name: windows_of(ids, min(ctx, PASSAGE_TOKENS)) for name, ids in passage_ids.items()}
+    quantized = gguf_type.split()[0] not in ("f32", "f16")
+    job = {"model": str(path), "n_ctx": ctx, "threads": threads, "texts": texts,
+           "windows": [w for ws in windows.values() for w in ws],
+           "greedy_prompts": [] if quantized else [llm.tokenizer.encode(p) for p in prompts],
+           "greedy_tokens": GREEDY_TOKENS}
+    theirs = llama_cpp(python, job)
+    mine = ours(llm, job["greedy_prompts"], job["windows"])
+    row = {"model": label, "type": gguf_type, "MiB": path.stat().st_size / 2**20, "export_s": exported,
+           "tokens_equal": theirs["tokens"] == [llm.tokenizer.encode(t) for t in texts],
+           "agreement": {}, "noise_floor": {}, "max_gap": {}}
+    offset = 0
+    for name, ids in passage_ids.items():
+        span = slice(offset, offset + len(ids))
+        offset += len(ids)
+        mine_here, theirs_here = mine["argmax"][span], theirs["argmax"][span]
+        row["agreement"][name] = agreement(theirs_here, mine_here)
+        row["max_gap"][name] = max(disagreement_margins(mine["logits"][span], mine_here, theirs_here), default=0)
+        if quantized:
+            with eight_bit_activations(llm.model):
+                rounded = ours(llm, [], windows[name])["argmax"]
+            row["noise_floor"][name] = agreement(rounded, mine_here)
+    if quantized:
+        row["ok"] = row["tokens_equal"] and min(row["agreement"].values()) >= MIN_ARGMAX_AGREEMENT
+    else:
+        row["greedy_equal"] = theirs["greedy"] == mine["greedy"]
+        row["greedy_matching_prefix"] = [
+            next((i for i, (a, b) in enumerate(zip(t, m)) if a != b), GREEDY_TOKENS)
+            for t, m in zip(theirs["greedy"], mine["greedy"])]
+        row["ok"] = row["tokens_equal"] and row["greedy_equal"]
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main() -> int:
@@ -229,6 +236,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps of the GPT-2-style model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", choices=["smollm2", "gpt2"], default=None)
+    parser.add_argument("--control-only", action="store_true", help="only the pulled SmolLM2 file (the control)")
     args = parser.parse_args()
     if not Path(args.llama_python).is_file():
         raise SystemExit(f"{args.llama_python} not found: run `bash scripts/setup_llamacpp.sh` first")
@@ -250,10 +258,17 @@ def main() -> int:
         smollm2 = LLM.load("smollm2-135m-instruct")
         prompts = [smollm2.template.render([{"role": "user", "content": "What is the capital of France?"}]),
                    "The three primary colours are", "def fibonacci(n):\n"]
-        rows += check_model("smollm2", smollm2, work, args.llama_python, args.threads, prompts,
-                            {**shakespeare, "readme": readme[:4000]})
+        passages = {**shakespeare, "readme": readme[:4000]}
+        # Control: the pulled file, written by llama.cpp's own converter and quantizer, not by us.
+        from scratchlm.hub import model_path
+
+        rows.append(compare_file("smollm2 (pulled file, llama.cpp's own)", "q4_1 (+q8_0 embedding)",
+                                 model_path("smollm2-135m-instruct"), args.llama_python, args.threads, prompts,
+                                 passages))
+        if not args.control_only:
+            rows += check_model("smollm2", smollm2, work, args.llama_python, args.threads, prompts, passages)
         del smollm2
-    if args.only in (None, "gpt2"):
+    if args.only in (None, "gpt2") and not args.control_only:
         gpt2 = LLM.load(train_gpt2(work, args.steps, args.threads))
         prompts = ["ROMEO:\n", "First Citizen:\nWe are", "KING HENRY:\nNow"]
         rows += check_model("shakespeare-gpt2", gpt2, work, args.llama_python, args.threads, prompts, shakespeare)
