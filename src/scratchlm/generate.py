@@ -145,6 +145,9 @@ def stream_sequences(model: Transformer, sequences: list[Sequence]) -> Iterator[
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     max_len = max(len(s.prompt_ids) + s.budget for s in sequences)
+    decoder = getattr(model, "decoder", None)  # a compiled decode step (scratchlm.compiled), when attached
+    if decoder is not None:
+        max_len = decoder.cache_length(max_len)
     cache = KVCache(model.config, len(sequences), max_len=max_len, dtype=dtype, device=device)
     logits = prefill(model, [s.prompt_ids for s in sequences], cache)
     tokens = torch.zeros(len(sequences), 1, dtype=torch.long, device=device)
@@ -160,4 +163,4 @@ def stream_sequences(model: Transformer, sequences: list[Sequence]) -> Iterator[
                 yield row, text
         if all(s.finished for s in sequences):
             return
-        logits = decode_step(model, tokens, cache)
+        logits = decoder(tokens, cache) if decoder is not None else decode_step(model, tokens, cache)

@@ -1,0 +1,53 @@
+"""The static-shape decode step (scratchlm.compiled) against the eager one: same logits, same greedy text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_llm
+from scratchlm.compiled import CompiledDecoder, compile_decoding
+from scratchlm.errors import ContextLengthError
+from scratchlm.generate import decode_step, prefill
+from scratchlm.model import KVCache
+from scratchlm.quant import quantize_model
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_static_decode_step_matches_eager_logits(kind, quant):
+    llm = tiny_llm(kind)
+    if quant:
+        quantize_model(llm.model, quant, 32 if quant == "int4" else None)
+    model = llm.model
+    static = CompiledDecoder(model, compile=False)  # the same graph, run eagerly: checks the logic fast
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22]]  # rows at different positions
+    caches = [KVCache(model.config, 2, max_len=n) for n in (16, static.cache_length(16))]
+    logits = [prefill(model, prompts, c) for c in caches]
+    for _ in range(6):
+        tokens = logits[0].argmax(-1, keepdim=True)
+        logits = [decode_step(model, tokens, caches[0]), static(tokens, caches[1])]
+        assert (logits[0] - logits[1]).abs().max().item() < 1e-4
+        assert caches[0].lengths.tolist() == caches[1].lengths.tolist()
+
+
+def test_compiled_greedy_output_equals_eager():
+    llm = tiny_llm("llama")
+    prompts = ["The sea", "Once upon a time there was"]
+    eager = [c.token_ids for c in llm.complete(prompts, max_new_tokens=24, temperature=0, ignore_eos=True)]
+    compile_decoding(llm.model)  # torch.compile, inductor's C++ backend
+    compiled = [c.token_ids for c in llm.complete(prompts, max_new_tokens=24, temperature=0, ignore_eos=True)]
+    assert compiled == eager
+    llm.model.decoder = None
+    assert [c.token_ids for c in llm.complete(prompts, max_new_tokens=24, temperature=0, ignore_eos=True)] == eager
+
+
+def test_cache_length_is_a_power_of_two_within_the_context():
+    static = CompiledDecoder(tiny_llm("llama", context_length=1024).model, compile=False)
+    assert [static.cache_length(n) for n in (1, 256, 257, 600, 1024)] == [256, 256, 512, 1024, 1024]
+    with pytest.raises(ContextLengthError, match="1025 tokens"):
+        static.cache_length(1025)
+    cache = KVCache(static.model.config, 1, max_len=4)
+    cache.lengths[0] = 4
+    with pytest.raises(ContextLengthError, match="full"):
+        static(torch.tensor([[1]]), cache)
