@@ -185,9 +185,16 @@ def test_joint_prefill_never_runs_past_the_cache():
     llm = tiny_llm(context_length=64)
     params = llm.sampling(temperature=0, max_new_tokens=3)
     jobs = [GenerationJob(list(range(60)), params, 3, index=0), GenerationJob(list(range(40)), params, 3, index=1)]
-    engine = Engine(llm, max_batch=2, prefill_chunk=48).start()
+    engine = Engine(llm, max_batch=3, prefill_chunk=48).start()
+    first = threading.Event()
     try:
+        # A request that keeps decoding holds the prefill budget at 48 tokens per step, so the 60-token prompt
+        # is half done when the 40-token one starts.
+        busy = GenerationJob([1], llm.sampling(temperature=0, max_new_tokens=40, ignore_eos=True), 40, index=5)
+        ticket = engine.submit([busy], lambda e: first.set())
+        assert first.wait(30)
         got = run_jobs(engine, jobs)
+        engine.cancel(ticket)
     finally:
         engine.stop()
     for job in jobs:

@@ -4,7 +4,7 @@ One ``KVCache`` holds ``max_batch`` rows; each row is a *slot* that one request 
 its last token. The worker loops:
 
     admit waiting requests into free slots
-    -> prefill: at most ``prefill_chunk`` prompt tokens, from one or more joining requests
+    -> prefill: at most ``prefill_chunk`` prompt tokens (more when nothing decodes) of joining requests
     -> decode: one token for every request past its prefill, all rows in one forward pass
     -> embeddings: at most ``prefill_chunk`` tokens of waiting embedding inputs
 
@@ -35,6 +35,7 @@ from scratchlm.serve.metrics import ServerMetrics
 
 log = logging.getLogger("scratchlm.serve")
 
+IDLE_PREFILL_FACTOR = 8  # prefill budget multiplier when no request is decoding (nobody to keep waiting)
 DEFAULT_MAX_LEN = 2048  # KV cache positions per slot unless told otherwise (float32 SmolLM2: 94 MB per slot)
 
 
@@ -249,7 +250,7 @@ class Engine:
                 self._release(active)
         prefilling = sorted((a for a in self.slots if a is not None and a.prefilling), key=lambda a: a.arrived)
         if prefilling:
-            self._prefill(prefilling)
+            self._prefill(prefilling, others_decoding=any(a is not None and not a.prefilling for a in self.slots))
         decoding = [a for a in self.slots if a is not None and not a.prefilling]
         if decoding:
             self._decode(decoding)
@@ -267,32 +268,42 @@ class Engine:
             active.ticket.cancelled = True
 
     # ---- prefill ------------------------------------------------------------------------------------
-    def _prefill(self, joining: list[_Active]) -> None:
-        """Feed the next chunk of prompt tokens of the oldest joining requests, as one right-padded batch."""
-        budget, group, start, width = self.prefill_chunk, [], 0, 0
+    def _prefill(self, joining: list[_Active], others_decoding: bool) -> None:
+        """Feed the next prompt tokens of the oldest joining requests.
+
+        At most ``prefill_chunk`` tokens per step while other requests are decoding, so that their streams
+        pause only briefly; more when nobody waits on a decode step. Joiners in adjacent slots run as one
+        right-padded batch on a view of those cache rows: nothing is copied.
+        """
+        budget = self.prefill_chunk * (1 if others_decoding else IDLE_PREFILL_FACTOR)
+        chosen = []
         for active in joining:
             n = min(len(active.job.prompt_ids) - active.done, budget)
-            # Right padding writes every row up to its start + the batch width: that must fit the cache.
-            if group and max(start, active.done) + max(width, n) > self.max_len:
-                break
-            group.append((active, n))
-            start, width = max(start, active.done), max(width, n)
+            chosen.append((active, n))
             budget -= n
             if budget <= 0:
                 break
-        group.sort(key=lambda g: g[0].slot)
-        slots = [a.slot for a, _ in group]
+        chosen.sort(key=lambda c: c[0].slot)
+        run = [chosen[0]]
+        for active, n in chosen[1:]:
+            # A run is contiguous slots whose padded batch fits the cache (row start + batch width).
+            start, width = max(a.done for a, _ in run), max(m for _, m in run)
+            if active.slot == run[-1][0].slot + 1 and max(start, active.done) + max(width, n) <= self.max_len:
+                run.append((active, n))
+            else:
+                self._prefill_run(run)
+                run = [(active, n)]
+        self._prefill_run(run)
+
+    def _prefill_run(self, group: list[tuple[_Active, int]]) -> None:
+        first = group[0][0].slot
         width = max(n for _, n in group)
         ids = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
         for row, (active, n) in enumerate(group):
             ids[row, :n] = torch.tensor(active.job.prompt_ids[active.done: active.done + n])
         lengths = torch.tensor([n for _, n in group], device=self.device)
-        if slots == list(range(slots[0], slots[0] + len(slots))):  # contiguous: work on a view, no copy
-            hidden = self.model.hidden_states(ids, cache_rows(self.cache, slots[0], slots[-1] + 1),
-                                              input_lengths=lengths)
-        else:
-            hidden = self.model.hidden_states(ids, self.cache, rows=torch.tensor(slots, device=self.device),
-                                              input_lengths=lengths)
+        view = cache_rows(self.cache, first, first + len(group))
+        hidden = self.model.hidden_states(ids, view, input_lengths=lengths)  # (rows, width, C)
         for row, (active, n) in enumerate(group):
             prompt = active.job.prompt_ids
             if active.job.prompt_logprobs:
