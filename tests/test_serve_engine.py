@@ -199,3 +199,33 @@ def test_joint_prefill_never_runs_past_the_cache():
         engine.stop()
     for job in jobs:
         assert got[job.index]["text"] == llm.complete([job.prompt_ids], temperature=0, max_new_tokens=3)[0].text
+
+
+def test_shared_prompt_prefix_is_copied_not_recomputed(llm):
+    """Requests that share a long prefix (a system prompt) copy its keys and values from the request that
+    computed them, prefill only their own remainder, and still get exactly what they would get alone."""
+    prefix = [(3 * j + 5) % 250 for j in range(40)]
+    prompts = [prefix + [100 + i, 7, 8 + i] for i in range(5)]
+    calls = []
+    original = llm.model.hidden_states
+
+    def spy(ids, cache=None, rows=None, input_lengths=None):
+        if ids.shape[1] > 1:
+            calls.append(input_lengths.tolist() if input_lengths is not None else [ids.shape[1]])
+        return original(ids, cache, rows, input_lengths)
+
+    settings = dict(temperature=0.9, max_new_tokens=6)
+    jobs = [GenerationJob(p, llm.sampling(seed=i, **settings), 6, index=i) for i, p in enumerate(prompts)]
+    engine = Engine(llm, max_batch=8)
+    llm.model.hidden_states = spy
+    try:
+        engine.start()
+        got = run_jobs(engine, jobs)
+    finally:
+        engine.stop()
+        del llm.model.hidden_states
+    prefilled = sorted(n for call in calls for n in call)
+    assert prefilled == [3, 3, 3, 3, 43]  # the first computes the whole prompt, the others 3 tokens each
+    assert "scratchlm_prefix_reused_tokens_total 160" in engine.metrics.render()
+    for i, p in enumerate(prompts):
+        assert got[i]["text"] == llm.complete([p], seed=i, **settings)[0].text

@@ -39,7 +39,6 @@ from scratchlm.serve.schemas import (
     EmbeddingRequest,
     embedding_item,
     error_body,
-    usage,
 )
 
 log = logging.getLogger("scratchlm.serve")
@@ -225,7 +224,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise J.ApiError(500, str(result), type="server_error")
         tokens = sum(len(x) for x in inputs)
         request.state.log.update(model=body.model, prompt_tokens=tokens, inputs=len(inputs))
-        return {"object": "list", "model": state.model_name, "usage": usage(tokens, 0) | {"completion_tokens": 0},
+        return {"object": "list", "model": state.model_name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "data": [embedding_item(i, v, body.encoding_format) for i, v in enumerate(result)]}
 
     @app.get("/", include_in_schema=False)

@@ -4,7 +4,8 @@ One ``KVCache`` holds ``max_batch`` rows; each row is a *slot* that one request 
 its last token. The worker loops:
 
     admit waiting requests into free slots
-    -> prefill: at most ``prefill_chunk`` prompt tokens (more when nothing decodes) of joining requests
+    -> prefill: at most ``prefill_chunk`` prompt tokens (more when nothing decodes) of joining requests,
+       after copying any prompt prefix another request already holds (a shared system prompt)
     -> decode: one token for every request past its prefill, all rows in one forward pass
     -> embeddings: at most ``prefill_chunk`` tokens of waiting embedding inputs
 
@@ -30,60 +31,15 @@ import torch
 
 from scratchlm.generate import Sequence
 from scratchlm.model import KVCache
-from scratchlm.sampling import SamplingParams
+from scratchlm.serve.events import Event, GenerationJob, QueueFullError, Ticket, TokenLogprob, token_logprob
 from scratchlm.serve.metrics import ServerMetrics
 
+__all__ = ["Engine", "Event", "GenerationJob", "QueueFullError", "Ticket", "TokenLogprob", "cache_rows"]
 log = logging.getLogger("scratchlm.serve")
 
+MIN_SHARED = 8  # a joiner sharing this many prompt tokens with one being prefilled waits a step to copy them
 IDLE_PREFILL_FACTOR = 8  # prefill budget multiplier when no request is decoding (nobody to keep waiting)
 DEFAULT_MAX_LEN = 2048  # KV cache positions per slot unless told otherwise (float32 SmolLM2: 94 MB per slot)
-
-
-class QueueFullError(Exception):
-    """Raised by ``submit`` when the waiting queue is full (the server answers 429)."""
-
-
-@dataclass
-class TokenLogprob:
-    """A token's log-probability under the model, with the ``top`` most likely alternatives (best first)."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class GenerationJob:
-    """One completion to produce. ``max_tokens=0`` only scores the prompt (``echo`` with logprobs)."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    index: int = 0  # the choice index in the response
-    logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k best alternatives
-    prompt_logprobs: bool = False  # also score every prompt token after the first
-
-
-@dataclass
-class Event:
-    """What the engine reports about one job: new text, and at the end why it stopped."""
-
-    index: int
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] | None = None  # once, with the first event, when asked for
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-class Ticket:
-    """The caller's handle on submitted work; ``Engine.cancel(ticket)`` frees its slots."""
-
-    def __init__(self, sink: Callable[[object], None]):
-        self.sink = sink
-        self.cancelled = False  # set by the event loop, read by the worker: a plain bool is enough
 
 
 class _Active:
@@ -113,6 +69,14 @@ class _EmbedJob:
     next: int = 0
 
 
+def shared_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common (at most ``limit``)."""
+    n, end = 0, min(len(a), len(b), len(a) if limit is None else limit)
+    while n < end and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
     """A KVCache whose rows are rows ``start:stop`` of ``cache``, sharing its memory (no copy).
 
@@ -123,15 +87,6 @@ def cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
     view.max_len = cache.max_len
     view.k, view.v, view.lengths = cache.k[:, start:stop], cache.v[:, start:stop], cache.lengths[start:stop]
     return view
-
-
-def token_logprob(logprobs: torch.Tensor, token_id: int, top: int) -> TokenLogprob:
-    """The entry for ``token_id`` from a row of log-probabilities [V], with ``top`` alternatives."""
-    alternatives: list[tuple[int, float]] = []
-    if top > 0:
-        values, ids = torch.topk(logprobs, top)
-        alternatives = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token_id, float(logprobs[token_id]), alternatives)
 
 
 class Engine:
@@ -276,8 +231,15 @@ class Engine:
         right-padded batch on a view of those cache rows: nothing is copied.
         """
         budget = self.prefill_chunk * (1 if others_decoding else IDLE_PREFILL_FACTOR)
-        chosen = []
+        chosen, fresh = [], []
         for active in joining:
+            if active.done == 0 and not active.job.prompt_logprobs:
+                self._reuse_prefix(active)
+                if active.done == 0 and any(shared_prefix(active.job.prompt_ids, f.job.prompt_ids) >= MIN_SHARED
+                                            for f in fresh):
+                    continue  # wait one step, then copy the prefix that this step computes
+            if active.done == 0:
+                fresh.append(active)
             n = min(len(active.job.prompt_ids) - active.done, budget)
             chosen.append((active, n))
             budget -= n
@@ -294,6 +256,24 @@ class Engine:
                 self._prefill_run(run)
                 run = [(active, n)]
         self._prefill_run(run)
+
+    def _reuse_prefix(self, active: _Active) -> None:
+        """Copy the keys and values of the longest prompt prefix that another request already holds (a shared
+        system prompt, the same conversation so far) instead of computing them again: prefix caching as in
+        vLLM, where the live rows are the only store. Positions below a request's ``done`` never change."""
+        prompt, best, donor = active.job.prompt_ids, 0, None
+        for other in self.slots:
+            if other is not None and other is not active and other.done > 0:
+                n = shared_prefix(prompt, other.job.prompt_ids[: other.done], limit=len(prompt) - 1)
+                if n > best:
+                    best, donor = n, other
+        if donor is None:
+            return
+        for kv in (self.cache.k, self.cache.v):
+            kv[:, active.slot, :, :best] = kv[:, donor.slot, :, :best]
+        self.cache.lengths[active.slot] = best
+        active.done = best
+        self.metrics.record(self.metrics.reused_tokens.inc, best)
 
     def _prefill_run(self, group: list[tuple[_Active, int]]) -> None:
         first = group[0][0].slot

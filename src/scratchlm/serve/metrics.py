@@ -85,6 +85,8 @@ class ServerMetrics:
                                 ("route", "status"))
         self.prompt_tokens = Counter("scratchlm_prompt_tokens_total", "Prompt tokens processed")
         self.completion_tokens = Counter("scratchlm_completion_tokens_total", "Completion tokens generated")
+        self.reused_tokens = Counter("scratchlm_prefix_reused_tokens_total",
+                                     "Prompt tokens whose keys and values were copied from another request")
         self.ttft = Histogram("scratchlm_time_to_first_token_seconds",
                               "Time from a request's arrival to its first generated token", LATENCY_BUCKETS)
         self.itl = Histogram("scratchlm_inter_token_latency_seconds",
@@ -93,7 +95,7 @@ class ServerMetrics:
         self.active = Gauge("scratchlm_active_requests", "Requests holding a batch slot")
         self.batch_size = Gauge("scratchlm_batch_size", "Requests in the most recent decode step")
         self.batch_sizes = Histogram("scratchlm_decode_batch_size", "Requests per decode step", BATCH_BUCKETS)
-        self._all = [self.requests, self.prompt_tokens, self.completion_tokens, self.ttft, self.itl,
+        self._all = [self.requests, self.prompt_tokens, self.completion_tokens, self.reused_tokens, self.ttft, self.itl,
                      self.queue_depth, self.active, self.batch_size, self.batch_sizes]
 
     def record(self, fn, *args) -> None:
