@@ -80,6 +80,11 @@ def test_train_writes_checkpoints_metrics_plot_and_prints_progress_and_samples(d
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "already holds a training run" in err and "--resume" in err
 
+    # Resuming into another model shape says what differs.
+    assert main(["train", str(data), "--out", str(out), "--resume", *TINY, "--n-layers", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "n_layers 2 in the checkpoint vs 3 now" in err and len(err.splitlines()) == 1
+
     # --resume goes on from step 8; the schedule follows the new --max-steps.
     assert main(["train", str(data), "--out", str(out), "--resume", "--max-steps", "12", "--eval-interval", "4",
                  "--no-progress", "--sample-tokens", "0", *TINY]) == 0
