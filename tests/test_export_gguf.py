@@ -194,3 +194,15 @@ def test_model_trained_from_scratch_round_trips_through_gguf(tmp_path):
     ids = llm.tokenizer.encode(TEXT)
     assert back.tokenizer.encode(TEXT) == ids
     assert torch.equal(logits(back, ids), logits(llm, ids))
+
+
+def test_smollm2_q4_1_reexport_reproduces_llama_cpps_bytes(smollm2, smollm2_path, tmp_path):
+    """The pulled file was quantized by llama.cpp's tools (Q4_1, token embedding Q8_0). Dequantized by us and
+    quantized again by our Q4_1/Q8_0 code, every tensor comes back byte for byte."""
+    ours, _ = read_gguf(export_gguf(smollm2, tmp_path / "smollm2.q4_1.gguf", "q4_1"))
+    theirs, _ = read_gguf(smollm2_path)
+    mine = {t.name: t for t in ours.tensors}
+    assert sorted(mine) == sorted(t.name for t in theirs.tensors)
+    for t in theirs.tensors:
+        assert mine[t.name].tensor_type == t.tensor_type, t.name
+        assert np.array_equal(np.asarray(mine[t.name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), t.name
