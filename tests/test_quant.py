@@ -249,3 +249,17 @@ def test_int8_greedy_tokens_equal_float32_on_smollm2(smollm2):
     int8 = LLM(model, smollm2.tokenizer, smollm2.template)
     got = int8.complete([ids], max_new_tokens=16, temperature=0, ignore_eos=True)[0].token_ids
     assert len(want) == 16 and got == want
+
+
+def test_quantize_flag_on_generate_and_serve(tmp_path, capsys):
+    from scratchlm.cli import build_parser
+    from scratchlm.serve.cli import load_model
+
+    llm = tiny_llm("llama")
+    save_model_dir(tmp_path, llm.config, llm.model.canonical_state_dict(), llm.tokenizer)
+    expected = LLM.load(tmp_path, quantize="int4", group_size=32).generate("ab", max_new_tokens=4, temperature=0)
+    assert main(["generate", str(tmp_path), "ab", "--quantize", "int4", "--group-size", "32",
+                 "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    args = build_parser().parse_args(["serve", str(tmp_path), "--quantize", "int8"])
+    assert load_model(args).model.quantization["mode"] == "int8"

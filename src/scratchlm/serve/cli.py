@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the access log")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to merge in at load")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="quantize the weights at load: int8 per channel, int4 group-wise (see --group-size)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 64)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -34,7 +37,8 @@ def load_model(args: argparse.Namespace):
     """The one place the server loads its model (flags that change loading belong here)."""
     from scratchlm.llm import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None))
+    return LLM.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None),
+                    quantize=getattr(args, "quantize", None), group_size=getattr(args, "group_size", None))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
