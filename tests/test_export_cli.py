@@ -163,3 +163,20 @@ def test_unreadable_sources_name_the_file(tmp_path, capsys, checkpoint):
     code, _, err = run(capsys, hf, "--to", "gguf", "--out", out)
     assert code == 2 and f"{hf / 'config.json'} is not valid JSON" in error_line(err)
     assert not out.exists()
+
+
+def test_outputs_get_ordinary_permissions(tmp_path, checkpoint):
+    """Temporary files are private (0600); the finished export has the mode a plain write would give."""
+    import os
+    import stat
+
+    source, _ = checkpoint
+    mask = os.umask(0o022)
+    try:
+        gguf = convert(source, "gguf", tmp_path / "m.gguf", gguf_type="f32")
+        hf = convert(source, "hf", tmp_path / "hf")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(gguf.stat().st_mode) == 0o644
+    assert stat.S_IMODE(hf.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in hf.iterdir()} == {0o644}

@@ -77,6 +77,14 @@ def _remove_empty(dirs: list[Path]) -> None:
             d.rmdir()  # only succeeds when empty
 
 
+def _umask_mode(base: int) -> int:
+    """``base`` less the process umask: the mode a plain open() or mkdir() would give (mkstemp and mkdtemp
+    make private 0600/0700 entries, which would surprise whoever shares an export)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def _write_failed(path: Path, exc: OSError) -> ScratchLMError:
     return ScratchLMError(f"could not write {path}: {exc.strerror or exc}; nothing was written")
 
@@ -91,6 +99,7 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        tmp.chmod(_umask_mode(0o666))
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -111,7 +120,11 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     created = _make_parents(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(_umask_mode(0o777))
         yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():  # writers that go through mkstemp leave 0600 files
+                f.chmod(_umask_mode(0o666))
         if path.exists():
             # Two renames: the old export stays whole until the new one is complete and in place.
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
