@@ -249,7 +249,8 @@ def test_resume_with_another_model_configuration_says_what_differs(corpus, tmp_p
     train(model, config(max_steps=4), batches, val, out_dir=tmp_path, save_model=saver(model, tok))
     other, batches, _ = setup(corpus, n_layers=3, d_model=48)
     with pytest.raises(TrainingError) as info:
-        train(other, config(max_steps=8), batches, val, out_dir=tmp_path, resume_from=tmp_path / "last")
+        train(other, config(max_steps=8), batches, val, out_dir=tmp_path, save_model=saver(other, tok),
+              resume_from=tmp_path / "last")
     message = str(info.value)
     assert "d_model 32 in the checkpoint vs 48 now" in message and "n_layers 2 in the checkpoint vs 3 now" in message
 

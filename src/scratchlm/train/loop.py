@@ -148,6 +148,9 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
             projects only the positions with a target onto the vocabulary).
     """
     dist = dist or Dist()
+    if out_dir is not None and save_model is None:
+        raise ConfigError("train(out_dir=...) needs save_model, the function that writes the model files of a "
+                          "checkpoint (for example save_model_dir with the tokenizer)")
     device = dist.device
     names = {p: n for n, p in model.named_parameters()}
     if trainable is not None:
