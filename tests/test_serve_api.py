@@ -155,6 +155,8 @@ def test_echo_logprobs_are_the_models_log_likelihoods(client, llm):
                                                              lp["top_logprobs"][ctxlen:-1]))
     assert is_greedy == all(int(direct[p].argmax()) == ids[p + 1] for p in range(ctxlen - 1, len(ids) - 1))
     assert choice["text"].startswith(llm.tokenizer.decode(ids))
+    assert len(lp["tokens"]) == len(lp["text_offset"]) == len(ids) + 1 and lp["text_offset"][0] == 0
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][-1] <= len(choice["text"])
     assert r["usage"]["prompt_tokens"] == len(ids) and r["usage"]["completion_tokens"] == 1
 
 
@@ -261,3 +263,12 @@ def test_health_metrics_and_access_log(server, client, caplog):
     assert 'scratchlm_requests_total{route="/v1/completions",status="200"}' in text
     count = next(line for line in text.splitlines() if line.startswith("scratchlm_time_to_first_token_seconds_count"))
     assert int(count.split()[1]) >= 2
+
+
+def test_streamed_logprobs_equal_the_non_streamed_ones(client):
+    kwargs = dict(model="tiny-llama", prompt="Logprobs", max_tokens=10, temperature=0.8, seed=21, logprobs=2)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    streamed = [lp for c in chunks for ch in c.choices if ch.logprobs for lp in ch.logprobs.token_logprobs]
+    assert streamed == whole.token_logprobs and len(streamed) >= 1
+    assert all(len(top) == 2 for top in whole.top_logprobs)

@@ -119,7 +119,7 @@ def test_prompt_logprobs_equal_a_direct_forward_pass(llm):
     with torch.no_grad():
         direct = llm.model(torch.tensor([prompt]))[0].float().log_softmax(-1)  # (T, V)
     entries = got[0]["prompt_logprobs"]
-    assert entries[0] is None and len(entries) == len(prompt)
+    assert entries[0].token_id == prompt[0] and entries[0].logprob is None and len(entries) == len(prompt)
     expected = direct[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
     torch.testing.assert_close(torch.tensor([e.logprob for e in entries[1:]]), expected, atol=1e-4, rtol=0)
     for p, e in enumerate(entries[1:]):

@@ -224,3 +224,9 @@ def test_extreme_sampling_values_are_answered(server):
                     {"top_p": 1e-300, "temperature": 2.0}):
         r = post(url, "/v1/completions", {**base, **extreme})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy, extreme
+
+
+def test_a_megabyte_prompt_is_refused_quickly(server):
+    url, _ = server
+    r = post(url, "/v1/completions", {"model": "tiny-gpt2", "prompt": "word " * 200_000, "max_tokens": 1})
+    assert_error(r, 400, "1000000", "128")

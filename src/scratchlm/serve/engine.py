@@ -301,7 +301,9 @@ class Engine:
                 self._first_token(active, self.model.logits(hidden[row, n - 1]).float())
 
     def _first_token(self, active: _Active, logits: torch.Tensor) -> None:
-        prompt_lp = [None, *active.prompt_lp] if active.job.prompt_logprobs else None
+        # The first prompt token has no probability: nothing comes before it.
+        first = TokenLogprob(active.job.prompt_ids[0], None, [])
+        prompt_lp = [first, *active.prompt_lp] if active.job.prompt_logprobs else None
         if active.job.max_tokens == 0:  # scoring only
             self._emit(active, Event(active.job.index, prompt_logprobs=prompt_lp, finish_reason="length",
                                      prompt_tokens=len(active.job.prompt_ids)))

@@ -19,7 +19,7 @@ class TokenLogprob:
     """A token's log-probability under the model, with the ``top`` most likely alternatives (best first)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None for the first prompt token
     top: list[tuple[int, float]]
 
 

@@ -151,20 +151,20 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def completion_logprobs(entries: list, token_text, offset: int) -> dict:
+def completion_logprobs(entries: list, token_text, offset: int, decoder) -> dict:
     """The legacy /v1/completions logprobs block: parallel lists, one item per token.
 
-    ``entries`` holds TokenLogprob or None (the first prompt token has no probability: nothing precedes
-    it); ``offset`` is the character position where the first token's text starts.
+    ``offset`` is the character position where the first token's text starts; ``decoder`` (a tokenizer's
+    stream decoder) turns the tokens back into characters to count them, so a token holding half a UTF-8
+    character advances the offset only when the character completes.
     """
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for entry in entries:
-        text = token_text(entry.token_id) if entry is not None else None
-        tokens.append(text)
-        token_logprobs.append(None if entry is None else entry.logprob)
-        top_logprobs.append(None if entry is None else {token_text(t): lp for t, lp in entry.top})
+        tokens.append(token_text(entry.token_id))
+        token_logprobs.append(entry.logprob)
+        top_logprobs.append(None if entry.logprob is None else {token_text(t): lp for t, lp in entry.top})
         text_offset.append(offset)
-        offset += len(text or "")
+        offset += len(decoder.push(entry.token_id))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
             "text_offset": text_offset}
 
