@@ -43,13 +43,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="quantize the weights at load: int8 per channel, int4 group-wise (see --group-size)")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 64)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to merge in at load")
 
 
 def load_llm(args: argparse.Namespace):
     from scratchlm.llm import LLM
 
     return LLM.load(args.model, dtype=args.dtype, quantize=getattr(args, "quantize", None),
-                    group_size=getattr(args, "group_size", None))
+                    group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,6 +102,7 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.serve.cli",
     "scratchlm.quant.cli",
     "scratchlm.eval.cli",
+    "scratchlm.finetune.cli",
 ]
 
 

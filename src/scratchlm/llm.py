@@ -60,11 +60,13 @@ class LLM:
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
-             quantize: str | None = None, group_size: int | None = None) -> LLM:
+             quantize: str | None = None, group_size: int | None = None,
+             adapter: str | os.PathLike | None = None) -> LLM:
         """Load a known model name (pulled), a GGUF file, an HF model directory or a scratchlm directory.
 
         ``quantize="int8"|"int4"`` quantizes the weights after loading (``group_size`` 32, 64 or 128 for
         int4, default 64); a directory written by ``scratchlm quantize`` loads quantized as it is.
+        ``adapter`` is a LoRA adapter directory (PEFT format) merged into the weights before quantizing.
         """
         from scratchlm.hub import KNOWN_MODELS, resolve
 
@@ -81,6 +83,10 @@ class LLM:
             llm = cls._from_directory(path, torch_dtype, name)
         else:
             raise ModelFileError(f"{path} is neither a .gguf file nor a model directory")
+        if adapter is not None:
+            from scratchlm.finetune.peft import load_adapter
+
+            load_adapter(llm.model, adapter)
         if quantize is not None:
             from scratchlm.quant import quantize_model
 

@@ -4,6 +4,7 @@ To add an evaluation, write ``register_<name>(subparsers)`` that adds its parser
 one entry to ``EVAL_COMMANDS``. Keep heavy imports inside the command functions.
 
     scratchlm eval perplexity MODEL FILE [--context N --stride S] [--quantize int8|int4] [--dtype bfloat16]
+    scratchlm eval task MODEL FILE.jsonl [--adapter DIR] [--limit N] [--predictions OUT.jsonl]
 """
 
 from __future__ import annotations
@@ -46,9 +47,45 @@ def register_perplexity(subparsers) -> None:
     p.set_defaults(func=cmd_perplexity)
 
 
+def cmd_task(args: argparse.Namespace) -> None:
+    import json
+
+    from scratchlm.eval.task import evaluate_task
+    from scratchlm.formats.checkpoint import atomic_write_bytes
+    from scratchlm.llm import LLM
+
+    llm = LLM.load(args.model, dtype=args.dtype, adapter=args.adapter)
+    result = evaluate_task(llm, args.file, args.max_new_tokens, args.batch_size, args.limit,
+                           progress=sys.stderr.isatty())
+    print(result.summary())
+    if args.predictions:
+        lines = "".join(json.dumps({**row, **{"exact_match": row["prediction"].strip() == row["reference"].strip()}},
+                                   ensure_ascii=False) + "\n" for row in result.rows)
+        atomic_write_bytes(Path(args.predictions), lines.encode("utf-8"))
+    if args.json:
+        print(json.dumps({"n": result.n, **result.scores}))
+
+
+def register_task(subparsers) -> None:
+    p = subparsers.add_parser("task", help="exact match, token F1, BLEU and ROUGE-L of greedy answers on a JSONL task")
+    p.add_argument("model", help="known model name, .gguf file, or model directory")
+    p.add_argument("file", help='JSONL of {"messages": [...]} or {"prompt", "completion"}; the last assistant '
+                                "turn is the reference")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to merge in at load")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per answer (default: the longest reference + 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--predictions", default=None, help="write each prompt, reference and prediction to this JSONL")
+    p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.set_defaults(func=cmd_task)
+
+
 # name -> function that registers `scratchlm eval <name>` on the eval subparsers.
 EVAL_COMMANDS: dict[str, Callable] = {
     "perplexity": register_perplexity,
+    "task": register_task,
 }
 
 

@@ -1,0 +1,88 @@
+"""``scratchlm finetune`` and ``scratchlm merge``: the command-line face of ``scratchlm.finetune``.
+
+    scratchlm finetune smollm2-135m-instruct --data train.jsonl --method lora --epochs 2 --out runs/task
+    scratchlm finetune smollm2-135m-instruct --data train.jsonl --method qlora --rank 16 --out runs/q
+    scratchlm finetune runs/task --resume ...                      # continue exactly where it stopped
+    scratchlm merge smollm2-135m-instruct runs/task/best --out merged-model
+    scratchlm chat smollm2-135m-instruct --adapter runs/task/best
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``finetune`` and ``merge`` subcommands."""
+    p = sub.add_parser("finetune", help="fine-tune a model on chat JSONL (LoRA, QLoRA or full)",
+                       description="Supervised fine-tuning on conversations; the loss covers the assistant's "
+                                   "tokens only. Data: one {\"messages\": [...]} or {\"prompt\", \"completion\"} "
+                                   "object per line.")
+    p.add_argument("model", help="known model name, .gguf file, or model directory")
+    p.add_argument("--data", required=True, help="training JSONL")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, loss.png)")
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora",
+                   help="lora (default), qlora (4-bit NF4 frozen base + LoRA) or full (every weight)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8, help="rank r of the update B @ A (default 8)")
+    g.add_argument("--alpha", type=float, default=16.0, help="scaling numerator: the update is alpha/r B @ A "
+                                                             "(default 16)")
+    g.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
+    g.add_argument("--targets", default="q,k,v,o,gate,up,down",
+                   help="layers to adapt, comma-separated: q,k,v,o,gate,up,down (default all)")
+    g = p.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training data (default 1)")
+    length.add_argument("--max-steps", type=int, default=None, help="optimizer steps instead of --epochs")
+    g.add_argument("--batch-size", type=int, default=8, help="examples per micro-step (default 8)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 LoRA/QLoRA, 2e-5 full)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of the steps)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="evaluate and checkpoint every N steps (default: 5 times per run)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: mixed precision")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    g.add_argument("--seed", type=int, default=0, help="random seed (split, order, LoRA init, dropout)")
+    g = p.add_argument_group("data")
+    g.add_argument("--val-data", default=None, help="validation JSONL (default: --val-fraction of --data)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out (default 0.1)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example (default: the model's context, at most 1024)")
+    g.add_argument("--too-long", choices=["truncate", "skip"], default="truncate",
+                   help="longer examples are cut (default) or dropped; the counts are reported")
+    g = p.add_argument_group("run")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last exactly")
+    g.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the result")
+    p.add_argument("base", help="the base model: known name, .gguf file, or model directory")
+    p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="directory for the merged model (LLM.load reads it)")
+    p.add_argument("--force", action="store_true", help="replace an existing model directory at --out")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from scratchlm.finetune.run import FinetuneOptions, run_finetune
+
+    run_finetune(FinetuneOptions(
+        model=args.model, data=args.data, out=args.out, method=args.method, rank=args.rank, alpha=args.alpha,
+        dropout=args.dropout, targets=args.targets, epochs=args.epochs, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum_steps=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, max_length=args.max_length, too_long=args.too_long, val_data=args.val_data,
+        val_fraction=args.val_fraction, eval_interval=args.eval_interval, dtype=args.dtype,
+        activation_checkpointing=args.activation_checkpointing, seed=args.seed, resume=args.resume,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    ))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from scratchlm.finetune.merge import merge_to_directory
+
+    out = merge_to_directory(args.base, args.adapter, Path(args.out), force=args.force)
+    print(f"merged model written to {out}; try: scratchlm chat {out}")
