@@ -12,6 +12,10 @@ written on one machine loads on any other; packing for the kernel happens at loa
 
 from __future__ import annotations
 
+import ctypes
+import json
+import os
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import torch
@@ -44,9 +48,6 @@ def save_quantized(directory: str | Path, model, tokenizer=None, chat_template: 
 
 def load_quantized_dir(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, object]:
     """Read a quantized model directory: ``(config, model)`` with layers ready to compute in ``dtype``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from scratchlm.formats.hf import read_json
 
     directory = Path(directory)
@@ -58,7 +59,76 @@ def load_quantized_dir(directory: str | Path, dtype: torch.dtype = torch.float32
     if not weights.is_file():
         raise ModelFileError(f"missing weights file: {weights}")
     try:
-        tensors = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as exc:
+        with open(weights, "rb") as f:
+            model = build_quantized_model(config, _SafetensorsReader(f, str(weights)), info, dtype, source=str(weights))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
-    return config, build_quantized_model(config, tensors, info, dtype, source=str(weights))
+    _return_freed_memory()
+    return config, model
+
+
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8, "U8": torch.uint8,
+           "I32": torch.int32, "I64": torch.int64}
+
+
+class _SafetensorsReader(MutableMapping):
+    """The tensors of a safetensors file, each read with ``readinto`` into a fresh tensor when popped.
+
+    The format is an 8-byte header length, a JSON header (dtype, shape, byte range of every tensor), then the
+    bytes. Reading it through a memory map (``safetensors.load_file``/``safe_open``) made the whole file
+    resident in the process on top of the model being built, and gave tensors that were not 64-byte aligned;
+    plain reads into PyTorch's own (aligned) allocations avoid both. Measured, int4 SmolLM2: peak RSS after
+    ``LLM.load`` 676 -> 437 MiB (of which 221 MiB is ``import torch`` and 41 MiB the tokenizer).
+    """
+
+    def __init__(self, f, name: str):
+        self._f, self._name = f, name
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size < 100 * 2**20:
+            raise ValueError("bad header length")
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self._base, self._end = 8 + size, os.fstat(f.fileno()).st_size
+        self._entries = header
+        self._keys = set(header)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        entry = self._entries[key]
+        dtype = _DTYPES.get(entry["dtype"])
+        begin, end = entry["data_offsets"]
+        if dtype is None:
+            raise ValueError(f"unsupported dtype {entry['dtype']} for {key}")
+        tensor = torch.empty(entry["shape"], dtype=dtype)
+        nbytes = tensor.numel() * tensor.element_size()
+        if end - begin != nbytes or self._base + end > self._end:
+            raise ValueError(f"tensor {key} lies outside the file")
+        self._f.seek(self._base + begin)
+        if self._f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != nbytes:
+            raise ValueError(f"tensor {key} is truncated")
+        return tensor
+
+    def __setitem__(self, key, value):
+        raise TypeError("read-only")
+
+    def __delitem__(self, key: str) -> None:
+        self._keys.remove(key)
+
+    def __iter__(self):
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _return_freed_memory() -> None:
+    """Give the allocator's freed pages back to the system (glibc keeps them; elsewhere this does nothing).
+
+    Building the layers frees many temporaries of a few MiB; glibc would keep ~100-200 MiB of them in the
+    process (measured on SmolLM2 int4) although nothing uses them.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -11,6 +11,8 @@ A tied LM head is stored once, as the embedding.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 from torch import nn
 
@@ -123,21 +125,28 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
-def build_quantized_model(config: ModelConfig, tensors: dict[str, torch.Tensor], info: dict,
+def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torch.Tensor], info: dict,
                           dtype: torch.dtype = torch.float32, source: str = "weights") -> nn.Module:
-    """A quantized Transformer from portable tensors (the inverse of ``quantized_state_dict``)."""
+    """A quantized Transformer from portable tensors (the inverse of ``quantized_state_dict``).
+
+    ``tensors`` may be a dict or a lazy mapping that reads each tensor when it is popped (see
+    ``quant.checkpoint``): layers are built one at a time, so only one layer's file copy is in memory.
+    """
     from scratchlm.model import Transformer
 
     mode, group_size = info.get("mode"), info.get("group_size")
     if mode not in MODES or (mode == "int4" and group_size not in GROUP_SIZES):
         raise ModelFileError(f"{source}: unknown quantization {info!r}")
-    tensors = dict(tensors)
+    if isinstance(tensors, dict):
+        tensors = dict(tensors)
 
     def take(prefix: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         missing = [f"{prefix}.{n}" for n in names if f"{prefix}.{n}" not in tensors]
         if missing:
             raise ModelFileError(f"{source}: missing quantized tensors {missing[:3]}: the file is incomplete")
-        return {n: _aligned(tensors.pop(f"{prefix}.{n}")) for n in names}
+        # int4 codes are repacked for the kernel anyway; everything else is used in place, so align it.
+        return {n: tensors.pop(f"{prefix}.{n}") if n == "qweight" and len(names) == 3
+                else _aligned(tensors.pop(f"{prefix}.{n}")) for n in names}
 
     int8_names, int4_names = ("qweight", "scales"), ("qweight", "scales", "mins")
     with torch.device("meta"):
