@@ -149,3 +149,9 @@ def test_top_p_one_and_no_filters_keep_everything():
     logits = torch.randn(50)
     out = filter_logits(logits, SamplingParams(temperature=1.0, top_p=1.0))
     assert all(math.isfinite(v) for v in out.tolist())
+
+
+def test_tiny_temperatures_decode_greedily_instead_of_overflowing():
+    llm = tiny_llm()
+    greedy = llm.complete(["abc"], max_new_tokens=8, temperature=0, ignore_eos=True)[0].token_ids
+    assert llm.complete(["abc"], max_new_tokens=8, temperature=1e-300, ignore_eos=True)[0].token_ids == greedy

@@ -58,7 +58,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below 1e-5, logits / temperature overflows float32 to inf and the softmax to NaN; the limit of
+        # sampling as temperature -> 0 is the argmax anyway.
+        return self.temperature < 1e-5
 
 
 def make_generator(seed: int | None, device="cpu") -> torch.Generator:
