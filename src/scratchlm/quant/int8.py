@@ -39,7 +39,7 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return (qweight.float() * scales[:, None]).to(dtype)
 
 
-# Measured on a 2-core AMD EPYC (Zen 5), torch 2.13, one thread, SmolLM2's weight shapes (benchmarks/quant_kernels.py):
+# Measured on a 2-core AMD EPYC (Zen 5), torch 2.13, one thread, SmolLM2 weight shapes (benchmarks/quant_kernels.py):
 # one token: _weight_int8pack_mm with bfloat16 activations 15 ms, float32 dense 64 ms, bfloat16 dense 44 ms;
 # the same kernel with float32 activations 400 ms (not vectorized). 512 tokens: int8pack 1.35 s, converting
 # the int8 weight to bfloat16 and using the dense bfloat16 product 0.83 s. Hence: bfloat16 activations
