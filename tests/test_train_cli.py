@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from scratchlm.cli import main
 from scratchlm.train.sources import bundled_corpus
@@ -21,6 +22,15 @@ TEXT = bundled_corpus().read_text(encoding="utf-8")[:30_000]
 TINY = ["--context-length", "16", "--n-layers", "2", "--n-heads", "2", "--d-model", "32", "--batch-size", "4",
         "--eval-batches", "2", "--warmup-steps", "2", "--lr", "3e-3", "--min-lr", "3e-4"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and OpenMP threads stall when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
