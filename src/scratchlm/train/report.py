@@ -145,7 +145,8 @@ def centered_mean(values: list[float], half_width: int) -> list[float]:
         sums.append(sums[-1] + v)
     out = []
     for i in range(len(values)):
-        lo, hi = max(0, i - half_width), min(len(values), i + half_width + 1)
+        half = min(half_width, i, len(values) - 1 - i)  # symmetric, so the ends are not pulled inwards
+        lo, hi = i - half, i + half + 1
         out.append((sums[hi] - sums[lo]) / (hi - lo))
     return out
 
