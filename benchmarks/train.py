@@ -1,14 +1,16 @@
 """Training speed and quality: `scratchlm train` vs nanoGPT's `train.py`, same data, same configuration, same run.
 
     bash benchmarks/setup_nanogpt.sh /path/to/nanoGPT          # a clone outside this repository
-    python benchmarks/train.py --nanogpt /path/to/nanoGPT      # ~4 runs of 2,000 steps on 2 threads
+    python benchmarks/train.py --nanogpt /path/to/nanoGPT      # 3 seeds x 2 engines x 2,000 steps, 2 threads
+    python benchmarks/train.py --nanogpt DIR --threads 1 --clock cpu --concurrent --bf16   # on a busy machine
 
 Both train nanoGPT's CPU shakespeare-char configuration (4 layers, 4 heads, 128 dims, context 64, batch 12,
 2,000 iterations, lr 1e-3 -> 1e-4, warm-up 100, beta2 0.99, weight decay 0.1, clip 1.0, no dropout,
 float32, no torch.compile) on the same token files: scratchlm prepares the bundled corpus with its
 character tokenizer, and the very same train.bin/val.bin go into nanoGPT's data folder (plus the
-meta.pkl nanoGPT reads its vocabulary size from). Runs alternate between the two engines, so both see
-the same machine load.
+meta.pkl nanoGPT reads its vocabulary size from). Each seed trains once per engine (nanoGPT's fixed seed
+is shifted by a launcher line, its code untouched); the engines of a seed run one after the other,
+alternating who goes first, or with --concurrent at the same time, so that both see the same load.
 
 Reported per run: median and mean step time over non-evaluation steps, from each engine's own step timer
 (nanoGPT's per-iteration time, scratchlm's metrics.jsonl) on the wall clock, or with --clock cpu on the
@@ -27,7 +29,6 @@ import os
 import pickle  # only to WRITE nanoGPT's meta.pkl; nothing here unpickles
 import platform
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -68,17 +69,34 @@ def prepare(work: Path, nanogpt: Path):
     return corpus, prepared
 
 
-def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run a command; return it with its wall time and the CPU time (user + system) it used."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return proc, wall, cpu
+def launch(jobs: list[dict], concurrent: bool) -> None:
+    """Run jobs (``cmd``, ``cwd``, ``env``); add ``stdout``, ``wall`` and ``cpu`` (user + system seconds) to each.
+
+    Concurrent jobs share the machine's load exactly; each one's CPU time comes from wait4 on its own pid.
+    """
+    pending = list(jobs)
+    while pending:
+        batch = pending if concurrent else pending[:1]
+        pending = pending[len(batch):]
+        running = {}
+        for job in batch:
+            job["log"] = open(job["out"].with_suffix(".log"), "w+")
+            job["start"] = time.perf_counter()
+            proc = subprocess.Popen(job["cmd"], cwd=job["cwd"], env=job["env"], stdout=job["log"],
+                                    stderr=subprocess.STDOUT, text=True)
+            running[proc.pid] = job
+        while running:
+            pid, status, usage = os.wait4(-1, 0)
+            job = running.pop(pid, None)
+            if job is None:
+                continue
+            job["wall"] = time.perf_counter() - job["start"]
+            job["cpu"] = usage.ru_utime + usage.ru_stime
+            job["log"].seek(0)
+            job["stdout"] = job["log"].read()
+            job["log"].close()
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"{job['name']} failed:\n{job['stdout'][-4000:]}")
 
 
 def steady(times_ms: dict[int, float], eval_interval: int) -> list[float]:
@@ -86,42 +104,54 @@ def steady(times_ms: dict[int, float], eval_interval: int) -> list[float]:
     return [t for step, t in times_ms.items() if step > 10 and step % eval_interval != 0]
 
 
-def run_nanogpt(nanogpt: Path, work: Path, steps: int, env: dict, clock: str) -> dict:
-    out = work / "nanogpt-out"
+def nanogpt_job(nanogpt: Path, work: Path, steps: int, seed: int, env: dict, clock: str) -> dict:
+    out = work / f"nanogpt-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     args = [*NANOGPT_ARGS, f"--max_iters={steps}", f"--lr_decay_iters={steps}", f"--out_dir={out}"]
-    if clock == "cpu":  # nanoGPT times its iterations with time.time(): point that at the process CPU clock
-        code = ("import sys, time; time.time = time.process_time; sys.argv = ['train.py', *sys.argv[1:]]; "
-                "exec(compile(open('train.py').read(), 'train.py', 'exec'), {'__name__': '__main__'})")
-        cmd = [sys.executable, "-c", code, *args]
-    else:
-        cmd = [sys.executable, "train.py", *args]
-    proc, wall, cpu = timed(cmd, nanogpt, env)
+    # Launched through a few lines that (1) shift nanoGPT's fixed seed 1337 to `seed` and (2) with --clock cpu
+    # point its iteration timer (time.time) at the process CPU clock. nanoGPT's own code runs unchanged.
+    patch = f"import sys, time, torch; s = torch.manual_seed; torch.manual_seed = lambda n: s(n + {seed - 1337}); "
+    if clock == "cpu":
+        patch += "time.time = time.process_time; "
+    code = patch + ("sys.argv = ['train.py', *sys.argv[1:]]; "
+                    "exec(compile(open('train.py').read(), 'train.py', 'exec'), {'__name__': '__main__'})")
+    return {"name": "nanoGPT", "seed": seed, "out": out, "cwd": nanogpt, "env": env,
+            "cmd": [sys.executable, "-c", code, *args]}
+
+
+def parse_nanogpt(job: dict, steps: int) -> None:
     # nanoGPT's iteration k is the k+1-th update; its timer for k covers the evaluation done at the top of k.
-    times = {int(m[1]) + 1: float(m[2]) for m in re.finditer(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", proc.stdout)}
+    times = {int(m[1]) + 1: float(m[2]) for m in re.finditer(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms",
+                                                             job["stdout"])}
     times = {s: t for s, t in times.items() if s <= steps and (s - 1) % 250 != 0}
     evals = {int(m[1]): float(m[2]) for m in re.finditer(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)",
-                                                         proc.stdout)}
-    return {"times": steady(times, 250), "wall": wall, "cpu": cpu, "val": evals.get(steps), "dir": out}
+                                                         job["stdout"])}
+    job.update(times=steady(times, 250), val=evals.get(steps))
 
 
-def run_scratchlm(corpus: Path, work: Path, steps: int, threads: int, env: dict, clock: str,
-                  extra: list[str]) -> dict:
-    out = work / ("scratchlm-out" + "".join(extra).replace("-", ""))
+def scratchlm_job(corpus: Path, work: Path, steps: int, seed: int, threads: int, env: dict, clock: str,
+                  bf16: bool) -> dict:
+    out = work / f"scratchlm{'-bf16' if bf16 else ''}-s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
     if clock == "cpu":  # scratchlm times its steps with time.perf_counter(): the same switch as for nanoGPT
         code = ("import sys, time; time.perf_counter = time.process_time; from scratchlm.cli import main; "
                 "sys.exit(main(sys.argv[1:]))")
         launcher = [sys.executable, "-c", code]
     else:
         launcher = [sys.executable, "-m", "scratchlm.cli"]
-    cmd = [*launcher, "--threads", str(threads), "train", str(corpus), "--preset",
-           "shakespeare-char", "--out", str(out), "--overwrite", "--no-progress", "--sample-tokens", "0",
-           "--max-steps", str(steps), *extra]
-    _, wall, cpu = timed(cmd, ROOT, env)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cmd = [*launcher, "--threads", str(threads), "train", str(corpus), "--preset", "shakespeare-char", "--out",
+           str(out), "--overwrite", "--no-progress", "--sample-tokens", "0", "--max-steps", str(steps),
+           "--seed", str(seed), *(["--dtype", "bfloat16"] if bf16 else [])]
+    return {"name": "scratchlm bf16" if bf16 else "scratchlm", "seed": seed, "out": out, "cwd": ROOT, "env": env,
+            "cmd": cmd}
+
+
+def parse_scratchlm(job: dict, steps: int) -> None:
+    records = [json.loads(line) for line in (job["out"] / "metrics.jsonl").read_text().splitlines()]
     times = {r["step"]: r["step_time"] * 1000 for r in records if "step_time" in r}
     evals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
-    return {"times": steady(times, 250), "wall": wall, "cpu": cpu, "val": evals.get(steps), "dir": out}
+    job.update(times=steady(times, 250), val=evals.get(steps))
 
 
 @torch.no_grad()
@@ -166,12 +196,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt", type=Path, required=True, help="a clone of karpathy/nanoGPT (outside this repo)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/scratchlm-train-bench"), help="scratch folder")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per engine (alternating)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2], help="one run per engine per seed")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="also run scratchlm with --dtype bfloat16")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="step timer: wall clock, or process CPU time (robust on a shared machine; use 1 thread)")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run the engines of a seed at the same time (same load for both; use with --clock cpu)")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = parser.parse_args()
     nanogpt = args.nanogpt.resolve()
@@ -179,48 +211,48 @@ def main() -> None:
         raise SystemExit(f"{nanogpt} is not a nanoGPT clone: run benchmarks/setup_nanogpt.sh first")
     args.work.mkdir(parents=True, exist_ok=True)
     corpus, prepared = prepare(args.work, nanogpt)
+    val = np.asarray(prepared.val())
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
-    clock = args.clock
-    engines = {"nanoGPT": lambda: run_nanogpt(nanogpt, args.work, args.steps, env, clock),
-               "scratchlm": lambda: run_scratchlm(corpus, args.work, args.steps, args.threads, env, clock, [])}
-    if args.bf16:
-        engines["scratchlm bf16"] = lambda: run_scratchlm(corpus, args.work, args.steps, args.threads, env, clock,
-                                                          ["--dtype", "bfloat16"])
     rows = []
-    for repeat in range(args.repeats):
-        order = list(engines) if repeat % 2 == 0 else list(engines)[::-1]  # alternate who goes first
-        for name in order:
-            result = engines[name]()
-            result["full_val"] = full_val_loss("nanoGPT" if name == "nanoGPT" else "scratchlm", result["dir"],
-                                               np.asarray(prepared.val()), nanogpt)
-            result.update(engine=name, repeat=repeat)
-            rows.append(result)
-            med = statistics.median(result["times"])
-            print(f"[{repeat}] {name:15s} {med:6.2f} ms/step  {BATCH * CONTEXT / med * 1000:8.0f} tok/s  "
-                  f"wall {result['wall']:6.1f} s  cpu {result['cpu']:6.1f} s  val@{args.steps} {result['val']:.4f}  "
-                  f"full val {result['full_val']:.4f}", flush=True)
+    for i, seed in enumerate(args.seeds):
+        jobs = [nanogpt_job(nanogpt, args.work, args.steps, seed, env, args.clock),
+                scratchlm_job(corpus, args.work, args.steps, seed, args.threads, env, args.clock, bf16=False)]
+        if args.bf16:
+            jobs.append(scratchlm_job(corpus, args.work, args.steps, seed, args.threads, env, args.clock, bf16=True))
+        if i % 2:
+            jobs.reverse()  # alternate who goes first
+        launch(jobs, args.concurrent)
+        for job in jobs:
+            (parse_nanogpt if job["name"] == "nanoGPT" else parse_scratchlm)(job, args.steps)
+            job["full_val"] = full_val_loss("nanoGPT" if job["name"] == "nanoGPT" else "scratchlm", job["out"], val,
+                                            nanogpt)
+            med = statistics.median(job["times"])
+            print(f"seed {seed:5d} {job['name']:15s} {med:6.2f} ms/step {BATCH * CONTEXT / med * 1000:8.0f} tok/s  "
+                  f"wall {job['wall']:6.1f} s  cpu {job['cpu']:6.1f} s  val@{args.steps} {job['val']:.4f}  "
+                  f"whole split {job['full_val']:.4f}", flush=True)
+            rows.append(job)
 
-    lines = ["| engine | run | median ms/step | mean ms/step | tokens/s | wall s | CPU s | val loss (own) | "
+    lines = ["| engine | seed | median ms/step | mean ms/step | tokens/s | wall s | CPU s | val loss (own) | "
              "val loss (whole split) |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["name"], r["seed"])):
         med = statistics.median(r["times"])
-        lines.append(f"| {r['engine']} | {r['repeat']} | {med:.2f} | {statistics.mean(r['times']):.2f} | "
+        lines.append(f"| {r['name']} | {r['seed']} | {med:.2f} | {statistics.mean(r['times']):.2f} | "
                      f"{BATCH * CONTEXT / med * 1000:.0f} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['val']:.4f} | "
                      f"{r['full_val']:.4f} |")
     summary = []
-    base = [r for r in rows if r["engine"] == "nanoGPT"]
-    for name in engines:
-        if name == "nanoGPT":
-            continue
-        mine = [r for r in rows if r["engine"] == name]
-        speed = [statistics.median(b["times"]) / statistics.median(m["times"]) for b, m in zip(base, mine)]
-        wall = [b["wall"] / m["wall"] for b, m in zip(base, mine)]
-        dval = [m["full_val"] - b["full_val"] for b, m in zip(base, mine)]
-        summary.append(f"- {name} / nanoGPT: tokens/s ratio per pair {', '.join(f'{s:.3f}' for s in speed)} "
-                       f"(median {statistics.median(speed):.3f}x); whole-run wall-time ratio "
-                       f"{statistics.median(wall):.3f}x; whole-split validation loss difference "
-                       f"{', '.join(f'{d:+.4f}' for d in dval)} (negative = scratchlm lower)")
-    print("\n".join(lines + [""] + summary))
+    base = {r["seed"]: r for r in rows if r["name"] == "nanoGPT"}
+    for name in sorted({r["name"] for r in rows} - {"nanoGPT"}):
+        mine = {r["seed"]: r for r in rows if r["name"] == name}
+        speed = [statistics.median(base[s]["times"]) / statistics.median(mine[s]["times"]) for s in args.seeds]
+        wall = [base[s]["wall"] / mine[s]["wall"] for s in args.seeds]
+        ours = statistics.mean(mine[s]["full_val"] for s in args.seeds)
+        theirs = statistics.mean(base[s]["full_val"] for s in args.seeds)
+        summary.append(
+            f"- {name} / nanoGPT: tokens/s ratio per seed {', '.join(f'{x:.3f}' for x in speed)} "
+            f"(mean {statistics.mean(speed):.3f}x); whole-run wall-time ratio {statistics.mean(wall):.3f}x; "
+            f"whole-split validation loss, mean over {len(args.seeds)} seeds: {ours:.4f} vs {theirs:.4f} "
+            f"({ours - theirs:+.4f})")
+    print("\n".join(["", *lines, "", *summary]))
     if args.no_append:
         return
     nanogpt_commit = subprocess.run(["git", "-C", str(nanogpt), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -228,14 +260,16 @@ def main() -> None:
     section = [
         f"\n## Training: scratchlm vs nanoGPT train.py, shakespeare-char CPU configuration ({args.steps} steps)",
         "",
-        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Machine: {machine()}; {args.threads} threads each "
-        f"(OMP_NUM_THREADS). torch {torch.__version__}, Python {platform.python_version()}, nanoGPT {nanogpt_commit}. "
-        f"Data: the bundled corpus, character-level ({prepared.meta['vocab_size']} symbols), "
-        f"{prepared.meta['train_tokens']:,} training / {prepared.meta['val_tokens']:,} validation tokens, the same "
-        "files for both. Runs alternate between engines.",
-        f"Command: `python benchmarks/train.py --nanogpt PATH --repeats {args.repeats} --threads {args.threads} "
-        f"--clock {args.clock}{' --bf16' if args.bf16 else ''}`. Step times are "
-        f"{'process CPU time' if args.clock == 'cpu' else 'wall clock'} from each engine's own step timer.",
+        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Machine: {machine()}; {args.threads} thread(s) per "
+        f"process (OMP_NUM_THREADS), shared with other jobs. torch {torch.__version__}, Python "
+        f"{platform.python_version()}, nanoGPT {nanogpt_commit}. Data: the bundled corpus, character-level "
+        f"({prepared.meta['vocab_size']} symbols), {prepared.meta['train_tokens']:,} training / "
+        f"{prepared.meta['val_tokens']:,} validation tokens, the same files for both.",
+        f"Command: `python benchmarks/train.py --nanogpt PATH --seeds {' '.join(map(str, args.seeds))} "
+        f"--threads {args.threads} --clock {args.clock}{' --concurrent' if args.concurrent else ''}"
+        f"{' --bf16' if args.bf16 else ''}`. Step times: "
+        f"{'process CPU time' if args.clock == 'cpu' else 'wall clock'} from each engine's own step timer; "
+        f"{'the engines of a seed ran at the same time' if args.concurrent else 'engines ran one after the other'}.",
         "",
         *lines, "", *summary, "",
     ]
