@@ -37,8 +37,10 @@ MODEL_FLAGS = {
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
+    examples = __doc__.split("\n\n", 1)[1].split('"""')[0]
     p = sub.add_parser("train", help="train a GPT from scratch (default: Shakespeare, characters, ~2 minutes)",
-                       description=__doc__.split("\n\n")[0])
+                       description="Train a GPT from scratch; flags left out come from the preset.",
+                       epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?", default=None,
                    help="text file, folder of .txt/.md files, or .jsonl (default: the bundled Shakespeare)")
     p.add_argument("--preset", default="shakespeare-char", help="shakespeare-char (default) or shakespeare-bpe")
