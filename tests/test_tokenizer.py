@@ -524,3 +524,9 @@ def test_stream_decoder_skips_special_tokens_by_default(smollm):
     ids = smollm.encode(f"{IM_START}hi{IM_END}")
     assert "".join(_stream(smollm.stream_decoder(), ids)) == "hi"
     assert "".join(_stream(smollm.stream_decoder(skip_special=False), ids)) == f"{IM_START}hi{IM_END}"
+
+
+def test_missing_bytes_are_dropped_before_merging_like_hf(smollm, hf_smollm):
+    # Found by hypothesis: 0xF1 has no token, and HF merges the bytes on either side of it.
+    text = "\U0007d703\U0007d000"
+    assert smollm.encode(text) == hf_smollm.encode(text).ids

@@ -18,7 +18,6 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +108,8 @@ class Tokenizer:
                     )
         # A merge listed twice keeps its last rank, as in GPT-2's encoder.py and HF tokenizers.
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        # Byte characters with no token (SmolLM2 lacks 21 of the 256): dropped before merging, as HF's BPE does.
+        self._missing_bytes = {c for c in BYTE_TO_UNICODE.values() if c not in self.vocab}
 
         self._split = PRETOKENIZER_REGEXES[pretokenizer]
         self._special_patterns: dict[frozenset[str], regex.Pattern] = {}
@@ -162,8 +163,12 @@ class Tokenizer:
     # ---- encoding -------------------------------------------------------------------------------------
 
     def _encode_pretoken(self, pretoken: str) -> list[int]:
-        # A byte missing from the vocabulary is dropped, as HF's BPE does when it has no unk token.
-        return [self._token_to_id[t] for t in bpe(to_byte_level(pretoken), self._ranks) if t in self._token_to_id]
+        # A byte missing from the vocabulary is dropped before merging, as HF's BPE does when it has no unk
+        # token, so its neighbours may merge with each other.
+        word = to_byte_level(pretoken)
+        if self._missing_bytes and not self._missing_bytes.isdisjoint(word):
+            word = "".join(c for c in word if c not in self._missing_bytes)
+        return [self._token_to_id[t] for t in bpe(word, self._ranks) if t in self._token_to_id]
 
     def _encode_ordinary(self, text: str) -> list[int]:
         """Encode text in which no special token is recognised."""
@@ -396,14 +401,9 @@ def _pretokenizer_name(pre: dict | None) -> str:
 
 def _write_atomically(path: Path, text: str) -> None:
     """Write via a temporary file in the same directory and os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from scratchlm.formats.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class StreamDecoder:
