@@ -40,6 +40,13 @@ def test_compiled_greedy_output_equals_eager():
     assert compiled == eager
     llm.model.decoder = None
     assert [c.token_ids for c in llm.complete(prompts, max_new_tokens=24, temperature=0, ignore_eos=True)] == eager
+    # a second, quantized model in the same process: int4 layers and an int8 head under inductor, and
+    # a decoder switch (module guards are skipped, so the first model's graph must not be reused)
+    q = tiny_llm("llama", seed=1)
+    quantize_model(q.model, "int4", 32)
+    eager = [c.token_ids for c in q.complete(prompts, max_new_tokens=12, temperature=0, ignore_eos=True)]
+    compile_decoding(q.model)
+    assert [c.token_ids for c in q.complete(prompts, max_new_tokens=12, temperature=0, ignore_eos=True)] == eager
 
 
 def test_cache_length_is_a_power_of_two_within_the_context():

@@ -30,6 +30,7 @@ from scratchlm.errors import ContextLengthError
 from scratchlm.model import KVCache, Transformer, apply_rope
 
 MIN_CACHE = 256
+_compiled_for: int | None = None  # the CompiledDecoder whose graphs dynamo holds (see __call__)
 
 
 class CompiledDecoder:
@@ -41,6 +42,7 @@ class CompiledDecoder:
 
     def __init__(self, model: Transformer, compile: bool = True):
         self.model = model
+        self.compiled = compile
         # Guards re-check every module attribute before each call (3 ms per token for SmolLM2, measured);
         # the decoder belongs to one model whose weights do not change while it decodes, so skip them.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
@@ -106,6 +108,12 @@ class CompiledDecoder:
             raise ContextLengthError(f"the cache of {cache.max_len} tokens is full")
         # One input per layer: written in place through a view of the whole [n_layers, ...] buffer, inductor
         # copies the entire cache at every step (5 ms for 256 positions); per-layer inputs are updated in place.
+        global _compiled_for
+        if self.compiled and _compiled_for not in (None, id(self)):
+            # Module guards are skipped, so dynamo cannot tell two decoders' graphs apart (same code object):
+            # one compiled decoder per process at a time; switching to another one recompiles it.
+            torch._dynamo.reset()
+        _compiled_for = id(self) if self.compiled else _compiled_for
         logits = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
         cache.lengths += 1
         return logits

@@ -59,7 +59,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(KERNEL_DTYPE)
     if x2.shape[0] <= KERNEL_MAX_ROWS:
-        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(KERNEL_DTYPE))
+        # scales already in bfloat16 (Int8Linear keeps a copy): inductor's lowering of this kernel needs a
+        # stored tensor there, not a conversion (AssertionError under torch.compile, measured).
+        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales if scales.dtype == KERNEL_DTYPE
+                                               else scales.to(KERNEL_DTYPE))
     else:
         y = F.linear(x2, qweight.to(KERNEL_DTYPE)) * scales.to(KERNEL_DTYPE)
     y = y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
@@ -76,6 +79,7 @@ class Int8Linear(nn.Module):
         self.compute_dtype = dtype
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales.float())
+        self.register_buffer("kernel_scales", scales.to(KERNEL_DTYPE), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     @classmethod
@@ -92,7 +96,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            return int8_linear(x, self.qweight, self.scales, self.bias)
+            return int8_linear(x, self.qweight, self.kernel_scales, self.bias)
         w = dequantize_int8(self.qweight, self.scales, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
