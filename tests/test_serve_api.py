@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -248,7 +249,14 @@ def test_health_metrics_and_access_log(server, client, caplog):
         client.chat.completions.create(model="tiny-llama", messages=[{"role": "user", "content": "secret words"}],
                                        max_tokens=3, stream=True).close()
         client.completions.create(model="tiny-llama", prompt="secret words", max_tokens=3)
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "scratchlm.serve.access"]
+        # The server logs a request once its response has been sent, so on a busy machine the line can land
+        # just after the client has its answer: wait for it (bounded).
+        deadline = time.monotonic() + 20
+        while True:
+            lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "scratchlm.serve.access"]
+            if any(x["path"] == "/v1/completions" for x in lines) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     completion = [x for x in lines if x["path"] == "/v1/completions"][-1]
     assert completion["status"] == 200 and completion["prompt_tokens"] == 12
     assert completion["completion_tokens"] >= 1 and "duration_ms" in completion
