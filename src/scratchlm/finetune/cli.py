@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--rank", type=int, default=8, help="rank r of the update B @ A (default 8)")
     g.add_argument("--alpha", type=float, default=16.0, help="scaling numerator: the update is alpha/r B @ A "
                                                              "(default 16)")
-    g.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input (default 0.05)")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0, as PEFT)")
     g.add_argument("--targets", default="q,k,v,o,gate,up,down",
                    help="layers to adapt, comma-separated: q,k,v,o,gate,up,down (default all)")
     g = p.add_argument_group("training")

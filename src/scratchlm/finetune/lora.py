@@ -116,7 +116,11 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        # The scaling multiplies the small [.., r] activation rather than the [.., out] one, and the update is
+        # added into the base output in place (no op saves that output): two fewer full-size temporaries per
+        # layer, which is most of LoRA's activation memory beyond what the base model itself needs.
+        update = self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
+        return self.base(x).add_(update)
 
     def delta_weight(self) -> torch.Tensor:
         """The update (alpha / r) * B @ A [out, in] that merging adds to the base weight."""

@@ -47,7 +47,7 @@ class FinetuneOptions:
     method: str = "lora"
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float = 0.0  # PEFT's default
     targets: str | tuple[str, ...] = DEFAULT_TARGETS
     epochs: float | None = None  # None and no max_steps: 1 epoch
     max_steps: int | None = None
@@ -138,7 +138,7 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
     say(f"{opts.method}: {config.max_steps} steps of {opts.batch_size} x {config.grad_accum_steps} examples "
         f"({config.max_steps * config.grad_accum_steps / batches.batches_per_epoch:.2f} epochs), lr {config.lr:g}")
 
-    base_name = _base_name(opts.model, llm)
+    base_name = _base_name(opts.model)
 
     def save_model(directory: Path) -> None:
         if settings is None:
@@ -166,12 +166,15 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
     elapsed = time.perf_counter() - start
     best = f"; best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     say(f"done: {result.step} steps in {elapsed:.0f} s{best}")
+    final = out / ("best" if val is not None else "last")
     if settings is not None:
-        say(f"adapter: {out / 'best'} (lowest validation loss; PEFT format), {out / 'last'} (resume with --resume)\n"
-            f"use it: scratchlm chat {opts.model} --adapter {out / 'best'}   |   "
-            f"scratchlm merge {opts.model} {out / 'best'} --out merged")
+        say(f"adapter (PEFT format): {final}{' (lowest validation loss)' if val is not None else ''}; "
+            f"{out / 'last'} resumes with --resume\n"
+            f"use it: scratchlm chat {opts.model} --adapter {final}   |   "
+            f"scratchlm merge {opts.model} {final} --out merged")
     else:
-        say(f"model: {out / 'best'} (lowest validation loss), {out / 'last'} (resume with --resume)")
+        say(f"model: {final}{' (lowest validation loss)' if val is not None else ''}; {out / 'last'} resumes with "
+            f"--resume\nuse it: scratchlm chat {final}")
     return result
 
 
@@ -230,13 +233,13 @@ def _check_out_dir(out: Path, opts: FinetuneOptions) -> Path | None:
     return None
 
 
-def _base_name(model: str, llm) -> str:
-    """``base_model_name_or_path`` for PEFT: the HF repository of a known model, else what was given."""
-    from scratchlm.hub import KNOWN_MODELS
+# Where PEFT users find a known model's weights (``base_model_name_or_path`` of the adapters we write).
+HF_REPOS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
-    if model in KNOWN_MODELS and model.startswith("smollm2-135m-instruct"):
-        return "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return str(model)
+
+def _base_name(model: str) -> str:
+    """``base_model_name_or_path`` for PEFT: the HF repository of a known model, else what was given."""
+    return HF_REPOS.get(str(model), str(model))
 
 
 def _describe_memory(model: torch.nn.Module, n_base: int, say) -> None:
