@@ -29,6 +29,7 @@ from scratchlm.quant import (
     quantize_int4,
     quantize_int8,
     quantize_model,
+    quantized_state_dict,
     save_quantized,
 )
 
@@ -192,6 +193,32 @@ def test_quantized_model_logits_stay_close_and_checkpoint_round_trips(kind, tie,
         assert torch.equal(loaded.model(ids), got)
     assert loaded.generate("abc", max_new_tokens=5, temperature=0) == llm.generate("abc", max_new_tokens=5,
                                                                                    temperature=0)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_fused_projections_compute_what_their_parts_did_and_save_as_the_parts(mode):
+    llm = tiny_llm("llama", bias=True)
+    attn, mlp = llm.model.blocks[0].attn, llm.model.blocks[0].mlp
+    layers = {name: copy.deepcopy(getattr(parent, name)) for parent, names in
+              ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj"))) for name in names}
+    quantize_model(llm.model, mode, 32 if mode == "int4" else None)
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")  # replaced, not kept twice
+    parts = {name: (Int4Linear.from_linear(layer, 32) if mode == "int4" else Int8Linear.from_linear(layer))
+             for name, layer in layers.items()}  # each part quantized alone, as before fusing
+    x = torch.randn(2, 5, llm.config.d_model)
+    with torch.no_grad():
+        q, k, v = attn.project_qkv(x)
+        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        for name, got in zip(parts, (q, k, v, gate, up)):
+            assert torch.equal(got, parts[name](x)), name
+    saved = quantized_state_dict(llm.model)
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in saved)
+    for name, layer in parts.items():
+        prefix = f"blocks.0.{'attn' if name in ('q_proj', 'k_proj', 'v_proj') else 'mlp'}.{name}"
+        want = layer.portable()
+        for key, tensor in zip(("qweight", "scales", "mins"), want):
+            assert torch.equal(saved[f"{prefix}.{key}"], tensor), (prefix, key)
+        assert torch.equal(saved[f"{prefix}.bias"], layer.bias)
 
 
 def test_quantize_command_writes_a_checkpoint_that_llm_load_reads(tmp_path, capsys):

@@ -86,20 +86,23 @@ class CompiledDecoder:
         """
         cfg = attn.config
         B, H, Hkv, D = h.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        q = attn.q_proj(h).view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
-        k = attn.k_proj(h).view(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
-        v = attn.v_proj(h).view(B, 1, Hkv, D).transpose(1, 2)
+        q, k, v = attn.project_qkv(h)
+        q = q.reshape(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
+        k = k.reshape(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
+        v = v.reshape(B, 1, Hkv, D).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        index = pos[:, None, :, None].expand(B, Hkv, 1, D)
-        k_cache.scatter_(2, index, k)
-        v_cache.scatter_(2, index, v)
+        # Row b's new key goes to position pos[b]. Written as an index_put_ (not scatter_), inductor updates
+        # the cache in place; a scatter_ made it copy the whole cache of every layer at every step.
+        rows = torch.arange(B, device=h.device)
+        k_cache[rows, :, pos[:, 0]] = k[:, :, 0].to(k_cache.dtype)
+        v_cache[rows, :, pos[:, 0]] = v[:, :, 0].to(v_cache.dtype)
         # Grouped-query attention: query heads j*G .. j*G+G-1 share key/value head j (HF's repeat_kv order).
-        qg = q.reshape(B, Hkv, H // Hkv, D)
+        qg = q.reshape(B, Hkv, H // Hkv, D).to(k_cache.dtype)  # the cache may be float32 (see KVCache)
         scores = (qg @ k_cache.transpose(-1, -2)).float() * D**-0.5  # (B, Hkv, G, max_len); softmax in float32
         scores = scores.masked_fill(~visible, float("-inf"))  # keys beyond each row's position
         y = scores.softmax(dim=-1).to(v_cache.dtype) @ v_cache  # (B, Hkv, G, D)
-        return attn.o_proj(y.reshape(B, 1, H * D))
+        return attn.o_proj(y.reshape(B, 1, H * D).to(h.dtype))
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
