@@ -12,7 +12,6 @@ written on one machine loads on any other; packing for the kernel happens at loa
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 from collections.abc import MutableMapping
@@ -23,7 +22,7 @@ import torch
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ModelFileError
 from scratchlm.formats import checkpoint
-from scratchlm.quant.quantize import build_quantized_model, quantization_of, quantized_state_dict
+from scratchlm.quant.quantize import build_quantized_model, quantization_of, quantized_state_dict, return_freed_memory
 
 QUANT_FILE = "quantization.json"
 FORMAT = "scratchlm-quant"
@@ -63,7 +62,7 @@ def load_quantized_dir(directory: str | Path, dtype: torch.dtype = torch.float32
             model = build_quantized_model(config, _SafetensorsReader(f, str(weights)), info, dtype, source=str(weights))
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise ModelFileError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
-    _return_freed_memory()
+    return_freed_memory()
     return config, model
 
 
@@ -120,15 +119,3 @@ class _SafetensorsReader(MutableMapping):
 
     def __len__(self) -> int:
         return len(self._keys)
-
-
-def _return_freed_memory() -> None:
-    """Give the allocator's freed pages back to the system (glibc keeps them; elsewhere this does nothing).
-
-    Building the layers frees many temporaries of a few MiB; glibc would keep ~100-200 MiB of them in the
-    process (measured on SmolLM2 int4) although nothing uses them.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -12,6 +12,7 @@ A tied LM head is stored once, as the embedding.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import MutableMapping
 
 import torch
@@ -103,6 +104,19 @@ FUSED_PROJECTIONS = {"attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
                      "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 
 
+def return_freed_memory() -> None:
+    """Give the allocator's freed pages back to the system (glibc keeps them; elsewhere this does nothing).
+
+    Building quantized layers frees many temporaries of a few MiB (file copies, unpacked codes); glibc keeps
+    most of them in the process although nothing uses them: loading int4 SmolLM2 peaked at 641 MiB RSS when
+    trimmed once at the end, at 444 MiB trimmed every 8 layers (measured; 221 MiB of it is ``import torch``).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _portable_dict(layer: nn.Module) -> dict[str, torch.Tensor]:
     tensors = layer.portable()
     return tensors if isinstance(tensors, dict) else dict(zip(("qweight", "scales", "mins"), tensors))
@@ -129,6 +143,7 @@ def fuse_projections(model: nn.Module) -> nn.Module:
             for n in names:
                 delattr(parent, n)
             setattr(parent, fused_name, fused)
+        return_freed_memory()
     return model
 
 
@@ -215,7 +230,9 @@ def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torc
     if info.get("embeddings", True):
         emb = QuantEmbedding(8, take("tok_embeddings", int8_names), None, dtype)
         model.tok_embeddings = emb
-    for name in linears:
+    for i, name in enumerate(linears):
+        if i % 8 == 7:
+            return_freed_memory()  # see there: without it, the freed file copies pile up
         int8 = mode == "int8" or name == "lm_head"  # the head is int8 in both modes (see quantize_model)
         if name == "lm_head" and config.tie_embeddings and emb is not None:
             parts = emb.portable()
