@@ -58,3 +58,17 @@ def test_cache_length_is_a_power_of_two_within_the_context():
     cache.lengths[0] = 4
     with pytest.raises(ContextLengthError, match="full"):
         static(torch.tensor([[1]]), cache)
+
+
+def test_compile_flag_on_generate_prints_the_eager_text(tmp_path, capsys):
+    from scratchlm.cli import main
+    from scratchlm.formats.checkpoint import save_model_dir
+
+    llm = tiny_llm("llama")
+    save_model_dir(tmp_path, llm.config, llm.model.canonical_state_dict(), llm.tokenizer)
+    argv = ["generate", str(tmp_path), "The sea", "--max-new-tokens", "12", "--temperature", "0"]
+    main(argv)
+    eager = capsys.readouterr().out
+    main([*argv, "--compile"])
+    compiled = capsys.readouterr().out
+    assert compiled == eager

@@ -81,8 +81,8 @@ class CompiledDecoder:
                    pos: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """``model.Attention.forward`` for one new token per row, written out over the whole cache.
 
-        SDPA with an explicit mask over the full cache took 200 us per layer here (its fused kernel is made
-        for long queries); these few products over one query fuse into short loops.
+        SDPA with an explicit mask over the whole cache took 34 us per layer here against 27 us for these two
+        products and a fused masked softmax (float32 cache of 256 positions, measured in the compiled step).
         """
         cfg = attn.config
         B, H, Hkv, D = h.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

@@ -65,7 +65,7 @@ class LLM:
         """Load a known model name (pulled), a GGUF file, an HF model directory or a scratchlm directory.
 
         ``quantize="int8"|"int4"`` quantizes the weights after loading (``group_size`` 32, 64 or 128 for
-        int4, default 64); a directory written by ``scratchlm quantize`` loads quantized as it is.
+        int4, default 32); a directory written by ``scratchlm quantize`` loads quantized as it is.
         ``adapter`` is a LoRA adapter directory (PEFT format) merged into the weights before quantizing.
         """
         from scratchlm.hub import KNOWN_MODELS, resolve
