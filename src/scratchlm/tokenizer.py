@@ -227,15 +227,16 @@ class Tokenizer:
 
     # ---- decoding -------------------------------------------------------------------------------------
 
-    def _token_bytes(self, token_id: int, skip_special: bool) -> bytes:
-        # Ids with no token (padding rows of a larger embedding) decode to nothing, as in HF.
+    def bytes_of(self, token_id: int, skip_special: bool = False) -> bytes:
+        """The raw bytes of one token, even when they are only part of a UTF-8 character (OpenAI's logprobs
+        report them). Ids with no token (padding rows of a larger embedding) give b"", as in HF."""
         if skip_special and token_id in self._special_ids:
             return b""
         return self._id_to_bytes.get(token_id, b"")
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         """Decode ids to text; invalid UTF-8 (e.g. half an emoji) becomes U+FFFD."""
-        data = b"".join(self._token_bytes(i, skip_special) for i in ids)
+        data = b"".join(self.bytes_of(i, skip_special) for i in ids)
         return data.decode("utf-8", errors="replace")
 
     def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
@@ -423,7 +424,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (possibly "")."""
-        return self._utf8.decode(self._tokenizer._token_bytes(token_id, self._skip_special))
+        return self._utf8.decode(self._tokenizer.bytes_of(token_id, self._skip_special))
 
     def flush(self) -> str:
         """Return what is still held back (as U+FFFD: it is an incomplete character) and start afresh."""

@@ -83,13 +83,10 @@ class Answer:
         return fields
 
     # ---- logprob blocks -----------------------------------------------------------------------------
-    def _token_bytes(self, token_id: int) -> bytes:
-        return self.tokenizer._token_bytes(token_id, False)  # the raw bytes, even of half a character
-
     def _token_text(self, token_id: int) -> str:
         """A token's text; one that is not whole UTF-8 characters is written ``bytes:\\xe2\\x80`` as OpenAI
         does, which keeps distinct tokens distinct in the ``top_logprobs`` dictionaries."""
-        raw = self._token_bytes(token_id)
+        raw = self.tokenizer.bytes_of(token_id)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -99,7 +96,7 @@ class Answer:
         if not self.want_logprobs:
             return None
         if self.chat:
-            return chat_logprobs(entries, self._token_text, self._token_bytes)
+            return chat_logprobs(entries, self._token_text, self.tokenizer.bytes_of)
         decoder = self.tokenizer.stream_decoder(skip_special=False)
         return completion_logprobs((prompt_entries or []) + entries, self._token_text, offset, decoder)
 
