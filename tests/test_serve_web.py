@@ -59,7 +59,7 @@ def page(browser, server):
     page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and page.chat_requests.append(
         r.post_data_json))
     page.goto(server + "/")
-    page.wait_for_function("document.getElementById('model').textContent === 'scripted'")
+    wait_until(page, "document.getElementById('model').textContent === 'scripted'")
     yield page
     context.close()
 
@@ -73,6 +73,17 @@ def last_reply(page):
     return page.locator(".message.assistant").last
 
 
+def wait_until(page, predicate: str, timeout: float = 30) -> None:
+    """Poll a JavaScript predicate from Python until it is true. Playwright's own polling runs inside the
+    page with ``eval``, which the server's Content-Security-Policy forbids: it failed whenever the predicate
+    was not already true at its first check (a timing-dependent error)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+        time.sleep(0.01)
+
+
 def wait_done(page) -> None:
     page.wait_for_selector(".message.assistant:last-child[data-done='true']", timeout=30_000)
 
@@ -81,10 +92,10 @@ def test_reply_streams_in_and_injected_html_stays_text(page, llm):
     llm.model.delay = 0.02  # slow enough to watch it arrive piece by piece
     send(page, "Show me some HTML")
     # Part of the reply is on the page while it is still streaming.
-    page.wait_for_function("""() => {
+    wait_until(page, """() => {
         const m = [...document.querySelectorAll('.message.assistant')].pop();
         return m && m.classList.contains('streaming') && m.textContent.includes('Here you go');
-    }""", timeout=30_000)
+    }""")
     assert "end." not in last_reply(page).text_content()
     llm.model.delay = 0.002
     wait_done(page)
@@ -130,10 +141,10 @@ def test_stop_button_ends_the_reply_and_frees_the_server(page, llm, server):
     llm.model.delay = 0.05
     try:
         send(page, "talk for a while")
-        page.wait_for_function("""() => {
+        wait_until(page, """() => {
             const m = [...document.querySelectorAll('.message.assistant')].pop();
             return m && m.textContent.length > 30;
-        }""", timeout=30_000)
+        }""")
         assert page.locator("#stop").is_enabled() and page.locator("#send").is_disabled()
         page.click("#stop")
         wait_done(page)
