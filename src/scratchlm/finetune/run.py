@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from scratchlm.finetune.lora import DEFAULT_TARGETS, LoraSettings, apply_lora, l
 from scratchlm.formats.checkpoint import atomic_write_json, save_model_dir
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.loop import TrainConfig, TrainResult, lm_loss, train
+from scratchlm.train.run import clear_out_dir
 
 METHODS = ("lora", "qlora", "full")
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
@@ -221,14 +221,7 @@ def _check_out_dir(out: Path, opts: FinetuneOptions) -> Path | None:
                 raise TrainingError(f"cannot resume {out}: {key} was {saved[key]!r}, now {now!r}; resume with the "
                                     "same options or fine-tune into a new --out")
         return existing
-    if existing is not None and not opts.overwrite:
-        step = ckpt.read_trainer_state(existing).get("step")
-        raise TrainingError(f"{out} already holds a fine-tuning run (checkpoint at step {step}): pass --resume to "
-                            "continue it, --overwrite to start again, or choose another --out")
-    for name in ("last", "best", ".last.old", ".best.old"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "loss.png"):
-        (out / name).unlink(missing_ok=True)
+    clear_out_dir(out, opts.overwrite, "fine-tuning")
     out.mkdir(parents=True, exist_ok=True)
     return None
 

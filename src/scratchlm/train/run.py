@@ -142,18 +142,24 @@ def _run(opts: RunOptions, preset: Preset, dist: Dist) -> TrainResult:
 
 def _check_out_dir(out: Path, opts: RunOptions, dist: Dist) -> Path | None:
     """Refuse to overwrite a run by accident; clear it with --overwrite. Returns the checkpoint to resume."""
-    existing = ckpt.resolve_checkpoint(out / "last")
     if opts.resume:
-        return existing
-    if existing is not None and not opts.overwrite:
+        return ckpt.resolve_checkpoint(out / "last")
+    clear_out_dir(out, opts.overwrite, "training")
+    return None
+
+
+def clear_out_dir(out: Path, overwrite: bool, what: str) -> None:
+    """Empty a run directory of checkpoints, metrics and plot for a new run (``what``: "training", ...);
+    refuses when it holds a checkpoint and ``overwrite`` is not set."""
+    existing = ckpt.resolve_checkpoint(out / "last")
+    if existing is not None and not overwrite:
         step = ckpt.read_trainer_state(existing).get("step")
-        raise TrainingError(f"{out} already holds a training run (checkpoint at step {step}): pass --resume to "
+        raise TrainingError(f"{out} already holds a {what} run (checkpoint at step {step}): pass --resume to "
                             "continue it, --overwrite to start again, or choose another --out")
     for name in ("last", "best", ".last.old", ".best.old"):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in ("metrics.jsonl", "loss.png"):
         (out / name).unlink(missing_ok=True)
-    return None
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
