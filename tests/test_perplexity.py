@@ -19,13 +19,7 @@ TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the m
         "arrows of outrageous fortune, or to take arms against a sea of troubles and by opposing end them.")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, which a busy machine makes each kernel call wait for."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

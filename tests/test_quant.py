@@ -33,15 +33,7 @@ from scratchlm.quant import (
     save_quantized,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems gain nothing from a second thread, and on a busy machine every parallel kernel call
-    can wait a scheduler slice for it (measured: 24 ms per int8 call at load 10)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -18,7 +18,6 @@ padding after it cannot change it. Examples of similar length are batched togeth
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from scratchlm.chat import ROLES, ChatTemplate
 from scratchlm.errors import ConfigError, DataError
 from scratchlm.tokenizer import Tokenizer
+from scratchlm.train.sources import jsonl_objects
 
 IGNORE = -100
 TOO_LONG = ("truncate", "skip")
@@ -75,20 +75,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    records = []
     try:
         with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                    "each line must be one JSON object") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-                records.append((number, record))
+            records = list(jsonl_objects(f, path))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not records:

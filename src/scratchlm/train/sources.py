@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -54,17 +54,25 @@ def decode_utf8(data: bytes, source: Path) -> str:
         ) from None
 
 
-def read_jsonl(data: str, source: Path, text_field: str) -> Iterator[str]:
-    """The ``text_field`` string of every non-blank line of a JSONL file."""
-    for number, line in enumerate(data.splitlines(), start=1):
+def jsonl_objects(lines: Iterable[str], source: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of JSONL text; a DataError names the first bad line."""
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{source}, line {number}: not valid JSON ({exc.msg}); each line must be one "
-                            "JSON object") from None
-        if not isinstance(record, dict) or text_field not in record:
+            raise DataError(f"{source}, line {number}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                            "each line must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{source}, line {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
+def read_jsonl(data: str, source: Path, text_field: str) -> Iterator[str]:
+    """The ``text_field`` string of every non-blank line of a JSONL file."""
+    for number, record in jsonl_objects(data.splitlines(), source):
+        if text_field not in record:
             raise DataError(f"{source}, line {number}: no {text_field!r} field; pass --text-field NAME to "
                             "choose the field that holds the text")
         text = record[text_field]
