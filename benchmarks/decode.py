@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import append_results, machine
 
 THREADS = 2
 NEW_TOKENS = 128
@@ -271,16 +272,6 @@ def prepare_job(model: str, directory: Path) -> dict:
             "ppl_ids": tokenizer.encode(held_out, allowed_special="none"), "quantized": quantized}
 
 
-def machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
-    import os
-
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def quantization_lines(results: dict) -> list[str]:
     """The issue-5 ratios: quantized engines against llama.cpp, HF bfloat16 and scratchlm float32."""
     lines = []
@@ -383,11 +374,7 @@ def main() -> None:
         header = (f"\n## decode.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
                   f"Machine: {machine()}. torch {torch.__version__}, transformers {transformers.__version__}. "
                   f"Model: {Path(args.model).name}. Command: `.venv/bin/python benchmarks/decode.py --record`.\n\n")
-        results_md = Path(__file__).with_name("RESULTS.md")
-        if not results_md.exists():
-            results_md.write_text("# Benchmark results\n\nAppended by the scripts in this folder; newest last.\n")
-        with open(results_md, "a") as f:
-            f.write(header + table + "\n")
+        append_results(header + table + "\n")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import append_results
+
 THREADS = 2
 ROOT = Path(__file__).resolve().parent.parent
 TASK = ROOT / "examples" / "task" / "train.jsonl"
@@ -216,8 +218,7 @@ def main() -> None:
     table = format_table(runs, args, load_before, load_after)
     print(table)
     if args.record:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + table)
+        append_results("\n" + table)
 
 
 def format_table(runs: list[tuple[str, dict]], args, load_before, load_after) -> str:

@@ -34,9 +34,9 @@ import time
 from pathlib import Path
 
 import httpx
+from common import append_results, machine
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 TOPICS = ["the moon", "volcanoes", "bread", "rivers", "chess", "owls", "glass", "trains", "tea", "bees",
           "clouds", "copper", "maps", "salt", "violins", "deserts", "snow", "paper", "whales", "bridges"]
 
@@ -127,15 +127,6 @@ def measure(model: str, max_batch: int, levels: list[tuple[int, int]], tokens: i
         proc.wait(timeout=30)
 
 
-def machine() -> str:
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except StopIteration:
-        name = platform.processor()
-    return f"{name}, {os.cpu_count()} cores"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -160,11 +151,7 @@ def main() -> None:
     table = report(rows, args)
     print("\n" + table)
     if args.record:
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\nAppended by the scripts in this folder; newest last.\n")
-        with RESULTS.open("a") as f:
-            f.write("\n" + table)
-        print(f"appended to {RESULTS}")
+        append_results("\n" + table)
 
 
 def report(rows: dict, args) -> str:

@@ -36,6 +36,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from common import append_results, machine
+
 VOCAB_SIZE = 8192
 SPECIALS = ["<|endoftext|>"]
 ENCODE_BYTES = 5_000_000
@@ -203,18 +205,11 @@ def main() -> None:
     print(table)
 
     if args.record:
-        machine = next((line.split(":", 1)[1].strip() for line in
-                        subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                        if line.startswith("Model name")), platform.processor())
         now = datetime.datetime.now(datetime.timezone.utc)
         header = (f"\n## Tokenizer: BPE training and encoding ({now:%Y-%m-%d %H:%M} UTC)\n\n"
-                  f"Machine: {machine}, {os.cpu_count()} cores (shared, loaded). {versions()}.\n"
+                  f"Machine: {machine()}. {versions()}.\n"
                   f"Command: `.venv/bin/python benchmarks/tokenizer.py --record`\n\n")
-        results_md = Path(__file__).with_name("RESULTS.md")
-        if not results_md.exists():
-            results_md.write_text("# Benchmark results\n\nAppended by the scripts in this folder; newest last.\n")
-        with open(results_md, "a") as f:
-            f.write(header + table + "\n")
+        append_results(header + table + "\n")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import append_results, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = "scratchlm_shakespeare_char"
@@ -183,15 +184,6 @@ def full_val_loss(engine: str, run_dir: Path, val: np.ndarray, nanogpt: Path) ->
     return sum(losses) / n
 
 
-def machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt", type=Path, required=True, help="a clone of karpathy/nanoGPT (outside this repo)")
@@ -273,13 +265,7 @@ def main() -> None:
         "",
         *lines, "", *summary, "",
     ]
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    if not results.exists():
-        results.write_text("# Benchmark results\n\nEach section: date, machine, versions, command, figures. "
-                           "Ratios compare engines measured in the same run.\n", encoding="utf-8")
-    with open(results, "a", encoding="utf-8") as f:
-        f.write("\n".join(section))
-    print(f"appended to {results}")
+    append_results("\n".join(section))
 
 
 if __name__ == "__main__":
