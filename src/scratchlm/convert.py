@@ -33,7 +33,7 @@ def convert(source: str | Path, to: str, out: str | Path, dtype: str | None = No
         force: replace an existing ``out``.
         batch_size, seq_len: the fixed input shape of an ONNX export.
     """
-    from scratchlm.formats.export_common import check_destination
+    from scratchlm.files import check_destination
     from scratchlm.llm import LLM, parse_dtype
 
     if to not in TARGETS:

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from scratchlm.config import ModelConfig
+from scratchlm.files import read_json
 from scratchlm.model import expected_shapes
 
 
@@ -40,10 +41,10 @@ def model_info(name_or_path: str) -> dict[str, str]:
         import json
 
         if checkpoint.is_model_dir(path):
-            config = ModelConfig.from_dict(hf.read_json(path / checkpoint.CONFIG_FILE))
+            config = ModelConfig.from_dict(read_json(path / checkpoint.CONFIG_FILE))
             fmt = "scratchlm model directory"
         else:
-            config = hf.config_from_hf(hf.read_json(path / "config.json"), name=path.name)
+            config = hf.config_from_hf(read_json(path / "config.json"), name=path.name)
             fmt = "HF transformers directory"
         dtypes = Counter()
         for f in path.glob("*.safetensors"):

@@ -20,6 +20,7 @@ import torch
 from scratchlm.chat import ChatTemplate
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ConfigError, ModelFileError
+from scratchlm.files import read_json
 from scratchlm.generate import Completion, Sequence, stream_sequences
 from scratchlm.model import Transformer, build_model
 from scratchlm.sampling import SamplingParams
@@ -123,7 +124,7 @@ class LLM:
         if not tok_file.is_file():
             raise ModelFileError(f"missing tokenizer file: {tok_file}")
         tokenizer = Tokenizer.from_file(tok_file)
-        tok_config = hf.read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+        tok_config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
         for attr in ("bos_token", "eos_token"):
             text = _token_text(tok_config.get(attr))
             if text is not None and tokenizer.token_to_id(text) is not None:
@@ -134,7 +135,7 @@ class LLM:
             source = (path / "chat_template.jinja").read_text(encoding="utf-8")
         eos_ids: set[int] = set()
         if (path / "generation_config.json").is_file():
-            eos = hf.read_json(path / "generation_config.json").get("eos_token_id")
+            eos = read_json(path / "generation_config.json").get("eos_token_id")
             eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         template = ChatTemplate(source, tokenizer.bos_token, tokenizer.eos_token)
         if model is None:

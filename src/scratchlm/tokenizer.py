@@ -38,6 +38,7 @@ from scratchlm.bpe_pretokenize import (
     token_bytes,
 )
 from scratchlm.errors import ConfigError, ModelFileError, UnsupportedError
+from scratchlm.files import atomic_write_bytes
 
 # Re-exported: the byte-level pieces live in bpe_pretokenize.py, but other modules import them from here.
 __all__ = [
@@ -371,7 +372,7 @@ class Tokenizer:
             },
         }
         # One line, as json's fast C encoder writes it; HF's own files are indented but parse the same.
-        _write_atomically(Path(path), json.dumps(spec, ensure_ascii=False))
+        atomic_write_bytes(Path(path), json.dumps(spec, ensure_ascii=False).encode("utf-8"))
 
 
 def _pretokenizer_name(pre: dict | None) -> str:
@@ -399,12 +400,6 @@ def _pretokenizer_name(pre: dict | None) -> str:
         "(ByteLevel; Digits + ByteLevel; GPT-4 Split + ByteLevel)"
     )
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and os.replace, so readers never see half a file."""
-    from scratchlm.formats.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class StreamDecoder:

@@ -51,7 +51,7 @@ def cmd_task(args: argparse.Namespace) -> None:
     import json
 
     from scratchlm.eval.task import evaluate_task
-    from scratchlm.formats.checkpoint import atomic_write_bytes
+    from scratchlm.files import atomic_write_bytes
     from scratchlm.llm import LLM
 
     llm = LLM.load(args.model, dtype=args.dtype, adapter=args.adapter)

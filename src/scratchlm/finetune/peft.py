@@ -25,8 +25,8 @@ from torch import nn
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ModelFileError, UnsupportedError
+from scratchlm.files import atomic_write_bytes, atomic_write_json
 from scratchlm.finetune.lora import TARGETS, LoRALinear, LoraSettings, lora_layers
-from scratchlm.formats.checkpoint import atomic_write_bytes, atomic_write_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

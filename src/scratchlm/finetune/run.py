@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.errors import ConfigError, TrainingError
+from scratchlm.files import atomic_write_json
 from scratchlm.finetune.data import IGNORE, fixed_batches, load_examples, read_jsonl, split_examples, to_messages
 from scratchlm.finetune.lora import DEFAULT_TARGETS, LoraSettings, apply_lora, lora_parameter_names, parse_targets
-from scratchlm.formats.checkpoint import atomic_write_json, save_model_dir
+from scratchlm.formats.checkpoint import save_model_dir
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.loop import TrainConfig, TrainResult, lm_loss, train
 from scratchlm.train.run import clear_out_dir

@@ -11,41 +11,16 @@ temporary name and renamed into place, so a crash never leaves a half-written mo
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ModelFileError
+from scratchlm.files import atomic_write_bytes, atomic_write_json, read_json
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "model.safetensors"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); give the finished file the mode open() would have.
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def save_model_dir(directory: str | Path, config: ModelConfig, state_dict: dict[str, torch.Tensor],
@@ -75,8 +50,6 @@ def load_model_dir(directory: str | Path,
     """Read the config and canonical weights of a scratchlm model directory."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from scratchlm.formats.hf import read_json
 
     directory = Path(directory)
     config = ModelConfig.from_dict(read_json(directory / CONFIG_FILE))

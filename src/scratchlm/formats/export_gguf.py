@@ -21,7 +21,8 @@ import torch
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UnsupportedError
-from scratchlm.formats.export_common import atomic_file, export_architecture, fuse_gpt2_qkv
+from scratchlm.files import atomic_file
+from scratchlm.formats.export_common import export_architecture, fuse_gpt2_qkv
 from scratchlm.formats.ggml_quants import BLOCK_SIZE, quantize
 from scratchlm.formats.gguf import GGUF_BLOCK_NAMES, GGUF_FIXED_NAMES, permute_qk
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from scratchlm.config import ModelConfig
-from scratchlm.formats.export_common import atomic_dir, export_architecture, fuse_gpt2_qkv
+from scratchlm.files import atomic_dir
+from scratchlm.formats.export_common import export_architecture, fuse_gpt2_qkv
 from scratchlm.formats.hf import hf_name_map
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -112,7 +113,7 @@ def export_hf(llm, out: str | Path, dtype: torch.dtype = torch.float32, force: b
     """
     from safetensors.torch import save_file
 
-    from scratchlm.formats.checkpoint import atomic_write_json
+    from scratchlm.files import atomic_write_json
 
     config = llm.config
     export_architecture(config)  # refuse before creating anything

@@ -7,7 +7,6 @@ Only safetensors are read: pickled ``pytorch_model.bin`` files can run code and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +14,9 @@ import torch
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ModelFileError, UnsupportedError
+from scratchlm.files import read_json
 
 ARCHITECTURES = ("LlamaForCausalLM", "GPT2LMHeadModel")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file as a dict, or a ModelFileError naming the file."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelFileError(f"missing file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{path} is not valid JSON: {exc}") from None
 
 
 def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:

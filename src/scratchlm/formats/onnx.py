@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from scratchlm.errors import ConfigError, UnsupportedError
-from scratchlm.formats.export_common import atomic_file
+from scratchlm.files import atomic_file
 
 # ONNX files hold their weights in one protobuf message, which cannot exceed 2 GiB.
 MAX_ONNX_BYTES = 2**31 - 2**24

@@ -47,7 +47,7 @@ def save_quantized(directory: str | Path, model, tokenizer=None, chat_template: 
 
 def load_quantized_dir(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, object]:
     """Read a quantized model directory: ``(config, model)`` with layers ready to compute in ``dtype``."""
-    from scratchlm.formats.hf import read_json
+    from scratchlm.files import read_json
 
     directory = Path(directory)
     info = read_json(directory / QUANT_FILE)

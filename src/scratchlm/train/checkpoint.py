@@ -29,7 +29,8 @@ import torch
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ModelFileError, TrainingError
-from scratchlm.formats.checkpoint import CONFIG_FILE, atomic_write_bytes, atomic_write_json
+from scratchlm.files import atomic_write_bytes, atomic_write_json
+from scratchlm.formats.checkpoint import CONFIG_FILE
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"

@@ -24,7 +24,7 @@ import regex
 import torch
 
 from scratchlm.errors import DataError
-from scratchlm.formats.checkpoint import atomic_write_json
+from scratchlm.files import atomic_write_json
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.sources import fingerprint_sources, read_documents
 

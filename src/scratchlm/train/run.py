@@ -26,7 +26,8 @@ import torch
 
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ConfigError, DataError, TrainingError, UnsupportedError
-from scratchlm.formats.checkpoint import atomic_write_json, save_model_dir
+from scratchlm.files import atomic_write_json
+from scratchlm.formats.checkpoint import save_model_dir
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt

@@ -40,7 +40,7 @@ def train_tokenizer_files(files: Sequence[str | Path], vocab_size: int, out: str
                           progress: bool = False):
     """Train a BPE tokenizer on ``files`` and write ``out/tokenizer.json`` atomically; return the Tokenizer."""
     from scratchlm.errors import DataError
-    from scratchlm.formats.checkpoint import atomic_write_json
+    from scratchlm.files import atomic_write_json
     from scratchlm.train.bpe import train_bpe
     from scratchlm.train.sources import read_documents
 
