@@ -343,10 +343,12 @@ class Engine:
         entry = None
         if job.logprobs is not None:  # log-probabilities of the model itself, before any sampling filter
             entry = token_logprob(logits.log_softmax(-1), token, job.logprobs)
-        n_out = len(seq.output_ids)
         text = seq.push(token)
         active.generated += 1
-        if entry is not None and len(seq.output_ids) > n_out:  # an end-of-sequence token is not output
+        if entry is not None:
+            # Every generated token is listed, an end-of-sequence token included (its text is empty), as
+            # OpenAI and vLLM do: the logprob arrays then have exactly usage.completion_tokens entries after
+            # the prompt's, which lm-evaluation-harness relies on when it drops the last (generated) entry.
             active.held.append(entry)
         now = time.perf_counter()
         m = self.metrics
