@@ -82,10 +82,45 @@ def register_task(subparsers) -> None:
     p.set_defaults(func=cmd_task)
 
 
+def cmd_harness(args: argparse.Namespace) -> None:
+    import json
+    import logging
+
+    from scratchlm.errors import ConfigError
+
+    try:
+        from scratchlm.eval import harness
+    except ImportError as exc:
+        raise ConfigError(f"lm-evaluation-harness is not installed ({exc}): pip install 'scratchlm[eval]'") from None
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown our summary
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    model = harness.ScratchLM(args.model, quantize=args.quantize, adapter=args.adapter, dtype=args.dtype,
+                              progress=sys.stderr.isatty())
+    results = harness.evaluate(model, tasks, num_fewshot=args.num_fewshot, limit=args.limit)
+    print(harness.summary_table(results))
+    if args.json:
+        print(json.dumps(harness.scores(results)))
+
+
+def register_harness(subparsers) -> None:
+    p = subparsers.add_parser("harness", help="lm-evaluation-harness tasks on a model, run in process")
+    p.add_argument("model", help="known model name, .gguf file, or model directory")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated lm-eval tasks or groups, e.g. scratchlm_offline (offline) or hellaswag")
+    p.add_argument("--num-fewshot", type=int, default=None, help="examples put before each question")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to merge in at load")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights at load")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--json", action="store_true", help="also print {task: {metric: value}} as one JSON line")
+    p.set_defaults(func=cmd_harness)
+
+
 # name -> function that registers `scratchlm eval <name>` on the eval subparsers.
 EVAL_COMMANDS: dict[str, Callable] = {
     "perplexity": register_perplexity,
     "task": register_task,
+    "harness": register_harness,
 }
 
 
