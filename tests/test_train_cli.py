@@ -1,4 +1,4 @@
-"""`scratchlm train` end to end: output files, resume after SIGKILL, two processes under torchrun, bad input.
+"""`scratchlm train` end to end: output files, two processes under torchrun, bad input (resume: test_resume.py).
 
 Every run is a tiny model (2 layers, 32 dimensions, context 16) on 30k characters of the bundled corpus.
 Subprocesses use one thread each, so runs are deterministic and comparable.
@@ -43,23 +43,11 @@ def val_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
 
 
-def scratchlm(*args: str, kill_at_batch: int = -1, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh process; optionally SIGKILL it when it draws training batch ``kill_at_batch``."""
-    code = (
-        "import os, signal, sys\n"
-        "import scratchlm.train.data as data\n"
-        "draw = data.RandomBatches.__next__\n"
-        "def next_batch(self):\n"
-        f"    if self.index == {kill_at_batch}:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return draw(self)\n"
-        "data.RandomBatches.__next__ = next_batch\n"
-        "from scratchlm.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, "--threads", "1", *args], env=ENV, capture_output=True,
-                          text=True, timeout=300)
-    if check and proc.returncode != 0:
+def scratchlm(*args: str) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh process with one thread."""
+    proc = subprocess.run([sys.executable, "-m", "scratchlm.cli", "--threads", "1", *args], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
 
@@ -86,7 +74,7 @@ def test_train_writes_checkpoints_metrics_plot_and_prints_progress_and_samples(d
     # Resuming into another model shape says what differs.
     assert main(["train", str(data), "--out", str(out), "--resume", *TINY, "--n-layers", "3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "n_layers 2 in the checkpoint vs 3 now" in err and len(err.splitlines()) == 1
+    assert "n_layers: 2 -> 3" in err and len(err.splitlines()) == 1
 
     # --resume goes on from step 8; the schedule follows the new --max-steps.
     assert main(["train", str(data), "--out", str(out), "--resume", "--max-steps", "12", "--eval-interval", "4",
@@ -129,21 +117,7 @@ def test_bad_corpora_are_one_line_errors(tmp_path, capsys, content, message):
     assert message in err and len(err.splitlines()) == 1
 
 
-# ---- exact resume after SIGKILL ----------------------------------------------------------------------
-def test_resume_after_sigkill_mid_step_matches_training_straight_through(data, tmp_path):
-    common = [str(data), "--max-steps", "12", "--eval-interval", "4", "--grad-accum", "2", "--dropout", "0.1",
-              "--no-progress", "--sample-tokens", "0", *TINY]
-    scratchlm("train", "--out", str(tmp_path / "straight"), *common)
-    # Step s draws micro-batches 2(s-1) and 2(s-1)+1: batch 19 is the second half of step 10, so the process
-    # dies with step 10's first backward done, two steps after the checkpoint of step 8.
-    killed = scratchlm("train", "--out", str(tmp_path / "killed"), *common, kill_at_batch=19, check=False)
-    assert killed.returncode == -9
-    resumed = scratchlm("train", "--out", str(tmp_path / "killed"), "--resume", *common)
-    assert "resum" in resumed.stdout.lower()
-    straight, again = step_losses(tmp_path / "straight"), step_losses(tmp_path / "killed")
-    assert sorted(again) == list(range(1, 13))
-    assert again == straight  # bit for bit, at every step
-    assert val_losses(tmp_path / "killed") == val_losses(tmp_path / "straight")
+# ---- exact resume after SIGKILL: tests/test_resume.py (the README's sequence, on the user's data) -----------
 
 
 # ---- two processes -----------------------------------------------------------------------------------

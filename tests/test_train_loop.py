@@ -192,6 +192,12 @@ def test_early_stopping_after_evaluations_without_improvement(corpus):
     cfg = config(max_steps=40, eval_interval=2, lr=1e-30, min_lr=1e-30, early_stopping=3)
     result = train(model, cfg, batches, val)
     assert result.stopped_early and result.step == 8  # best at step 2, then 3 evaluations without improvement
+    # The repr is one short line (the history of a real run is ~60 KB): counts and losses, not the records.
+    text = repr(result)
+    assert text == (f"TrainResult(step=8, train_loss={result.train_loss:.4f}, val_loss={result.val_loss:.4f}, "
+                    f"best_val_loss={result.best_val_loss:.4f}, stopped_early=True, elapsed={result.elapsed:.1f}s, "
+                    f"history=[{len(result.history)} records])")
+    assert len(result.history) == 8 + 4 and 0 < result.elapsed < 60
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
     scratchlm finetune smollm2-135m-instruct --data train.jsonl --method lora --epochs 2 --out runs/task
     scratchlm finetune smollm2-135m-instruct --data train.jsonl --method qlora --rank 16 --out runs/q
-    scratchlm finetune runs/task --resume ...                      # continue exactly where it stopped
+    scratchlm finetune --out runs/task --resume                    # continue exactly where it stopped
+    scratchlm finetune --out runs/task --resume --max-steps 200    # ...and train it longer
     scratchlm merge smollm2-135m-instruct runs/task/best --out merged-model
     scratchlm chat smollm2-135m-instruct --adapter runs/task/best
 """
@@ -17,43 +18,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model on chat JSONL (LoRA, QLoRA or full)",
                        description="Supervised fine-tuning on conversations; the loss covers the assistant's "
                                    "tokens only. Data: one {\"messages\": [...]} or {\"prompt\", \"completion\"} "
-                                   "object per line.")
-    p.add_argument("model", help="known model name, .gguf file, or model directory")
-    p.add_argument("--data", required=True, help="training JSONL")
-    p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, loss.png)")
-    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora",
+                                   "object per line. OUT/run.json records the run, so --resume needs only --out; "
+                                   "with --resume only --max-steps, --epochs and --eval-interval may differ from "
+                                   "the recorded run.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="known model name, .gguf file, or model directory (not needed with --resume)")
+    p.add_argument("--data", default=None, help="training JSONL (not needed with --resume)")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, loss.png, run.json)")
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default=None,
                    help="lora (default), qlora (4-bit NF4 frozen base + LoRA) or full (every weight)")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=8, help="rank r of the update B @ A (default 8)")
-    g.add_argument("--alpha", type=float, default=16.0, help="scaling numerator: the update is alpha/r B @ A "
+    g.add_argument("--rank", type=int, default=None, help="rank r of the update B @ A (default 8)")
+    g.add_argument("--alpha", type=float, default=None, help="scaling numerator: the update is alpha/r B @ A "
                                                              "(default 16)")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input (default 0, as PEFT)")
-    g.add_argument("--targets", default="q,k,v,o,gate,up,down",
+    g.add_argument("--dropout", type=float, default=None, help="dropout on the LoRA input (default 0, as PEFT)")
+    g.add_argument("--targets", default=None,
                    help="layers to adapt, comma-separated: q,k,v,o,gate,up,down (default all)")
     g = p.add_argument_group("training")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=None, help="passes over the training data (default 1)")
     length.add_argument("--max-steps", type=int, default=None, help="optimizer steps instead of --epochs")
-    g.add_argument("--batch-size", type=int, default=8, help="examples per micro-step (default 8)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    g.add_argument("--batch-size", type=int, default=None, help="examples per micro-step (default 8)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step (default 1)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 LoRA/QLoRA, 2e-5 full)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of the steps)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
     g.add_argument("--eval-interval", type=int, default=None,
                    help="evaluate and checkpoint every N steps (default: 5 times per run)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: mixed precision")
-    g.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
-    g.add_argument("--seed", type=int, default=0, help="random seed (split, order, LoRA init, dropout)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="bfloat16: mixed precision (default float32)")
+    g.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute blocks in backward")
+    g.add_argument("--seed", type=int, default=None, help="random seed (split, order, LoRA init, dropout; default 0)")
     g = p.add_argument_group("data")
     g.add_argument("--val-data", default=None, help="validation JSONL (default: --val-fraction of --data)")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="share of --data held out (default 0.1)")
+    g.add_argument("--val-fraction", type=float, default=None, help="share of --data held out (default 0.1)")
     g.add_argument("--max-length", type=int, default=None,
                    help="tokens per example (default: the model's context, at most 1024)")
-    g.add_argument("--too-long", choices=["truncate", "skip"], default="truncate",
+    g.add_argument("--too-long", choices=["truncate", "skip"], default=None,
                    help="longer examples are cut (default) or dropped; the counts are reported")
     g = p.add_argument_group("run")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/last exactly")
-    g.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT exactly, with its recorded model, data and options")
+    g.add_argument("--force", action="store_true", help="replace a previous run in OUT")
+    # The flag's former name, kept hidden so scripts written for it still work.
+    g.add_argument("--overwrite", action="store_true", dest="force", help=argparse.SUPPRESS)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
@@ -75,7 +84,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         weight_decay=args.weight_decay, max_length=args.max_length, too_long=args.too_long, val_data=args.val_data,
         val_fraction=args.val_fraction, eval_interval=args.eval_interval, dtype=args.dtype,
         activation_checkpointing=args.activation_checkpointing, seed=args.seed, resume=args.resume,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        force=args.force, progress=not args.no_progress,
     ))
 
 

@@ -11,135 +11,185 @@ The training itself is the pre-training loop (``train.loop.train``): same progre
 * how to write and read the model part of a checkpoint: a PEFT adapter for LoRA/QLoRA, so ``last/``
   and ``best/`` are adapters that PEFT and ``--adapter`` read, or a model directory for full.
 
-Files in ``out``: ``best/`` and ``last/`` (checkpoints), ``metrics.jsonl``, ``loss.png``, ``data.json``.
+Files in ``out``: ``best/`` and ``last/`` (checkpoints), ``metrics.jsonl``, ``loss.png``, ``run.json`` (every
+option, resolved, and the SHA-256 of the data files). ``--resume`` needs only ``--out``: it restores the
+recorded options; of those given again only ``CHANGEABLE`` may differ, and the data files must be unchanged
+(fine-tuning reads them again; pre-training, which keeps token files, only warns).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from scratchlm.errors import ConfigError, TrainingError
-from scratchlm.files import atomic_write_json
 from scratchlm.finetune.data import IGNORE, fixed_batches, load_examples, read_jsonl, split_examples, to_messages
 from scratchlm.finetune.lora import DEFAULT_TARGETS, LoraSettings, apply_lora, lora_parameter_names, parse_targets
 from scratchlm.formats.checkpoint import save_model_dir
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.loop import TrainConfig, TrainResult, lm_loss, train
+from scratchlm.train.record import RUN_FILE, describe_changes, merge_given, read_record, write_record
 from scratchlm.train.run import clear_out_dir
+from scratchlm.train.sources import fingerprint_sources
 
 METHODS = ("lora", "qlora", "full")
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+# The value of each option left out (None) in a new run. lr, warmup_steps, eval_interval, max_length and the
+# number of steps depend on the method, the model and the data, and are settled once those are loaded.
+DEFAULTS = dict(method="lora", rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, batch_size=8,
+                grad_accum_steps=1, weight_decay=0.0, too_long="truncate", val_fraction=0.1, dtype="float32",
+                activation_checkpointing=False, seed=0)
+# Options that may differ when a run is resumed (see train/record.py): how long it trains, how often it evaluates.
+CHANGEABLE = ("max_steps", "epochs", "eval_interval")
 
 
 @dataclass
 class FinetuneOptions:
-    """Everything ``scratchlm finetune`` can be told."""
+    """Everything ``scratchlm finetune`` can be told. None means "not given": ``DEFAULTS`` (or a value that
+    follows from the method, model and data) for a new run, the recorded value (``OUT/run.json``) for
+    ``resume=True``, which needs only ``out``."""
 
-    model: str
-    data: str | Path
-    out: str | Path
-    method: str = "lora"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0  # PEFT's default
-    targets: str | tuple[str, ...] = DEFAULT_TARGETS
+    model: str | None = None  # a known name, a .gguf file or a model directory
+    data: str | Path | None = None  # chat JSONL
+    out: str | Path | None = None
+    method: str | None = None  # lora (default), qlora or full
+    rank: int | None = None  # 8
+    alpha: float | None = None  # 16
+    dropout: float | None = None  # 0, PEFT's default
+    targets: str | tuple[str, ...] | None = None  # all of q,k,v,o,gate,up,down
     epochs: float | None = None  # None and no max_steps: 1 epoch
     max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    lr: float | None = None  # None: 2e-4 for LoRA/QLoRA, 2e-5 for full
-    warmup_steps: int | None = None  # None: 5% of the steps
-    weight_decay: float = 0.0
-    max_length: int | None = None  # None: the model's context, at most 1024
-    too_long: str = "truncate"
+    batch_size: int | None = None  # 8
+    grad_accum_steps: int | None = None  # 1
+    lr: float | None = None  # 2e-4 for LoRA/QLoRA, 2e-5 for full
+    warmup_steps: int | None = None  # 5% of the steps
+    weight_decay: float | None = None  # 0
+    max_length: int | None = None  # the model's context, at most 1024
+    too_long: str | None = None  # "truncate" or "skip"
     val_data: str | Path | None = None
-    val_fraction: float = 0.1
-    eval_interval: int | None = None  # None: 5 evaluations per run
-    dtype: str = "float32"
-    activation_checkpointing: bool = False
-    seed: int = 0
+    val_fraction: float | None = None  # 0.1
+    eval_interval: int | None = None  # 5 evaluations per run
+    dtype: str | None = None  # "float32" or "bfloat16"
+    activation_checkpointing: bool | None = None
+    seed: int | None = None  # 0
     resume: bool = False
-    overwrite: bool = False
+    force: bool = False  # replace a previous run in ``out``
     progress: bool = True
 
 
+OPTION_NAMES = tuple(f.name for f in fields(FinetuneOptions) if f.name not in ("out", "resume", "force", "progress"))
+
+
+def given_options(opts: FinetuneOptions) -> dict:
+    """The options given (None: not given) in the form run.json records: paths absolute, targets short names."""
+    given = {name: getattr(opts, name) for name in OPTION_NAMES}
+    for name in ("data", "val_data"):
+        if given[name] is not None:
+            given[name] = str(Path(given[name]).expanduser().resolve())
+    if given["model"] is not None and Path(given["model"]).expanduser().exists():
+        given["model"] = str(Path(given["model"]).expanduser().resolve())
+    if given["targets"] is not None:
+        given["targets"] = list(parse_targets(given["targets"]))
+    return given
+
+
+def _data_fingerprints(options: dict) -> dict:
+    return {name: fingerprint_sources(options[name])[0]["sha256"] for name in ("data", "val_data")
+            if options[name] is not None}
+
+
 def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
-    """Fine-tune as ``opts`` says; returns the loop's result. Checkpoints and curves go to ``opts.out``."""
+    """Fine-tune as ``opts`` says (or resume the run in ``opts.out``); returns the loop's result.
+    Checkpoints, curves and ``run.json`` go to ``opts.out``."""
     from scratchlm.llm import LLM
 
-    if opts.method not in METHODS:
-        raise ConfigError(f"unknown method {opts.method!r}; choose one of {', '.join(METHODS)}")
-    if opts.epochs is not None and opts.max_steps is not None:
+    if opts.out is None:
+        raise ConfigError("give --out, the directory for the run's checkpoints and curves")
+    out = Path(opts.out)
+    given = given_options(opts)
+    if given["epochs"] is not None and given["max_steps"] is not None:
         raise ConfigError("give --epochs or --max-steps, not both")
-    if opts.epochs is not None and opts.epochs <= 0:
-        raise ConfigError(f"--epochs must be positive, got {opts.epochs}")
-    if opts.method != "full":
-        parse_targets(opts.targets)  # unknown names fail before the slow part (checked again for the model)
-        LoraSettings(opts.rank, opts.alpha, opts.dropout)
-    for path in (opts.data, opts.val_data):
+    if opts.resume:
+        resume_dir, o = _resume_options(out, given, say)
+    else:
+        if given["model"] is None or given["data"] is None:
+            raise ConfigError("give the base model and --data (only --resume takes them from the run's run.json)")
+        o = {**given, **{k: v for k, v in DEFAULTS.items() if given[k] is None}}
+        o["targets"] = list(parse_targets(o["targets"]))
+        resume_dir = None
+    if o["method"] not in METHODS:
+        raise ConfigError(f"unknown method {o['method']!r}; choose one of {', '.join(METHODS)}")
+    if o["epochs"] is not None and o["epochs"] <= 0:
+        raise ConfigError(f"--epochs must be positive, got {o['epochs']}")
+    if o["method"] != "full":
+        LoraSettings(o["rank"], o["alpha"], o["dropout"])
+    for path in (o["data"], o["val_data"]):
         if path is not None:  # malformed lines, unknown roles, missing assistant turns: before loading
             for number, record in read_jsonl(path):
                 to_messages(record, f"{path}, line {number}")
-    out = Path(opts.out)
-    resume_dir = _check_out_dir(out, opts)
+    if not opts.resume:
+        clear_out_dir(out, opts.force, "fine-tuning")
+        out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    llm = LLM.load(opts.model)
+    llm = LLM.load(o["model"])
     model, tokenizer, template = llm.model, llm.tokenizer, llm.template
     say(f"loaded {llm.name} in {time.perf_counter() - start:.1f} s: {model.num_parameters() / 1e6:.1f}M parameters")
 
     # Data: render, tokenize, split.
-    max_length = opts.max_length or min(model.config.context_length, 1024)
+    max_length = o["max_length"] or min(model.config.context_length, 1024)
     if max_length > model.config.context_length + 1:
         raise ConfigError(f"--max-length {max_length} exceeds the model's context of {model.config.context_length}")
-    examples, stats = load_examples(opts.data, template, tokenizer, max_length, opts.too_long)
-    say(f"data {opts.data}: {stats.describe(max_length)}")
-    if opts.val_data is not None:
+    examples, stats = load_examples(o["data"], template, tokenizer, max_length, o["too_long"])
+    say(f"data {o['data']}: {stats.describe(max_length)}")
+    if o["val_data"] is not None:
         train_examples = examples
-        val_examples, val_stats = load_examples(opts.val_data, template, tokenizer, max_length, opts.too_long)
-        say(f"validation {opts.val_data}: {val_stats.describe(max_length)}")
+        val_examples, val_stats = load_examples(o["val_data"], template, tokenizer, max_length, o["too_long"])
+        say(f"validation {o['val_data']}: {val_stats.describe(max_length)}")
     else:
-        train_examples, val_examples = split_examples(examples, opts.val_fraction, opts.seed)
+        train_examples, val_examples = split_examples(examples, o["val_fraction"], o["seed"])
     say(f"{len(train_examples)} training and {len(val_examples)} validation examples")
 
     # Method: which weights train, and what a checkpoint holds.
     settings = None
     fingerprint = None
     n_base = model.num_parameters()
-    if opts.method == "full":
+    if o["method"] == "full":
         trainable = None
         model.requires_grad_(True)
     else:
         from scratchlm.finetune.peft import base_fingerprint, check_peft_layout
 
         check_peft_layout(model.config)
-        settings = LoraSettings(opts.rank, opts.alpha, opts.dropout, parse_targets(opts.targets, model.config.mlp))
+        settings = LoraSettings(o["rank"], o["alpha"], o["dropout"], parse_targets(o["targets"], model.config.mlp))
         fingerprint = base_fingerprint(model)
-        if opts.method == "qlora":
+        if o["method"] == "qlora":
             from scratchlm.finetune.nf4 import quantize_base
 
             quantize_base(model)
-        apply_lora(model, settings, seed=opts.seed)
+        apply_lora(model, settings, seed=o["seed"])
         trainable = lora_parameter_names(model)
     _describe_memory(model, n_base, say)
 
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     from scratchlm.finetune.data import SFTBatches
 
-    batches = SFTBatches(train_examples, opts.batch_size, pad_id, opts.seed)
-    val = fixed_batches(val_examples, opts.batch_size, pad_id) if val_examples else None
-    config = _train_config(opts, batches.batches_per_epoch)
-    say(f"{opts.method}: {config.max_steps} steps of {opts.batch_size} x {config.grad_accum_steps} examples "
+    batches = SFTBatches(train_examples, o["batch_size"], pad_id, o["seed"])
+    val = fixed_batches(val_examples, o["batch_size"], pad_id) if val_examples else None
+    config = _train_config(o, batches.batches_per_epoch)
+    say(f"{o['method']}: {config.max_steps} steps of {o['batch_size']} x {config.grad_accum_steps} examples "
         f"({config.max_steps * config.grad_accum_steps / batches.batches_per_epoch:.2f} epochs), lr {config.lr:g}")
+    # Record the run with every value settled, so that --resume continues this very schedule.
+    o.update(max_steps=config.max_steps, lr=config.lr, warmup_steps=config.warmup_steps,
+             eval_interval=config.eval_interval, max_length=max_length)
+    write_record(out, "finetune", o, data_sha256=_data_fingerprints(o))
 
-    base_name = _base_name(opts.model)
+    base_name = _base_name(o["model"])
 
     def save_model(directory: Path) -> None:
         if settings is None:
@@ -154,29 +204,56 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
 
         load_adapter(model, directory, merge=False, check_base=False)
 
-    atomic_write_json(out / "finetune.json", {**asdict(opts), "data": str(opts.data), "out": str(out),
-                                              "val_data": None if opts.val_data is None else str(opts.val_data),
-                                              "targets": list(settings.targets) if settings else None})
     from scratchlm.train.report import TrainingReport
 
     reporter = TrainingReport(out, progress=opts.progress, print_fn=None)
-    start = time.perf_counter()
     result = train(model, config, batches, val, trainable=trainable, out_dir=out, save_model=save_model,
                    resume_from=resume_dir, reporter=reporter,
                    load_model=load_model if settings is not None else None, loss_fn=sft_loss)
-    elapsed = time.perf_counter() - start
     best = f"; best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
-    say(f"done: {result.step} steps in {elapsed:.0f} s{best}")
+    say(f"done: {result.step} steps in {result.elapsed:.0f} s{best}")
     final = out / ("best" if val is not None else "last")
     if settings is not None:
-        say(f"adapter (PEFT format): {final}{' (lowest validation loss)' if val is not None else ''}; "
-            f"{out / 'last'} resumes with --resume\n"
-            f"use it: scratchlm chat {opts.model} --adapter {final}   |   "
-            f"scratchlm merge {opts.model} {final} --out merged")
+        say(f"wrote {out}: adapter (PEFT format) {final}{' (lowest validation loss)' if val is not None else ''}; "
+            f"{out / 'last'} continues with `scratchlm finetune --out {out} --resume`; curves {out / 'loss.png'}, "
+            f"{out / 'metrics.jsonl'}; options {out / RUN_FILE}\n"
+            f"use it: scratchlm chat {o['model']} --adapter {final}   |   "
+            f"scratchlm merge {o['model']} {final} --out merged")
     else:
-        say(f"model: {final}{' (lowest validation loss)' if val is not None else ''}; {out / 'last'} resumes with "
-            f"--resume\nuse it: scratchlm chat {final}")
+        say(f"wrote {out}: model {final}{' (lowest validation loss)' if val is not None else ''}; {out / 'last'} "
+            f"continues with `scratchlm finetune --out {out} --resume`; curves {out / 'loss.png'}, "
+            f"{out / 'metrics.jsonl'}; options {out / RUN_FILE}\nuse it: scratchlm chat {final}")
     return result
+
+
+def _resume_options(out: Path, given: dict, say) -> tuple[Path, dict]:
+    """The checkpoint to resume from and the recorded options merged with the given ones (see record.py)."""
+    existing = ckpt.resolve_checkpoint(out / "last")
+    if existing is None:
+        raise TrainingError(f"no checkpoint to resume from in {out / 'last'}: fine-tune without --resume first")
+    record = read_record(out, "finetune")
+    if record is None:
+        raise TrainingError(f"{out} has a checkpoint but no {RUN_FILE} (an older scratchlm wrote it), so its options "
+                            "are unknown: start a new run with --force or another --out")
+    recorded = record["options"]
+    if given["epochs"] is not None:  # a new length in epochs replaces the recorded step count, and the reverse
+        given = {**given, "max_steps": None}
+        recorded = {**recorded, "max_steps": None}
+    elif given["max_steps"] is not None:
+        recorded = {**recorded, "epochs": None}
+    options = merge_given(out, "finetune", recorded, given, CHANGEABLE)
+    for name, digest in record.get("data_sha256", {}).items():
+        path = Path(options[name])
+        now = fingerprint_sources(path)[0]["sha256"] if path.is_file() else None
+        if now != digest:
+            raise TrainingError(f"{path} is {'missing' if now is None else 'not the file'} this run started with "
+                                "(fine-tuning reads it again on --resume, so the run would go on with other "
+                                "examples): put the original back, or start a new run with --force or another --out")
+    state = ckpt.read_trainer_state(existing)
+    changes = describe_changes(record["options"], options)
+    say(f"resuming {out} from {existing} at step {state['step']} (model {options['model']}, data {options['data']})"
+        + (f"; changed: {changes}" if changes else ""))
+    return existing, options
 
 
 def sft_loss(forward: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -194,37 +271,18 @@ def sft_loss(forward: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
     return F.cross_entropy(forward.logits(hidden).float(), y[keep])
 
 
-def _train_config(opts: FinetuneOptions, batches_per_epoch: int) -> TrainConfig:
-    if opts.max_steps is not None:
-        steps = opts.max_steps
+def _train_config(o: dict, batches_per_epoch: int) -> TrainConfig:
+    if o["max_steps"] is not None:
+        steps = o["max_steps"]
     else:
-        steps = max(1, math.ceil((opts.epochs or 1.0) * batches_per_epoch / opts.grad_accum_steps))
-    lr = opts.lr if opts.lr is not None else DEFAULT_LR[opts.method]
-    warmup = opts.warmup_steps if opts.warmup_steps is not None else max(1, steps // 20)
-    eval_interval = opts.eval_interval or max(1, steps // 5)
-    return TrainConfig(max_steps=steps, batch_size=opts.batch_size, grad_accum_steps=opts.grad_accum_steps, lr=lr,
-                       min_lr=lr / 10, warmup_steps=min(warmup, steps), weight_decay=opts.weight_decay,
-                       eval_interval=eval_interval, eval_batches=1, dtype=opts.dtype, seed=opts.seed,
-                       activation_checkpointing=opts.activation_checkpointing)
-
-
-def _check_out_dir(out: Path, opts: FinetuneOptions) -> Path | None:
-    """The checkpoint to resume from, or None; refuses to overwrite a run unless told to."""
-    existing = ckpt.resolve_checkpoint(out / "last")
-    if opts.resume:
-        if existing is None:
-            raise TrainingError(f"no checkpoint to resume from in {out / 'last'}: fine-tune without --resume first")
-        saved = json.loads((out / "finetune.json").read_text(encoding="utf-8")) if (out / "finetune.json").is_file() \
-            else {}
-        for key in ("method", "rank", "alpha", "model", "data", "batch_size", "seed"):
-            now = str(getattr(opts, key)) if key in ("model", "data") else getattr(opts, key)
-            if key in saved and saved[key] != now:
-                raise TrainingError(f"cannot resume {out}: {key} was {saved[key]!r}, now {now!r}; resume with the "
-                                    "same options or fine-tune into a new --out")
-        return existing
-    clear_out_dir(out, opts.overwrite, "fine-tuning")
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+        steps = max(1, math.ceil((o["epochs"] or 1.0) * batches_per_epoch / o["grad_accum_steps"]))
+    lr = o["lr"] if o["lr"] is not None else DEFAULT_LR[o["method"]]
+    warmup = o["warmup_steps"] if o["warmup_steps"] is not None else max(1, steps // 20)
+    eval_interval = o["eval_interval"] or max(1, steps // 5)
+    return TrainConfig(max_steps=steps, batch_size=o["batch_size"], grad_accum_steps=o["grad_accum_steps"], lr=lr,
+                       min_lr=lr / 10, warmup_steps=min(warmup, steps), weight_decay=o["weight_decay"],
+                       eval_interval=eval_interval, eval_batches=1, dtype=o["dtype"], seed=o["seed"],
+                       activation_checkpointing=o["activation_checkpointing"])
 
 
 # Where PEFT users find a known model's weights (``base_model_name_or_path`` of the adapters we write).

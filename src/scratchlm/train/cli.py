@@ -2,7 +2,8 @@
 
     scratchlm train                                        # nanoGPT's shakespeare-char on the bundled corpus
     scratchlm train my_texts/ --preset shakespeare-bpe --out runs/mine --max-steps 500
-    scratchlm train --out runs/shakespeare-char --resume   # continue exactly where a run stopped
+    scratchlm train --out runs/mine --resume                 # continue it: same data, options, schedule
+    scratchlm train --out runs/mine --resume --max-steps 8000  # ...and train it longer
     torchrun --nproc_per_node 2 -m scratchlm.cli train     # data-parallel over 2 processes
 """
 
@@ -39,29 +40,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
     examples = __doc__.split("\n\n", 1)[1].split('"""')[0]
     p = sub.add_parser("train", help="train a GPT from scratch (default: Shakespeare, characters, ~2 minutes)",
-                       description="Train a GPT from scratch; flags left out come from the preset.",
+                       description="Train a GPT from scratch; flags left out come from the preset. OUT/run.json "
+                                   "records the run, so --resume needs no other flags; with --resume only "
+                                   "--max-steps, --eval-interval, --early-stopping, --sample-tokens, --prompt, "
+                                   "--device, --compile and --activation-checkpointing may differ from the "
+                                   "recorded run.",
                        epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?", default=None,
                    help="text file, folder of .txt/.md files, or .jsonl (default: the bundled Shakespeare)")
-    p.add_argument("--preset", default="shakespeare-char", help="shakespeare-char (default) or shakespeare-bpe")
+    p.add_argument("--preset", default=None, help="shakespeare-char (default) or shakespeare-bpe")
     p.add_argument("--out", default=None, help="output directory (default runs/PRESET)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last exactly")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT exactly, with its recorded data and options")
+    p.add_argument("--force", action="store_true", help="replace a previous run in OUT")
+    # The flag's former name, kept hidden so scripts written for it still work.
+    p.add_argument("--overwrite", action="store_true", dest="force", help=argparse.SUPPRESS)
     g = p.add_argument_group("training (defaults come from the preset)")
     for flag, (_, kind, text) in TRAIN_FLAGS.items():
         g.add_argument(flag, type=kind, default=None, help=text)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="bfloat16: mixed precision")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
-    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    g.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
     g = p.add_argument_group("model (defaults come from the preset)")
     for flag, (_, kind, text) in MODEL_FLAGS.items():
         g.add_argument(flag, type=kind, default=None, help=text)
     g = p.add_argument_group("data")
     g.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (BPE presets)")
     g.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
-    g.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens for validation (default 0.1)")
+    g.add_argument("--text-field", default=None, help="JSONL field holding the text (default 'text')")
+    g.add_argument("--val-fraction", type=float, default=None, help="share of tokens for validation (default 0.1)")
     g = p.add_argument_group("output")
     g.add_argument("--sample-tokens", type=int, default=None, help="tokens per sample at each evaluation (0: none)")
     g.add_argument("--prompt", default=None, help="text the samples start from (default a newline)")
@@ -89,6 +97,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_training(RunOptions(
         data=args.data, preset=args.preset, out=args.out, train=train, model=model, vocab_size=args.vocab_size,
         tokenizer=args.tokenizer, text_field=args.text_field, val_fraction=args.val_fraction, resume=args.resume,
-        overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+        force=args.force, device=args.device, progress=not args.no_progress,
         sample_tokens=args.sample_tokens, prompt=args.prompt,
     ))

@@ -82,9 +82,9 @@ class TrainConfig:
         return asdict(self)
 
 
-@dataclass
+@dataclass(repr=False)
 class TrainResult:
-    """What happened: steps done, last losses, where the checkpoints are."""
+    """What happened: steps done, last losses, whether it stopped early, how long it took."""
 
     step: int
     train_loss: float | None
@@ -92,6 +92,17 @@ class TrainResult:
     best_val_loss: float | None
     stopped_early: bool = False
     history: list[dict] = field(default_factory=list)  # one record per step and per evaluation
+    elapsed: float | None = None  # seconds of this call to train() (a resumed run counts from its resume)
+
+    def __repr__(self) -> str:
+        # Short on purpose: the history of a 2,000-step run is ~60 KB, too much for a REPL line.
+        def loss(x: float | None) -> str:
+            return "None" if x is None else f"{x:.4f}"
+
+        elapsed = "None" if self.elapsed is None else f"{self.elapsed:.1f}s"
+        return (f"TrainResult(step={self.step}, train_loss={loss(self.train_loss)}, val_loss={loss(self.val_loss)}, "
+                f"best_val_loss={loss(self.best_val_loss)}, stopped_early={self.stopped_early}, elapsed={elapsed}, "
+                f"history=[{len(self.history)} records])")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -188,6 +199,7 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
             ckpt.write_checkpoint(out_dir / kind, save_model, opt, trainer_state)
 
     result = TrainResult(state["step"], None, None, state["best_val_loss"])
+    started = time.perf_counter()
     if reporter is not None:
         reporter.on_start(state["step"], config.max_steps)
     step_loss = None
@@ -258,6 +270,7 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
             save("last", with_optimizer=True)
 
     result.step, result.train_loss, result.best_val_loss = state["step"], step_loss, state["best_val_loss"]
+    result.elapsed = time.perf_counter() - started
     if reporter is not None:
         reporter.on_end(result)
     return result
