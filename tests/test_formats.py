@@ -182,11 +182,20 @@ def test_corrupt_safetensors_names_the_file(tmp_path):
         LLM.load(tmp_path)
 
 
-def test_pickled_weights_are_refused_not_loaded(tmp_path):
-    save_hf(hf_llama(), tmp_path)
-    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
-    with pytest.raises(ModelFileError, match="pickled"):
+def test_pickled_weights_load_weights_only_and_code_is_refused(tmp_path):
+    """A pytorch_model.bin of tensors loads; one that needs the unsafe unpickler is refused in one line
+    (more kinds in test_formats_torch.py)."""
+    model = hf_llama()
+    save_hf(model, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # what transformers 4 wrote
+    ids = torch.randint(0, 260, (1, 16))
+    with torch.no_grad():
+        assert (LLM.load(tmp_path).model(ids) - model(ids).logits).abs().max() < 1e-4
+    torch.save({**model.state_dict(), "hook": print}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelFileError, match=r"refused: it needs PyTorch's unsafe unpickler.*calls for print") as err:
         LLM.load(tmp_path)
+    assert "\n" not in str(err.value)
 
 
 def test_unsupported_hf_architecture_is_named(tmp_path):

@@ -127,10 +127,10 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.exists():
         return path
-    if os.sep in text or text.endswith((".gguf", ".safetensors")):
+    if os.sep in text or text.endswith((".gguf", ".safetensors", ".pt", ".pth", ".bin", ".ckpt")):
         raise ModelFileError(f"no such file or directory: {path}")
     raise UnknownModelError(f"unknown model {text!r}; known models: {', '.join(KNOWN_MODELS)} "
-                            "(or give a GGUF file, an HF directory or a checkpoint directory)")
+                            "(or give a GGUF file, an HF, scratchlm or litgpt directory, or a nanoGPT ckpt.pt)")
 
 
 def list_models() -> list[dict]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 from scratchlm.config import ModelConfig
+from scratchlm.errors import ModelFileError
 from scratchlm.files import read_json
 from scratchlm.model import expected_shapes
 
@@ -25,21 +27,21 @@ def _dir_size(path: Path) -> int:
 
 def model_info(name_or_path: str) -> dict[str, str]:
     """Architecture, parameter count, context length, stored dtypes and file size of a model."""
-    from scratchlm.formats import checkpoint, hf
+    from scratchlm.formats import checkpoint, hf, torch_files
     from scratchlm.hub import resolve
 
     path = resolve(name_or_path)
-    if path.is_file():
+    if path.is_file() and path.suffix == ".gguf":
         from scratchlm.formats.gguf import config_from_gguf, read_gguf
 
         reader, meta = read_gguf(path)
         config = config_from_gguf(meta, name=path.stem)
         dtypes = Counter(t.tensor_type.name for t in reader.tensors)
-        stored = ", ".join(f"{k} x{v}" for k, v in dtypes.most_common())
         fmt = f"GGUF v{meta.get('GGUF.version')} ({meta.get('general.name', '?')})"
+    elif path.is_file() or not (path / "config.json").is_file() and not checkpoint.is_model_dir(path) and \
+            (torch_files.is_litgpt_dir(path) or (path / torch_files.NANOGPT_FILE).is_file()):
+        config, dtypes, fmt = _torch_checkpoint(path)
     else:
-        import json
-
         if checkpoint.is_model_dir(path):
             config = ModelConfig.from_dict(read_json(path / checkpoint.CONFIG_FILE))
             fmt = "scratchlm model directory"
@@ -52,7 +54,11 @@ def model_info(name_or_path: str) -> dict[str, str]:
                 n = int.from_bytes(fh.read(8), "little")
                 header = json.loads(fh.read(n))
             dtypes.update(v["dtype"] for k, v in header.items() if k != "__metadata__")
-        stored = ", ".join(f"{k} x{v}" for k, v in dtypes.most_common())
+        if not dtypes and torch_files.has_hf_weights(path):
+            fmt = "HF transformers directory (pytorch_model.bin, read weights-only)"
+            for f in sorted(path.glob("pytorch_model*.bin")):
+                dtypes.update(torch_files.stored_dtypes(f))
+    stored = ", ".join(f"{k} x{v}" for k, v in dtypes.most_common())
     n_params = sum(_prod(s) for s in expected_shapes(config).values())
     return {
         "model": str(name_or_path), "path": str(path), "format": fmt, "architecture": _architecture(config),
@@ -61,6 +67,26 @@ def model_info(name_or_path: str) -> dict[str, str]:
         "vocabulary": str(config.vocab_size), "tied embeddings": str(config.tie_embeddings),
         "stored dtypes": stored, "file size": f"{_dir_size(path) / 2**20:.1f} MiB",
     }
+
+
+def _torch_checkpoint(path: Path) -> tuple[ModelConfig, Counter, str]:
+    """Config, stored dtypes and a format line of a nanoGPT or litgpt checkpoint (memory-mapped, not read)."""
+    from scratchlm.formats import torch_files
+
+    if path.is_dir():
+        path = path / (torch_files.LITGPT_WEIGHTS if torch_files.is_litgpt_dir(path) else torch_files.NANOGPT_FILE)
+    dtypes = Counter(torch_files.stored_dtypes(path))
+    if torch_files.is_litgpt_dir(path.parent):
+        config = torch_files.litgpt_config(torch_files.read_litgpt_config(path.parent), name=path.parent.name)
+        return config, dtypes, f"litgpt checkpoint ({path.name} + {torch_files.LITGPT_CONFIG}, read weights-only)"
+    obj = torch_files.load_safely(path)
+    if not torch_files.is_nanogpt(obj):
+        raise ModelFileError(f"{path} is neither a nanoGPT ckpt.pt nor a litgpt lit_model.pth")
+    config = torch_files.nanogpt_config(obj["model_args"], name=path.parent.name)
+    details = [f"iteration {obj['iter_num']}"] if "iter_num" in obj else []
+    if obj.get("best_val_loss") is not None:
+        details.append(f"best validation loss {float(obj['best_val_loss']):.4f}")
+    return config, dtypes, f"nanoGPT checkpoint ({', '.join(details + ['read weights-only'])})"
 
 
 def _prod(shape) -> int:

@@ -42,6 +42,70 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")  # files torch.save wrote (read weights-only)
+
+
+def _read_weights(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, canonical state dict) of a scratchlm, HF, litgpt or nanoGPT directory, or a checkpoint file."""
+    from scratchlm.formats import checkpoint, hf, torch_files
+
+    if path.is_file():
+        if path.name == torch_files.LITGPT_WEIGHTS or torch_files.is_litgpt_dir(path.parent):
+            if not torch_files.is_litgpt_dir(path.parent):
+                raise ModelFileError(f"{path.parent / torch_files.LITGPT_CONFIG} is missing: litgpt checkpoints "
+                                     "need their model_config.yaml beside lit_model.pth")
+            return torch_files.load_litgpt_dir(path.parent, dtype)
+        return torch_files.load_nanogpt(path, dtype)
+    if checkpoint.is_model_dir(path):
+        return checkpoint.load_model_dir(path, dtype)
+    if (path / "config.json").is_file():
+        config, state, _ = hf.load_hf(path, dtype)
+        return config, state
+    if torch_files.is_litgpt_dir(path):
+        return torch_files.load_litgpt_dir(path, dtype)
+    if (path / torch_files.NANOGPT_FILE).is_file():
+        return torch_files.load_nanogpt(path / torch_files.NANOGPT_FILE, dtype)
+    raise ModelFileError(f"{path} holds none of config.json (HF), {checkpoint.CONFIG_FILE} (scratchlm), "
+                         f"{torch_files.LITGPT_WEIGHTS} + {torch_files.LITGPT_CONFIG} (litgpt) "
+                         f"or {torch_files.NANOGPT_FILE} (nanoGPT)")
+
+
+def _read_tokenizer(directory: Path, override: Path | None,
+                    weights: Path) -> tuple[Tokenizer, ChatTemplate, set[int]]:
+    """Tokenizer, chat template and end-of-sequence ids from ``directory`` (the tokenizer from ``override``)."""
+    model_dir = directory
+    if override is not None:
+        tok_file = override / "tokenizer.json" if override.is_dir() else override
+        if not tok_file.is_file():
+            raise ModelFileError(f"tokenizer file not found: {tok_file}")
+        directory = tok_file.parent
+    else:
+        tok_file = directory / "tokenizer.json"
+        if not tok_file.is_file():
+            hint = ""
+            if weights.suffix in TORCH_SUFFIXES or (directory / "ckpt.pt").is_file():
+                hint = (" (nanoGPT keeps no tokenizer file: put the tokenizer.json of the tokenizer it was trained "
+                        "with, e.g. GPT-2's, beside the checkpoint or pass --tokenizer / tokenizer=; its char-level "
+                        "meta.pkl is a pickle and is not read)")
+            raise ModelFileError(f"missing tokenizer file: {tok_file}{hint}")
+    tokenizer = Tokenizer.from_file(tok_file)
+    tok_config = read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() \
+        else {}
+    for attr in ("bos_token", "eos_token"):
+        text = _token_text(tok_config.get(attr))
+        if text is not None and tokenizer.token_to_id(text) is not None:
+            setattr(tokenizer, attr, text)
+            setattr(tokenizer, attr.replace("_token", "_id"), tokenizer.token_to_id(text))
+    source = tok_config.get("chat_template")
+    if source is None and (directory / "chat_template.jinja").is_file():
+        source = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    eos_ids: set[int] = set()
+    if (model_dir / "generation_config.json").is_file():
+        eos = read_json(model_dir / "generation_config.json").get("eos_token_id")
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return tokenizer, ChatTemplate(source, tokenizer.bos_token, tokenizer.eos_token), eos_ids
+
+
 class LLM:
     """A ready-to-use language model: ``model`` (a torch Module), ``tokenizer`` and ``template``."""
 
@@ -62,12 +126,17 @@ class LLM:
     @classmethod
     def load(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
              quantize: str | None = None, group_size: int | None = None,
-             adapter: str | os.PathLike | None = None) -> LLM:
-        """Load a known model name (pulled), a GGUF file, an HF model directory or a scratchlm directory.
+             adapter: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None) -> LLM:
+        """Load a known model name (pulled), a GGUF file, a model directory or a PyTorch checkpoint file.
 
+        Directories: HF (``config.json`` with safetensors or ``pytorch_model.bin``), scratchlm, quantized,
+        litgpt (``lit_model.pth`` + ``model_config.yaml``), nanoGPT (``ckpt.pt``); files: ``.gguf``, nanoGPT
+        ``ckpt.pt``, litgpt ``lit_model.pth``. Pickled files are read with the weights-only unpickler.
         ``quantize="int8"|"int4"`` quantizes the weights after loading (``group_size`` 32, 64 or 128 for
         int4, default 32); a directory written by ``scratchlm quantize`` loads quantized as it is.
         ``adapter`` is a LoRA adapter directory (PEFT format) merged into the weights before quantizing.
+        ``tokenizer`` is a ``tokenizer.json`` (or a directory holding one) to use instead of the one beside
+        the weights: nanoGPT checkpoints come without one.
         """
         from scratchlm.hub import KNOWN_MODELS, resolve
 
@@ -78,12 +147,16 @@ class LLM:
         path = resolve(name_or_path)
         torch_dtype = parse_dtype(dtype)
         name = str(name_or_path) if str(name_or_path) in KNOWN_MODELS else path.stem
-        if path.is_file() and path.suffix == ".gguf":
+        tok_path = Path(tokenizer).expanduser() if tokenizer is not None else None
+        if path.is_file() and path.suffix == ".gguf" and tok_path is None:
             llm = cls._from_gguf(path, torch_dtype, name)
-        elif path.is_dir():
-            llm = cls._from_directory(path, torch_dtype, name)
+        elif path.is_dir() or (path.is_file() and path.suffix in TORCH_SUFFIXES):
+            llm = cls._from_directory(path, torch_dtype, name, tok_path)
+        elif path.is_file() and path.suffix == ".gguf":
+            raise ConfigError("a GGUF file carries its own tokenizer: drop the tokenizer option")
         else:
-            raise ModelFileError(f"{path} is neither a .gguf file nor a model directory")
+            raise ModelFileError(f"{path} is neither a .gguf file, a PyTorch checkpoint "
+                                 f"({', '.join(TORCH_SUFFIXES)}) nor a model directory")
         if adapter is not None:
             from scratchlm.finetune.peft import load_adapter
 
@@ -106,42 +179,22 @@ class LLM:
         return cls(build_model(config, state, source=str(path)), tokenizer, template, name, path)
 
     @classmethod
-    def _from_directory(cls, path: Path, dtype: torch.dtype, name: str) -> LLM:
-        from scratchlm.formats import checkpoint, hf
+    def _from_directory(cls, path: Path, dtype: torch.dtype, name: str, tokenizer: Path | None = None) -> LLM:
+        """A model directory, or a PyTorch checkpoint file (nanoGPT ``ckpt.pt``, litgpt ``lit_model.pth``)."""
         from scratchlm.quant.checkpoint import is_quantized_dir, load_quantized_dir
 
         model = None
-        if is_quantized_dir(path):
+        if path.is_dir() and is_quantized_dir(path):
             config, model = load_quantized_dir(path, dtype)
-        elif checkpoint.is_model_dir(path):
-            config, state = checkpoint.load_model_dir(path, dtype)
-        elif (path / "config.json").is_file():
-            config, state, _ = hf.load_hf(path, dtype)
         else:
-            raise ModelFileError(f"{path} holds neither config.json (HF) nor {checkpoint.CONFIG_FILE} (scratchlm)")
+            config, state = _read_weights(path, dtype)
         config = config.replace(name=name)
-        tok_file = path / "tokenizer.json"
-        if not tok_file.is_file():
-            raise ModelFileError(f"missing tokenizer file: {tok_file}")
-        tokenizer = Tokenizer.from_file(tok_file)
-        tok_config = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-        for attr in ("bos_token", "eos_token"):
-            text = _token_text(tok_config.get(attr))
-            if text is not None and tokenizer.token_to_id(text) is not None:
-                setattr(tokenizer, attr, text)
-                setattr(tokenizer, attr.replace("_token", "_id"), tokenizer.token_to_id(text))
-        source = tok_config.get("chat_template")
-        if source is None and (path / "chat_template.jinja").is_file():
-            source = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        eos_ids: set[int] = set()
-        if (path / "generation_config.json").is_file():
-            eos = read_json(path / "generation_config.json").get("eos_token_id")
-            eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        template = ChatTemplate(source, tokenizer.bos_token, tokenizer.eos_token)
+        directory = path if path.is_dir() else path.parent
+        tokenizer_obj, template, eos_ids = _read_tokenizer(directory, tokenizer, path)
         if model is None:
             model = build_model(config, state, source=str(path))
         model.config = config
-        return cls(model, tokenizer, template, name, path, eos_ids)
+        return cls(model, tokenizer_obj, template, name, path, eos_ids)
 
     # ----------------------------------------------------------------------------------------------
     def sampling(self, **kwargs) -> SamplingParams:

@@ -1,8 +1,9 @@
 """Read HF transformers model directories (Llama and GPT-2) into the canonical representation.
 
 A directory holds ``config.json``, ``model.safetensors`` (or shards listed in
-``model.safetensors.index.json``), ``tokenizer.json`` and usually ``tokenizer_config.json``.
-Only safetensors are read: pickled ``pytorch_model.bin`` files can run code and are refused.
+``model.safetensors.index.json``), ``tokenizer.json`` and usually ``tokenizer_config.json``. Older models
+ship ``pytorch_model.bin`` (or its shards) instead: those are read with PyTorch's weights-only unpickler
+(``formats.torch_files``), and a file that needs more than tensors is refused.
 """
 
 from __future__ import annotations
@@ -98,8 +99,11 @@ def hf_name_map(config: ModelConfig) -> dict[str, str]:
 
 
 def from_hf_state_dict(config: ModelConfig, hf_state: dict[str, torch.Tensor],
-                       source: str = "") -> dict[str, torch.Tensor]:
-    """Rename HF tensors to canonical names (GPT-2: transpose Conv1D weights and split c_attn)."""
+                       source: str = "", conv1d: bool = True) -> dict[str, torch.Tensor]:
+    """Rename HF tensors to canonical names (GPT-2: transpose Conv1D weights and split c_attn).
+
+    ``conv1d=False`` reads GPT-2 names whose weights are already ``nn.Linear``'s ``[out, in]`` (nanoGPT).
+    """
     names = hf_name_map(config)
     gpt2 = config.positions == "learned"
     state: dict[str, torch.Tensor] = {}
@@ -112,8 +116,8 @@ def from_hf_state_dict(config: ModelConfig, hf_state: dict[str, torch.Tensor],
         if key not in names:
             raise ModelFileError(f"{source}: unexpected tensor {hf_name} for this architecture")
         ours = names[key]
-        conv1d = "embeddings" not in ours and ours != "lm_head.weight"
-        if gpt2 and conv1d and ours.endswith(".weight") and tensor.ndim == 2:
+        is_conv1d = "embeddings" not in ours and ours != "lm_head.weight"
+        if gpt2 and conv1d and is_conv1d and ours.endswith(".weight") and tensor.ndim == 2:
             tensor = tensor.t()  # GPT-2's Conv1D stores weights as [in, out]
         if ".attn.qkv." in ours:
             for part, chunk in zip("qkv", tensor.chunk(3, dim=0)):
@@ -137,9 +141,8 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     elif index.is_file():
         files = [directory / f for f in sorted(set(read_json(index)["weight_map"].values()))]
     else:
-        pickled = any(directory.glob("*.bin"))
-        hint = " (pickled .bin weights are not read: convert them to safetensors)" if pickled else ""
-        raise ModelFileError(f"{directory} has no model.safetensors or model.safetensors.index.json{hint}")
+        raise ModelFileError(f"{directory} has no model.safetensors, model.safetensors.index.json "
+                             "or pytorch_model.bin")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
@@ -151,12 +154,23 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The HF tensors of a directory: safetensors when present, else ``pytorch_model.bin`` read safely."""
+    from scratchlm.formats import torch_files
+
+    has_safetensors = (directory / "model.safetensors").is_file() or \
+        (directory / "model.safetensors.index.json").is_file()
+    if not has_safetensors and torch_files.has_hf_weights(directory):
+        return torch_files.read_hf_bin(directory)
+    return read_safetensors(directory)
+
+
 def load_hf(directory: str | Path,
             dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """Read an HF model directory: (config, canonical state dict in ``dtype``, tokenizer_config dict)."""
     directory = Path(directory)
     config = config_from_hf(read_json(directory / "config.json"), name=directory.name)
-    state = from_hf_state_dict(config, read_safetensors(directory), source=str(directory))
+    state = from_hf_state_dict(config, read_weights(directory), source=str(directory))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tok_config_path = directory / "tokenizer_config.json"
     tok_config = read_json(tok_config_path) if tok_config_path.is_file() else {}
