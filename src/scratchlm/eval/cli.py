@@ -5,6 +5,8 @@ one entry to ``EVAL_COMMANDS``. Keep heavy imports inside the command functions.
 
     scratchlm eval perplexity MODEL FILE [--context N --stride S] [--quantize int8|int4] [--dtype bfloat16]
     scratchlm eval task MODEL FILE.jsonl [--adapter DIR] [--limit N] [--predictions OUT.jsonl]
+                        [--labels a,b,c] [--confusion-matrix OUT.png [--force]]
+Both show a progress bar (rate, time left) on stderr when it is a terminal; --no-progress turns it off.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    llm = LLM.load(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
-    result = perplexity_of_text(llm, text, args.context, args.stride, progress=sys.stderr.isatty())
+    llm = LLM.load(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
+                   tokenizer=args.tokenizer)
+    result = perplexity_of_text(llm, text, args.context, args.stride, progress=show_progress(args))
     print(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens scored in {result.windows} windows, "
           f"{result.bits_per_token:.4f} bits/token)")
 
@@ -44,30 +47,66 @@ def register_perplexity(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights at load")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 64)")
+    add_loading_and_progress(p)
     p.set_defaults(func=cmd_perplexity)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """A progress bar goes to stderr only when a person watches it (a terminal) and did not say --no-progress."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def add_loading_and_progress(p) -> None:
+    """``--tokenizer`` (for checkpoints that come without one, such as nanoGPT's) and ``--no-progress``."""
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json (or a directory holding one) to use with the model: nanoGPT ckpt.pt files "
+                        "come without one")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def cmd_task(args: argparse.Namespace) -> None:
     import json
 
     from scratchlm.eval.task import evaluate_task
-    from scratchlm.files import atomic_write_bytes
+    from scratchlm.files import atomic_write_bytes, check_destination
     from scratchlm.llm import LLM
 
-    llm = LLM.load(args.model, dtype=args.dtype, adapter=args.adapter)
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+    if args.confusion_matrix:  # checked before the slow part
+        from scratchlm.errors import ConfigError
+        from scratchlm.eval.classification import detect_labels
+        from scratchlm.eval.task import read_task
+
+        check_destination(Path(args.confusion_matrix), args.force, want_dir=False)
+        if labels is None and detect_labels([ref for _, ref in read_task(args.file, args.limit)]) is None:
+            raise ConfigError("--confusion-matrix needs a label task, and the references are not a small set of "
+                              "repeated labels: name the labels with --labels a,b,c")
+    llm = LLM.load(args.model, dtype=args.dtype, adapter=args.adapter, tokenizer=args.tokenizer)
     result = evaluate_task(llm, args.file, args.max_new_tokens, args.batch_size, args.limit,
-                           progress=sys.stderr.isatty())
+                           progress=show_progress(args), labels=labels)
     print(result.summary())
+    if result.classification is not None:
+        print()
+        print(result.classification.table())
+    if args.confusion_matrix and result.classification is not None:
+        from scratchlm.eval.classification import confusion_matrix_png
+
+        out = Path(args.confusion_matrix)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, confusion_matrix_png(result.classification))
+        print(f"confusion matrix -> {args.confusion_matrix}", file=sys.stderr)
     if args.predictions:
         lines = "".join(json.dumps({**row, **{"exact_match": row["prediction"].strip() == row["reference"].strip()}},
                                    ensure_ascii=False) + "\n" for row in result.rows)
         atomic_write_bytes(Path(args.predictions), lines.encode("utf-8"))
     if args.json:
-        print(json.dumps({"n": result.n, **result.scores}))
+        extra = {"classification": result.classification.as_dict()} if result.classification is not None else {}
+        print(json.dumps({"n": result.n, **result.scores, **extra}, ensure_ascii=False))
 
 
 def register_task(subparsers) -> None:
-    p = subparsers.add_parser("task", help="exact match, token F1, BLEU and ROUGE-L of greedy answers on a JSONL task")
+    p = subparsers.add_parser("task", help="exact match, token F1, BLEU, ROUGE-L (and classification metrics for "
+                                           "label tasks) of greedy answers on a JSONL task")
     p.add_argument("model", help="known model name, .gguf file, or model directory")
     p.add_argument("file", help='JSONL of {"messages": [...]} or {"prompt", "completion"}; the last assistant '
                                 "turn is the reference")
@@ -79,6 +118,12 @@ def register_task(subparsers) -> None:
     p.add_argument("--predictions", default=None, help="write each prompt, reference and prediction to this JSONL")
     p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated labels: score as classification (accuracy, precision/recall/F1 per class, "
+                        "confusion matrix); without it a task whose references are a few repeated labels is detected")
+    p.add_argument("--confusion-matrix", default=None, metavar="OUT.png", help="draw the confusion matrix into a PNG")
+    p.add_argument("--force", action="store_true", help="replace an existing --confusion-matrix file")
+    add_loading_and_progress(p)
     p.set_defaults(func=cmd_task)
 
 

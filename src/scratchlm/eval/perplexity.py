@@ -15,6 +15,7 @@ tokens scored), so the two agree on the same model and token ids.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,7 @@ def perplexity(model, token_ids: list[int] | torch.Tensor, context: int | None =
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=ids.numel() - 1, unit="tok", desc="perplexity", dynamic_ncols=True)
+        bar = tqdm(total=ids.numel() - 1, unit="tok", desc="perplexity", dynamic_ncols=True, file=sys.stderr)
     for begin, end, n_scored in spans:
         window = ids[begin:end].to(device)[None]  # (1, T)
         hidden = model.hidden_states(window)[0, -n_scored - 1 : -1]  # states that predict the scored tokens
