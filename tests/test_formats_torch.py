@@ -172,6 +172,16 @@ def test_nanogpt_checkpoint_matches_gpt2(tmp_path, bias, compiled):
         assert (our_logits(llm) - hf_logits(model)).abs().max() < 1e-4
 
 
+def test_model_survives_its_checkpoint_being_rewritten(tmp_path):
+    """nanoGPT's train.py saves over ckpt.pt in place; a model still mapping the old pages would die of SIGBUS."""
+    model = hf_gpt2()
+    torch.save(nanogpt_checkpoint(model), tmp_path / "ckpt.pt")
+    byte_tokenizer().save(tmp_path / "tokenizer.json")
+    llm = LLM.load(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # truncated in place, as a new torch.save begins
+    assert (our_logits(llm) - hf_logits(model)).abs().max() < 1e-4
+
+
 def test_nanogpt_gelu_is_the_tanh_approximation(tmp_path):
     """nanoGPT's MLP uses exact GELU, scratchlm's GPT-2 block the tanh form (GPT-2's own): close, not equal."""
     model = hf_gpt2("gelu")  # exact GELU, as nanoGPT's nn.GELU()
@@ -272,3 +282,20 @@ def test_info_describes_the_pickled_kinds(tmp_path):
     assert "nanoGPT" in nano["format"] and "iteration 5000" in nano["format"]
     assert nano["architecture"].startswith("gpt2-style") and nano["context length"] == "128"
     assert "litgpt" in lit["format"] and lit["heads"] == "4 (key/value 2)"
+
+
+def test_cli_evaluates_a_nanogpt_checkpoint_with_a_given_tokenizer(tmp_path, capsys):
+    from scratchlm.cli import main
+
+    (tmp_path / "out").mkdir()
+    torch.save(nanogpt_checkpoint(hf_gpt2()), tmp_path / "out" / "ckpt.pt")
+    byte_tokenizer().save(tmp_path / "tokenizer.json")
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 3, encoding="utf-8")
+    argv = ["eval", "perplexity", str(tmp_path / "out" / "ckpt.pt"), str(text), "--no-progress"]
+    assert main(argv) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    assert main([*argv, "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    assert capsys.readouterr().out.startswith("perplexity ")
+    assert main(["info", str(tmp_path / "out" / "ckpt.pt")]) == 0
+    assert "nanoGPT checkpoint (iteration 5000" in capsys.readouterr().out

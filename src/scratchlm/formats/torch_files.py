@@ -90,7 +90,7 @@ def read_hf_bin(directory: Path) -> dict[str, torch.Tensor]:
         files = [directory / f for f in sorted(set(read_json(directory / HF_INDEX)["weight_map"].values()))]
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        tensors.update(_state_dict(load_safely(f), f))
+        tensors.update({k: v.clone() for k, v in _state_dict(load_safely(f), f).items()})  # out of the map
     return tensors
 
 
@@ -248,7 +248,9 @@ def load_nanogpt(path: Path, dtype: torch.dtype = torch.float32) -> tuple[ModelC
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    """Tensors in ``dtype``, copied out of the memory map: a model must not share pages with a file that its
+    writer may rewrite in place (nanoGPT's train.py saves over ckpt.pt), which would crash it (SIGBUS)."""
+    return {k: v.to(dtype, copy=True) if v.is_floating_point() else v.clone() for k, v in state.items()}
 
 
 def stored_dtypes(path: Path) -> list[str]:
