@@ -69,7 +69,8 @@ def save_hf_bin(model, directory, shards: int = 1):
 def test_hf_pytorch_model_bin_matches_transformers(tmp_path, make):
     save_hf_bin(make(), tmp_path)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # HF reads the same .bin
-    assert (our_logits(LLM.load(tmp_path)) - hf_logits(reference)).abs().max() < 1e-4
+    for source in (tmp_path, tmp_path / "pytorch_model.bin"):  # the directory, or the weights file in it
+        assert (our_logits(LLM.load(source)) - hf_logits(reference)).abs().max() < 1e-4
 
 
 def test_sharded_pytorch_model_bin_loads(tmp_path):

@@ -31,6 +31,8 @@ def model_info(name_or_path: str) -> dict[str, str]:
     from scratchlm.hub import resolve
 
     path = resolve(name_or_path)
+    if path.is_file() and path.name.startswith("pytorch_model") and (path.parent / "config.json").is_file():
+        path = path.parent  # HF weights: describe their directory
     if path.is_file() and path.suffix == ".gguf":
         from scratchlm.formats.gguf import config_from_gguf, read_gguf
 

@@ -49,6 +49,8 @@ def _read_weights(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str
     """(config, canonical state dict) of a scratchlm, HF, litgpt or nanoGPT directory, or a checkpoint file."""
     from scratchlm.formats import checkpoint, hf, torch_files
 
+    if path.is_file() and path.name.startswith("pytorch_model") and (path.parent / "config.json").is_file():
+        path = path.parent  # HF weights: the directory holds the config and the other shards
     if path.is_file():
         if path.name == torch_files.LITGPT_WEIGHTS or torch_files.is_litgpt_dir(path.parent):
             if not torch_files.is_litgpt_dir(path.parent):
