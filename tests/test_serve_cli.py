@@ -86,3 +86,52 @@ def test_a_model_that_fails_to_load_stops_the_server_with_a_one_line_error(tmp_p
                        timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and "broken.gguf" in r.stderr
+
+
+def wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_sigterm_during_a_long_stream_ends_it_with_an_error_event_and_exits_within_a_second(tmp_path):
+    # A model with a long context, so that one request streams for many seconds unless it is stopped.
+    llm = tiny_llm(context_length=4096)
+    model_dir = save_model_dir(tmp_path / "tiny", llm.config, llm.model.canonical_state_dict(), llm.tokenizer)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(scratchlm("--threads", "1", "serve", str(model_dir), "--port", str(port),
+                                      "--max-len", "4096"), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(proc, url)
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            for line in lines:  # the stream is under way
+                if line.startswith("data: {"):
+                    events.append(line)
+                    break
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            events += [line for line in lines if line.startswith("data:")]
+        proc.wait(timeout=30)
+        exited = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert exited < 1.0, f"the server took {exited:.2f} s to exit after SIGTERM"
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][len("data: "):])
+    assert "shutting down" in last["error"]["message"]
+    texts = [json.loads(e[len("data: "):])["choices"][0]["text"] for e in events[:-2]]
+    assert 0 < len(texts) < 4000  # it was stopped, not finished
+    # uvicorn re-raises the SIGTERM it handled once the shutdown is complete: the usual "terminated" status.
+    assert proc.returncode in (0, -signal.SIGTERM), proc.stderr.read()

@@ -1,8 +1,9 @@
 """The interactive side of ``scratchlm chat``: a conversation that remembers, within the context window.
 
-Lines starting with ``/`` are commands: ``/reset`` forgets the conversation, ``/system TEXT`` sets the
-system prompt (and resets), ``/exit`` quits. Anything else is the user's next message; the reply streams
-back. With piped stdin, each line is one message, so ``echo "hi" | scratchlm chat MODEL`` works.
+Lines starting with ``/`` are commands: ``/help`` lists them, ``/reset`` forgets the conversation,
+``/system TEXT`` sets the system prompt (and resets), ``/exit`` quits. Anything else is the user's next
+message; the reply streams back. With piped stdin, each line is one message, so
+``echo "hi" | scratchlm chat MODEL`` works.
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from typing import TextIO
 
 from scratchlm.llm import LLM
 
-HELP = "commands: /reset  /system TEXT  /exit"
+HELP = """commands:
+  /help          show this list
+  /reset         forget the conversation (the system prompt stays)
+  /system TEXT   set the system prompt and start over (/system alone removes it)
+  /exit          quit (Ctrl-D too)"""
 
 
 class ChatSession:
@@ -55,7 +60,7 @@ class ChatSession:
     def run(self, stdin: TextIO, out: TextIO) -> None:
         interactive = stdin.isatty()
         if interactive:
-            out.write(f"chatting with {self.llm.name}; {HELP}\n")
+            out.write(f"chatting with {self.llm.name}; /help lists the commands, /exit quits\n")
         while True:
             if interactive:
                 out.write(">>> ")
@@ -68,15 +73,17 @@ class ChatSession:
                 continue
             if text.startswith("/"):
                 command, _, arg = text.partition(" ")
-                if command == "/exit":
+                if command in ("/exit", "/quit", "/bye"):
                     break
-                if command == "/reset":
+                if command in ("/help", "/?"):
+                    out.write(HELP + "\n")
+                elif command == "/reset":
                     self.history = []
                     out.write("(conversation reset)\n")
                 elif command == "/system":
                     self.system, self.history = (arg.strip() or None), []
                     out.write("(system prompt set; conversation reset)\n")
                 else:
-                    out.write(f"unknown command {command}; {HELP}\n")
+                    out.write(f"unknown command {command}\n{HELP}\n")
                 continue
             self.reply(text, out)

@@ -15,61 +15,43 @@ import argparse
 import os
 import sys
 
-from scratchlm.errors import ScratchLMError
-
-
-def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.7) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    g.add_argument("--temperature", type=float, default=temperature,
-                   help=f"0 = greedy, higher = more random (default {temperature})")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
-    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the best probability")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
-
-
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                seed=args.seed, stop=tuple(args.stop))
-
-
-def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="known model name, .gguf file, or model directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="quantize the weights at load: int8 per channel, int4 group-wise (see --group-size)")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 32)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to merge in at load")
-
-
-def add_compile_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action="store_true",
-                   help="decode through a step compiled by torch.compile: faster tokens after a compile of "
-                        "about a minute per cache size (cached on disk for later runs)")
+from scratchlm.cli_options import (  # noqa: F401  (add_sampling_flags and sampling_kwargs: public helpers)
+    add_engine_flags,
+    add_model_argument,
+    add_progress_flag,
+    add_sampling_flags,
+    engine_kwargs,
+    sampling_kwargs,
+    show_progress,
+)
+from scratchlm.errors import ConfigError, ScratchLMError
 
 
 def load_llm(args: argparse.Namespace):
+    """The model named by ``args.model``, loaded with the engine options (and compiled with ``--compile``)."""
     from scratchlm.llm import LLM
+    from scratchlm.progress import stage
 
-    llm = LLM.load(args.model, dtype=args.dtype, quantize=getattr(args, "quantize", None),
-                   group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None))
+    progress = show_progress(args)
+    with stage(f"loading {args.model}", progress):
+        llm = LLM.load(args.model, **engine_kwargs(args))
     if getattr(args, "compile", False):
         from scratchlm.compiled import compile_decoding
 
-        compile_decoding(llm.model)
+        compile_decoding(llm.model, progress=progress)
     return llm
 
 
 # --------------------------------------------------------------------------------------------------
 def cmd_pull(args: argparse.Namespace) -> None:
-    from scratchlm.hub import pull
+    from scratchlm.hub import is_pulled, model_path, pull
 
-    path = pull(args.name, progress=True, force=args.force)
-    print(path)
+    if not args.force and is_pulled(args.name):
+        print(f"{args.name} is already pulled: {model_path(args.name)}\n"
+              f"(to download it again: scratchlm pull {args.name} --force)")
+        return
+    path = pull(args.name, progress=show_progress(args), force=args.force)
+    print(f"pulled {args.name} to {path}")
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -120,12 +102,14 @@ COMMAND_MODULES: list[str] = [
 # --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scratchlm", description="A from-scratch LLM stack in PyTorch.")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: the CPUs not busy with other work)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pull", help="download a known model into the cache")
     p.add_argument("name", help="a known model name (see `scratchlm list`)")
     p.add_argument("--force", action="store_true", help="download again even if present")
+    add_progress_flag(p)
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("list", help="show known and pulled models")
@@ -136,17 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="continue a prompt, streaming to stdout")
-    add_model_flags(p)
+    add_model_argument(p)
     p.add_argument("prompt", help="the text to continue")
-    add_compile_flag(p)
+    add_engine_flags(p)
     add_sampling_flags(p)
+    add_progress_flag(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model (interactive, or one message per stdin line)")
-    add_model_flags(p)
-    add_compile_flag(p)
+    add_model_argument(p)
     p.add_argument("--system", default=None, help="system prompt")
+    add_engine_flags(p)
     add_sampling_flags(p)
+    add_progress_flag(p)
     p.set_defaults(func=cmd_chat)
 
     # Feature packages add their own subcommands: each module has `register(subparsers)`.
@@ -158,12 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scratchlm import cpu
+
+    # Before anything imports torch: OpenMP reads its wait policy once, when torch loads it (see cpu.py).
+    session = "torch" in sys.modules  # a Python session (tests, notebook) whose threads are its owner's
+    cpu.set_wait_policy()
     args = build_parser().parse_args(argv)
     try:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        if args.threads is not None and args.threads < 1:
+            raise ConfigError("--threads must be at least 1")
+        threads = args.threads if session else cpu.choose_threads(args.threads)
+        if threads is not None:
+            cpu.set_threads(threads)
         args.func(args)
     except ScratchLMError as exc:
         red, reset = ("\033[31m", "\033[0m") if sys.stderr.isatty() else ("", "")

@@ -40,13 +40,19 @@ class CompiledDecoder:
     compiled on first use of each (tens of seconds for SmolLM2 on 2 cores; inductor caches them on disk).
     """
 
-    def __init__(self, model: Transformer, compile: bool = True):
+    def __init__(self, model: Transformer, compile: bool = True, progress: bool = False):
         self.model = model
         self.compiled = compile
+        self.progress = progress  # say so on stderr when a call is about to compile a graph
+        self._shapes: set[tuple[int, int]] = set()  # (batch, cache length) already compiled
         # Guards re-check every module attribute before each call (3 ms per token for SmolLM2, measured);
         # the decoder belongs to one model whose weights do not change while it decodes, so skip them.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False, options=options) if compile else self._step
+
+    def expected_compile_seconds(self) -> int:
+        """A rough compile time for one graph on a 2-core CPU: SmolLM2 (30 layers) took about 40 s."""
+        return max(5, round(40 * self.model.config.n_layers / 30))
 
     def cache_length(self, needed: int) -> int:
         """The cache length to allocate for ``needed`` tokens: a power of two, within the context window."""
@@ -117,12 +123,23 @@ class CompiledDecoder:
             # one compiled decoder per process at a time; switching to another one recompiles it.
             torch._dynamo.reset()
         _compiled_for = id(self) if self.compiled else _compiled_for
-        logits = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+        shape = (tokens.shape[0], cache.max_len)
+        if self.compiled and self.progress and shape not in self._shapes:
+            from scratchlm.progress import stage
+
+            with stage(f"compiling the decode step for batch {shape[0]}, cache {shape[1]} (first run only, about "
+                       f"{self.expected_compile_seconds()} s)"):
+                logits = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+        else:
+            logits = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+        self._shapes.add(shape)
         cache.lengths += 1
         return logits
 
 
-def compile_decoding(model: nn.Module, compile: bool = True) -> CompiledDecoder:
-    """Attach a compiled decode step to ``model`` (as ``model.decoder``), used by generate/chat/stream."""
-    model.decoder = CompiledDecoder(model, compile)
+def compile_decoding(model: nn.Module, compile: bool = True, progress: bool = False) -> CompiledDecoder:
+    """Attach a compiled decode step to ``model`` (as ``model.decoder``), used by generate/chat/stream.
+
+    ``progress``: print a line on stderr whenever a call compiles a new graph (tens of seconds)."""
+    model.decoder = CompiledDecoder(model, compile, progress)
     return model.decoder

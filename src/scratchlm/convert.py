@@ -15,6 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
+from scratchlm.cli_options import add_force_flag, add_progress_flag, add_threads_flag, show_progress
 from scratchlm.errors import ConfigError
 
 TARGETS = ("hf", "gguf", "onnx")
@@ -23,7 +24,7 @@ GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 
 
 def convert(source: str | Path, to: str, out: str | Path, dtype: str | None = None, gguf_type: str | None = None,
-            force: bool = False, batch_size: int = 1, seq_len: int | None = None) -> Path:
+            force: bool = False, batch_size: int = 1, seq_len: int | None = None, progress: bool = False) -> Path:
     """Export ``source`` (a known name, .gguf file, HF or scratchlm directory) to ``out``; returns ``out``.
 
     Args:
@@ -32,9 +33,11 @@ def convert(source: str | Path, to: str, out: str | Path, dtype: str | None = No
         gguf_type: tensor type of a GGUF export: f32, f16 (default), q8_0, q4_0 or q4_1.
         force: replace an existing ``out``.
         batch_size, seq_len: the fixed input shape of an ONNX export.
+        progress: say on stderr what is being done and how long it took.
     """
     from scratchlm.files import check_destination
     from scratchlm.llm import LLM, parse_dtype
+    from scratchlm.progress import stage
 
     if to not in TARGETS:
         raise ConfigError(f"unknown export target {to!r}; choose one of {', '.join(TARGETS)}")
@@ -50,18 +53,20 @@ def convert(source: str | Path, to: str, out: str | Path, dtype: str | None = No
     out = Path(out)
     check_destination(out, force, want_dir=to == "hf")  # before spending time on loading the source
 
-    llm = LLM.load(source, dtype="float32")
-    if to == "hf":
-        from scratchlm.formats.export_hf import export_hf
+    with stage(f"loading {source}", progress):
+        llm = LLM.load(source, dtype="float32")
+    with stage(f"writing {to} to {out}", progress):
+        if to == "hf":
+            from scratchlm.formats.export_hf import export_hf
 
-        return export_hf(llm, out, dtype=parse_dtype(dtype or "float32"), force=force)
-    if to == "gguf":
-        from scratchlm.formats.export_gguf import export_gguf
+            return export_hf(llm, out, dtype=parse_dtype(dtype or "float32"), force=force)
+        if to == "gguf":
+            from scratchlm.formats.export_gguf import export_gguf
 
-        return export_gguf(llm, out, gguf_type=gguf_type or "f16", force=force)
-    from scratchlm.formats.onnx import export_onnx
+            return export_gguf(llm, out, gguf_type=gguf_type or "f16", force=force)
+        from scratchlm.formats.onnx import export_onnx
 
-    return export_onnx(llm, out, batch_size=batch_size, seq_len=seq_len, force=force)
+        return export_onnx(llm, out, batch_size=batch_size, seq_len=seq_len, force=force)
 
 
 def _size(path: Path) -> int:
@@ -73,7 +78,7 @@ def _size(path: Path) -> int:
 def cmd_convert(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     out = convert(args.source, args.to, args.out, dtype=args.dtype, gguf_type=args.gguf_type, force=args.force,
-                  batch_size=args.batch_size, seq_len=args.seq_len)
+                  batch_size=args.batch_size, seq_len=args.seq_len, progress=show_progress(args))
     print(f"wrote {out} ({_size(out) / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f}s")
 
 
@@ -87,7 +92,9 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default=None, choices=HF_DTYPES, help="hf: stored weight dtype (default float32)")
     p.add_argument("--gguf-type", default=None, choices=GGUF_TYPES,
                    help="gguf: tensor type (default f16); q4_* keep the embedding at q8_0")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_force_flag(p)
+    add_threads_flag(p)
+    add_progress_flag(p)
     p.add_argument("--batch-size", type=int, default=1, help="onnx: fixed batch size (default 1)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="onnx: fixed sequence length (default: context length, at most 256)")

@@ -53,6 +53,11 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ModelFileError(f"{path} is not valid JSON: {exc}") from None
 
 
+# A directory holding one of these is one of our outputs (an HF or scratchlm model, a tokenizer): --force may
+# replace it. Any other non-empty directory might be the user's own folder, so it is never replaced.
+OUTPUT_MARKERS = ("config.json", "model_config.json", "tokenizer.json")
+
+
 def check_destination(path: Path, force: bool, want_dir: bool) -> None:
     """Refuse to overwrite without ``force``, and never replace a file by a directory or the reverse."""
     if not path.exists() and not path.is_symlink():
@@ -63,9 +68,10 @@ def check_destination(path: Path, force: bool, want_dir: bool) -> None:
     if want_dir != path.is_dir():
         raise ConfigError(f"{path} is a {kind}; the export would write a {'directory' if want_dir else 'file'} "
                           "there: choose another --out")
-    if want_dir and any(path.iterdir()) and not (path / "config.json").is_file():
-        raise ConfigError(f"{path} is a directory that does not hold a model (no config.json); "
-                          "refusing to replace it even with --force: choose another --out")
+    if want_dir and any(path.iterdir()) and not any((path / m).is_file() for m in OUTPUT_MARKERS):
+        raise ConfigError(f"{path} is a directory that does not hold a model or tokenizer (no "
+                          f"{' / '.join(OUTPUT_MARKERS)}); refusing to replace it even with --force: "
+                          "choose another --out")
 
 
 def _make_parents(path: Path) -> list[Path]:

@@ -82,10 +82,13 @@ def model_path(name: str) -> Path:
 
 
 def is_pulled(name: str) -> bool:
-    if name in KNOWN_MODELS and KNOWN_MODELS[name].files:
-        path = model_path(name)
+    """Whether a known model's file is in the cache, whole (its recorded size; ``pull`` also checks its sha256)."""
+    if name not in KNOWN_MODELS:
+        return False
+    path = model_path(name)
+    if KNOWN_MODELS[name].files:
         return all((path / f).is_file() and (path / f).stat().st_size == n for f, _, n in KNOWN_MODELS[name].files)
-    return model_path(name).is_file()
+    return path.is_file() and path.stat().st_size == KNOWN_MODELS[name].size
 
 
 def sha256_of(path: Path, progress: bool = False) -> str:
@@ -110,11 +113,8 @@ def pull(name: str, progress: bool = True, force: bool = False) -> Path:
         raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}")
     known = KNOWN_MODELS[name]
     target = model_path(name)
-    if known.files and is_pulled(name) and not force:
+    if is_pulled(name) and not force:
         return target
-    if target.is_file() and not force:
-        if target.stat().st_size == known.size:
-            return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
         if progress:
@@ -143,8 +143,6 @@ def pull(name: str, progress: bool = True, force: bool = False) -> Path:
         if digest != known.sha256:
             raise DownloadError(f"sha256 of {known.member} is {digest}, expected {known.sha256}; not installed")
         os.replace(extracted, target)  # atomic: the cache never holds a half-written model
-    if progress:
-        print(f"pulled {name} -> {target}", file=sys.stderr)
     return target
 
 

@@ -23,7 +23,7 @@ from scratchlm.errors import ConfigError, ModelFileError
 from scratchlm.files import read_json
 from scratchlm.generate import Completion, Sequence, stream_sequences
 from scratchlm.model import Transformer, build_model
-from scratchlm.sampling import SamplingParams
+from scratchlm.sampling import DEFAULT_SAMPLING, SamplingParams
 from scratchlm.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,14 +200,14 @@ class LLM:
 
     # ----------------------------------------------------------------------------------------------
     def sampling(self, **kwargs) -> SamplingParams:
-        """SamplingParams from keyword arguments (``stop`` may be a string or a list)."""
+        """SamplingParams from keyword arguments over ``DEFAULT_SAMPLING`` (``stop`` may be a string or a list)."""
         unknown = set(kwargs) - set(SamplingParams.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown sampling options {sorted(unknown)}; "
                               f"known: {', '.join(SamplingParams.__dataclass_fields__)}")
         if isinstance(kwargs.get("stop"), (list, tuple)):
             kwargs["stop"] = tuple(kwargs["stop"])
-        return SamplingParams(**kwargs)
+        return SamplingParams(**{**DEFAULT_SAMPLING, **kwargs})
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""
@@ -217,9 +217,9 @@ class LLM:
     def _prompt_ids(self, prompt: str | list[dict] | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, allowed_special="all")
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        if _is_messages(prompt):
             return self.encode_chat(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        if _is_ids(prompt):
             return prompt
         raise ConfigError("a prompt must be a string, a list of chat messages, or a list of token ids")
 
@@ -229,30 +229,71 @@ class LLM:
         return [Sequence(self._prompt_ids(p), params, self.tokenizer, self.eos_ids, cfg.vocab_size,
                          cfg.context_length) for p in prompts]
 
-    def complete(self, prompts: list, **sampling) -> list[Completion]:
-        """Complete a batch of prompts together (different lengths are fine); one Completion each."""
+    # One rule for generate, complete, chat and stream (and the server's ``prompt``): a string, a list of token
+    # ids, or (for chat) a list of message dicts is ONE prompt; a list of those is a batch, answered as a list.
+    def complete(self, prompt: str | list, **sampling) -> Completion | list[Completion]:
+        """Complete one prompt (a Completion) or a batch of prompts together (a list, one Completion each).
+
+        A prompt is a text, a list of token ids, or a conversation (a list of message dicts); different
+        lengths in one batch are fine.
+        """
+        prompts, batch = _one_or_batch(prompt)
         seqs = self.sequences(prompts, self.sampling(**sampling))
         for _ in stream_sequences(self.model, seqs):
             pass
-        return [s.completion() for s in seqs]
+        results = [s.completion() for s in seqs]
+        return results if batch else results[0]
 
-    def generate(self, prompt: str | list[str], **sampling) -> str | list[str]:
-        """Continue a text (or each text of a list, batched); returns the new text only."""
-        if isinstance(prompt, list):
-            return [c.text for c in self.complete(prompt, **sampling)]
-        return self.complete([prompt], **sampling)[0].text
+    def generate(self, prompt: str | list, **sampling) -> str | list[str]:
+        """Continue a text (a str), or each text of a list (batched, a list); returns the new text only."""
+        result = self.complete(prompt, **sampling)
+        return [c.text for c in result] if isinstance(result, list) else result.text
 
-    def chat(self, messages: list[dict], **sampling) -> str:
-        """The assistant's reply to a conversation of ``{"role", "content"}`` messages."""
-        return self.complete([messages], **sampling)[0].text
+    def chat(self, messages: str | list, **sampling) -> str | list[str]:
+        """The assistant's reply to one conversation (a list of ``{"role", "content"}`` dicts, or a string as
+        one user message), or a list of replies to a list of conversations (batched)."""
+        if isinstance(messages, str) or _is_messages(messages):
+            return self.complete(_conversation(messages), **sampling).text
+        if not isinstance(messages, list) or not messages:
+            raise ConfigError("chat takes a conversation (a list of {'role', 'content'} dicts, or a string), "
+                              "or a non-empty list of conversations")
+        return [c.text for c in self.complete([_conversation(m) for m in messages], **sampling)]
 
-    def stream(self, prompt: str | list[dict], **sampling) -> Iterator[str]:
-        """Yield the continuation of a text, or the reply to messages, chunk by chunk as it is made."""
-        seqs = self.sequences([prompt], self.sampling(**sampling))
-        for _, text in stream_sequences(self.model, seqs):
-            yield text
+    def stream(self, prompt: str | list, **sampling) -> Iterator[str] | Iterator[tuple[int, str]]:
+        """Yield the continuation of one prompt (text, token ids or messages) chunk by chunk as it is made; for a
+        batch (a list of prompts), yield ``(index, chunk)`` pairs as each prompt releases text."""
+        prompts, batch = _one_or_batch(prompt)
+        seqs = self.sequences(prompts, self.sampling(**sampling))
+        for row, text in stream_sequences(self.model, seqs):
+            yield (row, text) if batch else text
 
     def __repr__(self) -> str:
         cfg = self.config
         return (f"LLM({self.name!r}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
                 f"{self.model.num_parameters() / 1e6:.1f}M parameters)")
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in value)
+
+
+def _one_or_batch(prompt) -> tuple[list, bool]:
+    """``([prompt], False)`` for one prompt (a text, token ids, messages); ``(prompts, True)`` for a batch."""
+    if isinstance(prompt, str) or _is_ids(prompt) or _is_messages(prompt):
+        return [prompt], False
+    if isinstance(prompt, (list, tuple)) and prompt:
+        return list(prompt), True
+    raise ConfigError("give a prompt (a string, token ids or chat messages) or a non-empty list of prompts")
+
+
+def _conversation(messages) -> list[dict]:
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if _is_messages(messages):
+        return messages
+    raise ConfigError("a conversation is a list of {'role', 'content'} dicts (or a string as one user message)")

@@ -63,6 +63,11 @@ class SamplingParams:
         return self.temperature < 1e-5
 
 
+# The defaults of ``LLM`` and of the CLI's generate and chat (the server keeps OpenAI's, field by field in
+# serve/jobs.py). Chosen for small models by benchmarks/sampling_defaults.py (see RESULTS.md).
+DEFAULT_SAMPLING: dict = dict(max_new_tokens=256, temperature=0.7)
+
+
 def make_generator(seed: int | None, device="cpu") -> torch.Generator:
     """A random generator for one sequence: seeded for reproducibility, else from the OS."""
     g = torch.Generator(device=device)

@@ -31,6 +31,7 @@ from scratchlm.errors import ScratchLMError
 from scratchlm.serve import jobs as J
 from scratchlm.serve.answers import Answer, stream_events
 from scratchlm.serve.engine import Engine, QueueFullError
+from scratchlm.serve.events import Event
 from scratchlm.serve.metrics import ServerMetrics
 from scratchlm.serve.middleware import RequestMiddleware
 from scratchlm.serve.schemas import (
@@ -62,6 +63,13 @@ class ServerState:
         self.llm = None
         self.engine: Engine | None = None
         self.load_error: str | None = None
+        self.runs: set[_Run] = set()  # requests in flight, ended at once by stop_requests on shutdown
+
+    def stop_requests(self, reason: str = "the server is shutting down: retry the request") -> None:
+        """End every request in flight now (streams get an error event, then ``[DONE]``), so that the server
+        exits at once instead of waiting for each answer to finish. Called in the event loop's thread."""
+        for run in list(self.runs):
+            run.stop(reason)
 
     def start_loading(self) -> None:
         threading.Thread(target=self._load, name="scratchlm-load", daemon=True).start()
@@ -248,7 +256,7 @@ def _note(request: Request, body, prompts: list[list[int]], prompt_for_log) -> N
 
 async def _respond(request: Request, engine: Engine, jobs: list, answer: Answer):
     """Submit the jobs; answer with one JSON body, or with server-sent events when streaming."""
-    run = _Run(engine, jobs)
+    run = _Run(engine, jobs, request.app.state.server.runs)
     if answer.body.stream:
         return StreamingResponse(stream_events(run, answer, request.state.log), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -271,12 +279,13 @@ async def _respond(request: Request, engine: Engine, jobs: list, answer: Answer)
 class _Run:
     """Jobs submitted to the engine, with their events delivered to this event loop in order."""
 
-    GONE = object()
+    GONE, STOP = object(), object()
 
-    def __init__(self, engine: Engine, jobs: list):
+    def __init__(self, engine: Engine, jobs: list, registry: set | None = None):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.engine, self.open, self.gone = engine, len(jobs), False
+        self.registry = registry if registry is not None else set()
 
         def sink(event):
             try:
@@ -288,17 +297,29 @@ class _Run:
             self.ticket = engine.submit(jobs, sink)
         except QueueFullError as exc:
             raise J.ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded") from None
+        self.registry.add(self)
+
+    def stop(self, reason: str) -> None:
+        """Cancel the jobs; ``events`` delivers what was already made, then one error event, and ends."""
+        if self.open:
+            self.engine.cancel(self.ticket)
+            self.queue.put_nowait((self.STOP, reason))
 
     async def events(self):
         while self.open:
             event = await self.queue.get()
             if event is self.GONE:
                 return
+            if isinstance(event, tuple) and event[0] is self.STOP:
+                self.open = 0
+                yield Event(0, finish_reason="error", error=event[1])
+                return
             if event.finish_reason is not None:
                 self.open -= 1
             yield event
 
     def close(self) -> None:
+        self.registry.discard(self)
         if self.open:
             self.engine.cancel(self.ticket)
             self.open = 0

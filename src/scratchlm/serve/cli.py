@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from scratchlm.cli_options import add_engine_flags, add_model_argument, engine_kwargs
 from scratchlm.errors import ConfigError, ScratchLMError
 
 API_KEY_ENV = "SCRATCHLM_API_KEY"
@@ -13,7 +14,7 @@ API_KEY_ENV = "SCRATCHLM_API_KEY"
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a chat page")
-    p.add_argument("model", help="known model name, .gguf file, or model directory")
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--api-key", default=None,
@@ -25,11 +26,8 @@ def register(subparsers) -> None:
                    help="tokens per request, prompt + completion (default: the model's context, at most 2048)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the model's name)")
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the access log")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to merge in at load")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="quantize the weights at load: int8 per channel, int4 group-wise (see --group-size)")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 64)")
+    # No --compile: the batching engine decodes eagerly (its rows join and leave at every step).
+    add_engine_flags(p, compile=False)
     p.set_defaults(func=cmd_serve)
 
 
@@ -37,8 +35,7 @@ def load_model(args: argparse.Namespace):
     """The one place the server loads its model (flags that change loading belong here)."""
     from scratchlm.llm import LLM
 
-    return LLM.load(args.model, dtype=args.dtype, adapter=getattr(args, "adapter", None),
-                    quantize=getattr(args, "quantize", None), group_size=getattr(args, "group_size", None))
+    return LLM.load(args.model, **engine_kwargs(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -46,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from scratchlm.hub import resolve
     from scratchlm.serve.app import create_app
+    from scratchlm.serve.background import GRACEFUL_SHUTDOWN_S, Server
 
     for name in ("max_batch", "max_queue", "port"):
         if getattr(args, name) < (0 if name == "max_queue" else 1):
@@ -69,8 +67,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                      max_queue=args.max_queue, max_len=args.max_len, log_prompts=args.log_prompts,
                      model_name=args.model_name, on_load_error=on_load_error)
     # uvicorn's own access log is off: the server writes one structured line per request instead.
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
-                                           log_level="info", timeout_graceful_shutdown=5))
+    # On SIGTERM or Ctrl-C, Server ends the requests in flight first, so the process exits within a second.
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",
+                                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     log.info("scratchlm serve: http://%s:%d/ (chat page), OpenAI API at /v1; loading %s ...",
              args.host, args.port, args.model)
     try:

@@ -1,10 +1,11 @@
 """``scratchlm tokenizer train``: train a byte-level BPE tokenizer on your text and save it as tokenizer.json.
 
-    scratchlm tokenizer train plays.txt --vocab-size 8192 --out tok/
-    scratchlm tokenizer train notes/ chats.jsonl --vocab-size 4096 --out tok/ --special "<|endoftext|>" "<|pad|>"
+    scratchlm tokenizer train plays.txt --vocab-size 8192 --out runs/tok
+    scratchlm tokenizer train notes/ chats.jsonl --vocab-size 4096 --out runs/tok --force --special "<|pad|>"
 
 The result (``DIR/tokenizer.json``, plus ``DIR/tokenizer_config.json`` naming the EOS token) loads with
-``Tokenizer.from_file``, HF ``tokenizers`` and ``scratchlm train --tokenizer DIR``.
+``Tokenizer.from_file``, HF ``tokenizers`` and ``scratchlm train --tokenizer DIR``. The directory is written
+whole or not at all; an existing one is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from scratchlm.cli_options import add_force_flag, add_progress_flag, show_progress
 
 DEFAULT_SPECIALS = ["<|endoftext|>"]
 
@@ -27,23 +30,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text files, folders of .txt/.md files, or .jsonl files")
     t.add_argument("--vocab-size", type=int, required=True,
                    help="tokens in the result, the 256 bytes and the special tokens included")
-    t.add_argument("--out", required=True, help="directory to write tokenizer.json to")
+    t.add_argument("--out", required=True, help="directory to write tokenizer.json to (e.g. runs/tok)")
+    add_force_flag(t)
     t.add_argument("--special", nargs="+", action="extend", default=None, metavar="TOKEN",
                    help="special tokens, given the last ids (default: <|endoftext|>); the first is the EOS token")
     t.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_flag(t)
     t.set_defaults(func=cmd_tokenizer_train)
 
 
 def train_tokenizer_files(files: Sequence[str | Path], vocab_size: int, out: str | Path,
                           special_tokens: Sequence[str] = tuple(DEFAULT_SPECIALS), text_field: str = "text",
-                          progress: bool = False):
-    """Train a BPE tokenizer on ``files`` and write ``out/tokenizer.json`` atomically; return the Tokenizer."""
+                          progress: bool = False, force: bool = False):
+    """Train a BPE tokenizer on ``files`` and write the directory ``out`` (``tokenizer.json``,
+    ``tokenizer_config.json``) atomically; an existing ``out`` is replaced only with ``force``. Returns the
+    Tokenizer."""
     from scratchlm.errors import DataError
-    from scratchlm.files import atomic_write_json
+    from scratchlm.files import atomic_dir, atomic_write_json, check_destination
     from scratchlm.train.bpe import train_bpe
     from scratchlm.train.sources import read_documents
 
+    out = Path(out)
+    check_destination(out, force, want_dir=True)  # before the training, not after it
     read_all = False
 
     def documents() -> Iterator[str]:
@@ -61,10 +69,9 @@ def train_tokenizer_files(files: Sequence[str | Path], vocab_size: int, out: str
         names = ", ".join(str(f) for f in files)
         raise DataError(f"{names}: no text to train a tokenizer on (the files are empty or hold only special "
                         "tokens); give a corpus with some text") from None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out / "tokenizer.json")
-    atomic_write_json(out / "tokenizer_config.json", {"eos_token": tokenizer.eos_token})
+    with atomic_dir(out, force) as tmp:
+        tokenizer.save(tmp / "tokenizer.json")
+        atomic_write_json(tmp / "tokenizer_config.json", {"eos_token": tokenizer.eos_token})
     return tokenizer
 
 
@@ -72,7 +79,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     specials = DEFAULT_SPECIALS if args.special is None else args.special
     tokenizer = train_tokenizer_files(args.files, args.vocab_size, args.out, specials, args.text_field,
-                                      progress=not args.no_progress)
+                                      progress=show_progress(args), force=args.force)
     seconds = time.perf_counter() - start
     note = "" if tokenizer.vocab_size == args.vocab_size else " (the text ran out of pairs to merge)"
     print(f"trained {tokenizer.vocab_size} tokens{note}, {len(tokenizer.merges)} merges, in {seconds:.1f} s -> "

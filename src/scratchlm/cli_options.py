@@ -1,0 +1,119 @@
+"""Options shared by several ``scratchlm`` subcommands, each declared once here.
+
+- engine options (how a model is loaded and run): ``--dtype``, ``--quantize``, ``--group-size``, ``--adapter``,
+  ``--compile/--no-compile`` and ``--threads``: used by generate, chat, serve, eval and quantize;
+- sampling options (generate, chat) with the defaults chosen for small models (``sampling.DEFAULT_SAMPLING``);
+- ``--no-progress`` and ``--force``, for every command that shows progress or writes files.
+
+Only ``argparse`` here: nothing that imports torch (see ``scratchlm/cpu.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("float32", "bfloat16")
+QUANT_MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32  # keep equal to quant.quantize.DEFAULT_GROUP_SIZE (tests/test_cli_options.py checks)
+
+
+def add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="known model name, .gguf file, or model directory")
+
+
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
+
+
+def add_group_size_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"int4 only: weights per scale, {', '.join(map(str, GROUP_SIZES))} "
+                        f"(default {DEFAULT_GROUP_SIZE})")
+
+
+def add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", default=None, choices=QUANT_MODES,
+                   help="quantize the weights at load: int8 per channel, int4 group-wise (see --group-size)")
+    add_group_size_flag(p)
+
+
+def add_adapter_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to merge in at load")
+
+
+def add_compile_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode through a step compiled by torch.compile: faster tokens after a compile of about "
+                        "a minute per cache size, the first time only (cached on disk); off by default")
+
+
+def add_threads_flag(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: given after the subcommand it sets args.threads; absent, `scratchlm --threads N CMD` still counts.
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help="CPU threads for torch (default: the CPUs not busy with other work)")
+
+
+def add_engine_flags(p: argparse.ArgumentParser, quantize: bool = True, adapter: bool = True,
+                     compile: bool = True) -> None:
+    """The options that say how a model is loaded and run, in one group."""
+    g = p.add_argument_group("engine")
+    add_dtype_flag(g)
+    if quantize:
+        add_quantize_flags(g)
+    if adapter:
+        add_adapter_flag(g)
+    if compile:
+        add_compile_flag(g)
+    add_threads_flag(g)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """``LLM.load`` keyword arguments from the engine options present on ``args``."""
+    return dict(dtype=getattr(args, "dtype", "float32"), quantize=getattr(args, "quantize", None),
+                group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None))
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """Sampling options whose defaults are ``LLM``'s (chosen for small models, benchmarks/sampling_defaults.py)."""
+    from scratchlm.sampling import DEFAULT_SAMPLING as D
+
+    def shown(name: str) -> str:
+        return "off" if D.get(name) is None else str(D[name])
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=D["max_new_tokens"],
+                   help=f"most tokens to generate (default {D['max_new_tokens']})")
+    g.add_argument("--temperature", type=float, default=D["temperature"],
+                   help=f"0 = greedy, higher = more random (default {D['temperature']})")
+    g.add_argument("--top-k", type=int, default=D.get("top_k"),
+                   help=f"sample among the k most likely tokens (default {shown('top_k')})")
+    g.add_argument("--top-p", type=float, default=D.get("top_p"),
+                   help=f"nucleus sampling threshold in (0, 1] (default {shown('top_p')})")
+    g.add_argument("--min-p", type=float, default=D.get("min_p"),
+                   help=f"drop tokens below min_p x the best probability (default {shown('min_p')})")
+    g.add_argument("--repetition-penalty", type=float, default=D.get("repetition_penalty", 1.0),
+                   help=f"> 1 discourages repeats, 1 = off (default {D.get('repetition_penalty', 1.0)})")
+    g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                seed=args.seed, stop=tuple(args.stop))
+
+
+def add_progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (it is off anyway when stderr is not a terminal)")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress goes to stderr when it is a terminal, unless ``--no-progress``."""
+    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+
+
+def add_force_flag(p: argparse.ArgumentParser, what: str = "--out") -> None:
+    p.add_argument("--force", action="store_true", help=f"replace {what} if it exists")

@@ -1,0 +1,88 @@
+"""CPU defaults that let two scratchlm processes share a small machine (training in one terminal, chat in another).
+
+PyTorch's CPU wheels run their parallel loops on GNU OpenMP (libgomp). When a parallel region ends, its threads
+do not sleep: they spin, waiting for the next region, for about 300,000 iterations (libgomp's ``GOMP_SPINCOUNT``
+when ``OMP_WAIT_POLICY`` is unset; it throttles only when one process has more threads than CPUs). One process
+alone gains a little from that. Two processes, each sized to the whole machine, lose a lot: the spinning threads
+of one hold the cores that the other's threads need to finish their region, and training on 2 cores fell from
+about 28 steps/s to one step every 3-4 s while a chat generated (``benchmarks/cpu_sharing.py``).
+
+So the CLI, before anything imports torch:
+
+- sets ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once), unless the user set it or ``GOMP_SPINCOUNT``;
+- chooses the thread count from the CPUs that are free now: the CPUs this process may run on, less those busy
+  with other work over the last 0.1 s (``/proc/stat``), at least one. ``--threads`` or ``OMP_NUM_THREADS`` win.
+
+libgomp reads its environment once, when it loads, so these must be set before ``import torch``: ``scratchlm``'s
+package and CLI modules import torch only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+WAIT_POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which taskset and containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, total) jiffies of all CPUs since boot, from the first line of /proc/stat (Linux only)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return total - idle, total
+
+
+def busy_cpus(window: float = 0.1) -> float:
+    """How many CPUs other work kept busy over the last ``window`` seconds (0.0 where it cannot be measured)."""
+    first = _cpu_times()
+    if first is None:
+        return 0.0
+    time.sleep(window)
+    second = _cpu_times()
+    if second is None or second[1] <= first[1]:
+        return 0.0
+    return (second[0] - first[0]) / (second[1] - first[1]) * (os.cpu_count() or 1)
+
+
+def free_cpus(window: float = 0.1) -> int:
+    """Usable CPUs less the ones busy with other work (a CPU counts as busy from half a CPU's load), at least 1."""
+    return max(1, usable_cpus() - int(busy_cpus(window) + 0.5))
+
+
+def set_wait_policy(environ=os.environ) -> bool:
+    """``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy; True when set. Call before torch loads."""
+    if any(name in environ for name in WAIT_POLICY_VARS):
+        return False
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
+def choose_threads(explicit: int | None = None, environ=os.environ) -> int | None:
+    """The thread count to use: ``explicit`` (``--threads``), else None when ``OMP_NUM_THREADS`` is set (torch
+    reads it itself), else the CPUs free now (``free_cpus``)."""
+    if explicit is not None:
+        return explicit
+    if "OMP_NUM_THREADS" in environ:
+        return None
+    return free_cpus()
+
+
+def set_threads(threads: int, environ=os.environ) -> None:
+    """Use ``threads`` CPU threads: through the environment when torch has not loaded yet, else directly."""
+    environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
