@@ -8,8 +8,8 @@ import re
 
 import pytest
 import torch
-from rag_helpers import HashedBagOfWords, fresh_postgres_url, postgres_server  # noqa: F401  (fixtures)
 
+from rag_helpers import HashedBagOfWords, fresh_postgres_url, postgres_server  # noqa: F401  (fixtures)
 from scratchlm.rag.chunking import Chunk
 from scratchlm.rag.store import StoreError, glob_to_regex, keyword_terms, open_store, redact_url, stored_model
 

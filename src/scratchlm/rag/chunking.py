@@ -1,10 +1,11 @@
 """Chunking: cut a document's pages into passages under a token budget, at paragraph and sentence boundaries.
 
 Each chunk is a contiguous span of one page's text (``text == page.text[start:end]``), so a citation can point
-at the exact characters. The cutter first splits a page into paragraphs (blank lines; for Markdown also each
-heading line), then long paragraphs into sentences, then very long sentences into word runs; it packs the
-pieces greedily up to ``chunk_tokens`` tokens of the embedding model's tokenizer, and starts the next chunk
-with the last pieces of the previous one worth up to ``overlap`` tokens, so that a sentence at a boundary is
+at the exact characters. The cutter splits a page into paragraphs (blank lines; for Markdown also each
+heading line), paragraphs into sentences, and sentences longer than a chunk into word runs; it packs the
+sentences greedily up to ``chunk_tokens`` tokens of the embedding model's tokenizer, ending a chunk at a
+paragraph end when one falls in its second half, and starts the next chunk with the last sentences of the
+previous one worth up to ``overlap`` tokens, so that a sentence at a boundary is
 whole in at least one chunk. A chunk never crosses a page or a Markdown section: it carries the heading path
 ("Install > On Linux") of its section.
 """
@@ -64,23 +65,23 @@ def _sections(text: str, markdown: bool) -> list[tuple[int, int, str]]:
     return sections
 
 
-def _pieces(text: str, start: int, end: int, count: Callable[[str], int], budget: int) -> list[tuple[int, int]]:
-    """Spans of ``text[start:end]`` each within ``budget`` tokens: paragraphs, else sentences, else word runs."""
+def _pieces(text: str, start: int, end: int, count: Callable[[str], int],
+            budget: int) -> list[tuple[int, int, bool]]:
+    """Sentences of ``text[start:end]`` (word runs for a sentence over ``budget`` tokens), each with a flag that
+    says whether it ends a paragraph."""
     out = []
     for a, b in _spans(text, start, end, _PARAGRAPH_BREAK):
-        if count(text[a:b]) <= budget:
-            out.append((a, b))
-            continue
         for c, d in _spans(text, a, b, _SENTENCE_END):
             if count(text[c:d]) <= budget:
-                out.append((c, d))
+                out.append((c, d, False))
                 continue
             run_start = c
             for w in _WORD.finditer(text, c, d):  # a sentence longer than a chunk: cut between words
-                if w.end() > run_start and count(text[run_start:w.end()]) > budget and w.start() > run_start:
-                    out.append((run_start, w.start()))
+                if w.start() > run_start and count(text[run_start:w.end()]) > budget:
+                    out.append((run_start, w.start(), False))
                     run_start = w.start()
-            out.append((run_start, d))
+            out.append((run_start, d, False))
+        out[-1] = (out[-1][0], out[-1][1], True)
     return out
 
 
@@ -94,16 +95,24 @@ def chunk_text(text: str, count: Callable[[str], int], chunk_tokens: int = DEFAU
     chunks = []
     for s_start, s_end, heading in _sections(text, markdown):
         pieces = _pieces(text, s_start, s_end, count, chunk_tokens)
-        sizes = [count(text[a:b]) for a, b in pieces]
+        sizes = [count(text[a:b]) for a, b, _ in pieces]
         i = 0
         while i < len(pieces):
             # Pack pieces [i, j) while the sum of their token counts fits (a sum slightly overestimates the
-            # count of the joined text, which keeps us under the budget).
-            j, used = i, 0
+            # count of the joined text, which keeps us under the budget) ...
+            j, used, fill = i, 0, []
             while j < len(pieces) and used + sizes[j] <= chunk_tokens:
                 used += sizes[j]
+                fill.append(used)
                 j += 1
             j = max(j, i + 1)
+            # ... and when the chunk ends inside a paragraph, end it at the last paragraph end instead, if that
+            # keeps it at least half full.
+            if j < len(pieces) and not pieces[j - 1][2]:
+                for m in range(j - 1, i, -1):
+                    if pieces[m - 1][2] and fill[m - 1 - i] >= chunk_tokens // 2:
+                        j = m
+                        break
             start, end = pieces[i][0], pieces[j - 1][1]
             body = text[start:end]
             stripped_start = start + (len(body) - len(body.lstrip()))

@@ -94,7 +94,7 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[str | Path], glob: 
         warn(f"--chunk-tokens {chunk_tokens} is over {embedder.name}'s input of {embedder.max_tokens} tokens: "
              f"using {budget}")
     count = token_counter(embedder)
-    files = find_files(paths, glob)
+    files = [f for f in find_files(paths, glob) if f.resolve().as_posix() not in store.own_files]
 
     # First pass: hash, skip the unchanged, read and chunk the rest (cheap next to embedding).
     todo = []

@@ -65,6 +65,8 @@ class SQLiteStore(Store):
     def __init__(self, path: str | Path, model: str, dim: int, create: bool = True, int8: bool = False):
         self.location = str(path)
         self.model, self.dim, self.int8 = model, dim, int8
+        base = Path(path).resolve().as_posix()
+        self.own_files = {base + suffix for suffix in ("", "-wal", "-shm", "-journal")}  # never ingested
         if not create and not Path(path).is_file():
             raise StoreError(f"no store at {path}: create one with `scratchlm rag ingest {path} FILES...`")
         try:

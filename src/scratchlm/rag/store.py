@@ -106,6 +106,7 @@ class Store:
     location: str  # what to show a user (a path, or a URL without its password)
     model: str
     dim: int
+    own_files: set[str] = set()  # the store's own files (SQLite), which ingesting a folder must skip
 
     # -- documents --------------------------------------------------------------------------------
     def document_hash(self, source: str) -> str | None:
