@@ -173,6 +173,18 @@ def test_nanogpt_checkpoint_matches_gpt2(tmp_path, bias, compiled):
         assert (our_logits(llm) - hf_logits(model)).abs().max() < 1e-4
 
 
+def test_nanogpt_variant_with_an_untied_head_keeps_it(tmp_path):
+    model = hf_gpt2()
+    checkpoint = nanogpt_checkpoint(model)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # untie in the reference
+    checkpoint["model"]["lm_head.weight"] = model.lm_head.weight.detach().clone()
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    byte_tokenizer().save(tmp_path / "tokenizer.json")
+    llm = LLM.load(tmp_path)
+    assert llm.config.tie_embeddings is False
+    assert (our_logits(llm) - hf_logits(model)).abs().max() < 1e-4
+
+
 def test_model_survives_its_checkpoint_being_rewritten(tmp_path):
     """nanoGPT's train.py saves over ckpt.pt in place; a model still mapping the old pages would die of SIGBUS."""
     model = hf_gpt2()

@@ -244,7 +244,11 @@ def load_nanogpt(path: Path, dtype: torch.dtype = torch.float32) -> tuple[ModelC
         raise ModelFileError(f"{path} is not a nanoGPT checkpoint (no 'model_args' and 'model' entries); "
                              "scratchlm reads nanoGPT ckpt.pt, litgpt lit_model.pth and HF pytorch_model.bin")
     config = nanogpt_config(obj["model_args"], name=path.parent.name or path.stem)
-    return config, _cast(nanogpt_state(config, _state_dict(obj["model"], path), str(path)), dtype)
+    model = {k.removeprefix("_orig_mod."): v for k, v in _state_dict(obj["model"], path).items()}
+    head, embedding = model.get("lm_head.weight"), model.get("transformer.wte.weight")
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        config = config.replace(tie_embeddings=False)  # a nanoGPT variant that unties the head: keep both
+    return config, _cast(nanogpt_state(config, model, str(path)), dtype)
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
