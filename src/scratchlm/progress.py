@@ -38,4 +38,4 @@ def bar(items: Iterable, desc: str, enabled: bool = True, total: int | None = No
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)

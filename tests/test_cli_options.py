@@ -1,0 +1,192 @@
+"""Options and behaviours shared by every ``scratchlm`` command: engine options declared once, CPU defaults set
+before torch loads, outputs that are never silently replaced, progress on stderr, and the small messages."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_llm
+from scratchlm import cli
+from scratchlm.chat_session import ChatSession
+from scratchlm.formats.checkpoint import save_model_dir
+
+SRC = Path(cli.__file__).parent
+ENGINE_COMMANDS = [["generate", "m", "p"], ["chat", "m"], ["serve", "m"], ["eval", "perplexity", "m", "f"],
+                   ["quantize", "m", "--to", "int4", "--out", "o"]]
+
+
+def parse(*argv):
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_engine_options_are_declared_once():
+    declared = {}
+    for path in SRC.rglob("*.py"):
+        for flag in ("--group-size", "--quantize", "--compile", "--threads"):
+            if re.search(rf"add_argument\(\s*\"{flag}\"", path.read_text(encoding="utf-8")):
+                declared.setdefault(flag, []).append(path.relative_to(SRC).as_posix())
+    assert declared["--group-size"] == ["cli_options.py"]
+    assert declared["--quantize"] == ["cli_options.py"]
+    # --threads: the shared one, and the global `scratchlm --threads N COMMAND`; train has its own --compile.
+    assert sorted(declared["--threads"]) == ["cli.py", "cli_options.py"]
+    assert sorted(declared["--compile"]) == ["cli_options.py", "train/cli.py"]
+
+
+@pytest.mark.parametrize("argv", ENGINE_COMMANDS, ids=lambda a: a[0] if a[0] != "eval" else "eval")
+def test_every_engine_command_takes_the_same_options_with_the_real_default(argv):
+    from scratchlm.quant.quantize import DEFAULT_GROUP_SIZE
+
+    args = parse(*argv, "--group-size", "64", "--threads", "1")
+    assert (args.group_size, args.threads) == (64, 1)
+    assert parse(*argv).group_size is None  # None means quant's default, which the help names:
+    from scratchlm.cli_options import DEFAULT_GROUP_SIZE as ADVERTISED
+
+    assert ADVERTISED == DEFAULT_GROUP_SIZE
+    if argv[0] != "quantize":
+        args = parse(*argv, "--dtype", "bfloat16", "--quantize", "int4")
+        assert (args.dtype, args.quantize) == ("bfloat16", "int4")
+
+
+def test_compile_is_opt_in_and_no_compile_is_its_negation():
+    assert parse("generate", "m", "p").compile is False
+    assert parse("generate", "m", "p", "--compile").compile is True
+    assert parse("chat", "m", "--compile", "--no-compile").compile is False
+
+
+def test_threads_before_or_after_the_command():
+    assert parse("--threads", "3", "generate", "m", "p").threads == 3
+    assert parse("generate", "m", "p", "--threads", "2").threads == 2
+    assert parse("generate", "m", "p").threads is None
+
+
+def run_python(code: str, **env) -> str:
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    r = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+CHECK = """
+import os, sys
+import scratchlm.cli as cli
+assert "torch" not in sys.modules, "importing the CLI loaded torch"
+cli.main(sys.argv[1:] or ["list"])
+import torch
+print(os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
+"""
+
+
+def test_the_cli_sets_a_passive_wait_policy_and_free_threads_before_torch_loads():
+    policy, env_threads, torch_threads = run_python(CHECK).splitlines()[-1].split()
+    assert policy == "PASSIVE"
+    usable = len(os.sched_getaffinity(0))
+    assert 1 <= int(env_threads) <= usable and torch_threads == env_threads
+
+
+def test_the_users_own_settings_win():
+    out = run_python(CHECK, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1").splitlines()[-1]
+    assert out.split() == ["ACTIVE", "1", "1"]
+    out = run_python(CHECK.replace('["list"]', '["--threads", "1", "list"]')).splitlines()[-1]
+    assert out.split()[1:] == ["1", "1"]
+
+
+def test_choose_threads_rules():
+    from scratchlm import cpu
+
+    assert cpu.choose_threads(3, environ={}) == 3
+    assert cpu.choose_threads(None, environ={"OMP_NUM_THREADS": "2"}) is None
+    assert 1 <= cpu.choose_threads(None, environ={}) <= cpu.usable_cpus()
+    env = {}
+    assert cpu.set_wait_policy(env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert not cpu.set_wait_policy({"GOMP_SPINCOUNT": "1000"})
+
+
+# ---- outputs are never silently replaced ------------------------------------------------------------
+def test_tokenizer_train_refuses_to_replace_its_output_without_force(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("to be or not to be, that is the question " * 20, encoding="utf-8")
+    argv = ["tokenizer", "train", str(tmp_path / "a.txt"), "--vocab-size", "300", "--out", str(tmp_path / "tok")]
+    assert cli.main(argv) == 0
+    assert str(tmp_path / "tok" / "tokenizer.json") in capsys.readouterr().out
+    first = (tmp_path / "tok" / "tokenizer.json").read_bytes()
+    assert cli.main([*argv[:3], "--vocab-size", "280", *argv[5:]]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() == first
+    assert cli.main([*argv[:3], "--vocab-size", "280", *argv[5:], "--force"]) == 0
+    assert (tmp_path / "tok" / "tokenizer.json").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "tok"]  # no temporary folders left
+
+
+def test_tokenizer_train_never_replaces_a_folder_that_is_not_its_output(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("some text to train on " * 20, encoding="utf-8")
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "diary.txt").write_text("private", encoding="utf-8")
+    assert cli.main(["tokenizer", "train", str(tmp_path / "a.txt"), "--vocab-size", "270", "--out", str(mine),
+                     "--force"]) == 2
+    assert "refusing" in capsys.readouterr().err and (mine / "diary.txt").read_text() == "private"
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    llm = tiny_llm()
+    return save_model_dir(tmp_path / "tiny", llm.config, llm.model.canonical_state_dict(), llm.tokenizer)
+
+
+def test_quantize_refuses_to_replace_without_force_and_replaces_with_it(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(tiny_dir), "--to", "int8", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert cli.main(["quantize", str(tiny_dir), "--to", "int4", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert '"int8"' in (out / "quantization.json").read_text()
+    assert cli.main(["quantize", str(tiny_dir), "--to", "int4", "--out", str(out), "--force"]) == 0
+    assert '"int4"' in (out / "quantization.json").read_text()
+
+
+def test_quantize_progress_counts_the_layers_on_stderr(capsys):
+    from scratchlm.quant import quantize_model
+
+    llm = tiny_llm()
+    layers = sum(isinstance(m, __import__("torch").nn.Linear) for m in llm.model.modules())
+    quantize_model(llm.model, "int8", progress=True)
+    err = capsys.readouterr().err
+    assert "quantizing to int8" in err and f"{layers}/{layers}" in err
+
+
+def test_progress_is_off_when_stderr_is_not_a_terminal_or_with_no_progress():
+    from scratchlm.cli_options import show_progress
+
+    args = parse("quantize", "m", "--to", "int8", "--out", "o")
+    assert show_progress(args) is False  # pytest's stderr is not a terminal
+    assert parse("quantize", "m", "--to", "int8", "--out", "o", "--no-progress").no_progress
+
+
+# ---- small messages ----------------------------------------------------------------------------------
+def test_pull_of_a_pulled_model_says_where_it_is_and_how_to_download_again(tmp_path, monkeypatch, capsys):
+    from scratchlm.hub import KNOWN_MODELS, model_path
+
+    monkeypatch.setenv("SCRATCHLM_HOME", str(tmp_path))
+    name = "smollm2-135m-instruct"
+    path = model_path(name)
+    path.parent.mkdir(parents=True)
+    with open(path, "wb") as f:
+        f.truncate(KNOWN_MODELS[name].size)  # sparse: the size is what `pull` checks before skipping
+    assert cli.main(["pull", name]) == 0
+    out = capsys.readouterr().out
+    assert "already pulled" in out and str(path) in out and f"scratchlm pull {name} --force" in out
+
+
+def test_chat_help_lists_the_commands():
+    out = io.StringIO()
+    ChatSession(tiny_llm(), sampling=dict(max_new_tokens=2)).run(io.StringIO("/help\n/nope\n/exit\n"), out)
+    text = out.getvalue()
+    for command in ("/help", "/reset", "/system", "/exit"):
+        assert command in text
+    assert "unknown command /nope" in text
