@@ -46,6 +46,7 @@ test: $(VENV)/.dev
 	@# The chat page tests drive Debian's chromium through Playwright (no browser download).
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 	$(VENV)/bin/scratchlm pull smollm2-135m-instruct
+	$(VENV)/bin/scratchlm pull all-minilm-l6-v2
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.dev

@@ -44,6 +44,19 @@ def smollm2(smollm2_path) -> LLM:
     return LLM.load(smollm2_path)
 
 
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    """Directory of the pulled all-MiniLM-L6-v2 encoder; fails in CI and skips elsewhere when it is missing."""
+    from scratchlm.hub import is_pulled, model_path
+
+    if not is_pulled("all-minilm-l6-v2"):
+        message = "all-MiniLM-L6-v2 is not pulled: run `scratchlm pull all-minilm-l6-v2`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return model_path("all-minilm-l6-v2")
+
+
 def byte_tokenizer() -> Tokenizer:
     """A tokenizer with the 256 byte tokens, no merges, and ChatML special tokens (ids 256-258)."""
     vocab = {BYTE_TO_UNICODE[b]: b for b in range(256)}

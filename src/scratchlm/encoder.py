@@ -43,16 +43,28 @@ def read_pooling(directory: Path) -> tuple[str, bool]:
             normalize = True
         elif kind == "Pooling":
             config_path = directory / module.get("path", "1_Pooling") / "config.json"
-            config = read_json(config_path) if config_path.is_file() else {"pooling_mode_mean_tokens": True}
-            modes = [m for m, on in config.items() if m.startswith("pooling_mode_") and on]
-            names = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+            config = read_json(config_path) if config_path.is_file() else {"pooling_mode": "mean"}
+            # sentence-transformers 6 writes "pooling_mode": "mean"; earlier versions one boolean per mode
+            modes = [config["pooling_mode"]] if isinstance(config.get("pooling_mode"), str) else \
+                [m.removeprefix("pooling_mode_") for m, on in config.items() if m.startswith("pooling_mode_") and on]
+            names = {"mean": "mean", "mean_tokens": "mean", "cls": "cls", "cls_token": "cls"}
             if len(modes) != 1 or modes[0] not in names:
-                raise UnsupportedError(f"{config_path}: pooling {modes} is not supported (one of mean tokens, "
-                                       "cls token)")
+                raise UnsupportedError(f"{config_path}: pooling {modes} is not supported (mean or cls)")
             pooling = names[modes[0]]
         elif kind not in ("Transformer", "BertModel"):
             raise UnsupportedError(f"{modules_path}: sentence-transformers module {kind!r} is not supported")
     return pooling, normalize
+
+
+def read_max_tokens(directory: Path) -> int | None:
+    """The longest input sentence-transformers feeds the model: ``max_seq_length`` in sentence_bert_config.json
+    (older versions) or the tokenizer's ``model_max_length`` (newer ones); None when neither says."""
+    for file, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        path = directory / file
+        value = read_json(path).get(key) if path.is_file() else None
+        if isinstance(value, int) and 0 < value < 1_000_000:  # HF writes a huge number when there is no limit
+            return value
+    return None
 
 
 class Encoder:
@@ -98,8 +110,7 @@ class Encoder:
         config, state = load_bert(directory, dtype=dtype)
         model = build_model(config, state, source=str(directory)).to(device)
         pooling, normalize = read_pooling(directory)
-        st_config = directory / "sentence_bert_config.json"
-        max_tokens = read_json(st_config).get("max_seq_length") if st_config.is_file() else None
+        max_tokens = read_max_tokens(directory)
         name = str(name_or_path) if not Path(str(name_or_path)).exists() else directory.name
         return cls(model, WordPiece.from_file(directory), name=name, pooling=pooling, normalize=normalize,
                    max_tokens=max_tokens)
