@@ -166,3 +166,18 @@ def test_an_existing_run_is_replaced_only_with_force_and_the_message_says_every_
     assert f"wrote {out}" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["options"]["lr"] == 1e-3
     assert main([*args, "--overwrite"]) == 0  # the flag's former name still works (hidden from --help)
+
+
+def test_a_run_from_before_run_json_resumes_with_its_checkpoints_options_and_token_files(my_texts, tmp_path, capsys):
+    out = tmp_path / "old"
+    assert main(["train", str(my_texts), "--out", str(out), "--max-steps", "4", "--eval-interval", "4",
+                 "--context-length", "32", "--sample-tokens", "0", "--no-progress", *TINY]) == 0
+    (out / "run.json").unlink()
+    data_before = snapshot(out / "data")
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "6", "--sample-tokens", "0",
+                 "--no-progress"]) == 0
+    assert f"{out} has no run.json (an older run)" in capsys.readouterr().out
+    assert sorted(metrics(out, "loss")) == list(range(1, 7)) and snapshot(out / "data") == data_before
+    options = json.loads((out / "run.json").read_text())["options"]
+    assert options["context_length"] == 32 and options["lr"] == 3e-3 and options["max_steps"] == 6

@@ -144,3 +144,44 @@ def test_two_processes_under_torchrun_follow_the_single_process_loss_curve(data,
     assert max(abs(one[s] - other[s]) for s in one) > 0.05
     for step, loss in val_losses(tmp_path / "one").items():
         assert abs(val_losses(tmp_path / "two")[step] - loss) < 1e-4
+
+
+# ---- the documentation's Python snippets run as written ----------------------------------------------
+def python_blocks(markdown: str) -> list[str]:
+    blocks, inside = [], None
+    for line in markdown.splitlines():
+        if inside is None and line.startswith("```python"):
+            inside = []
+        elif inside is not None and line.startswith("```"):
+            blocks.append("\n".join(inside))
+            inside = None
+        elif inside is not None:
+            inside.append(line)
+    return blocks
+
+
+def test_the_python_snippets_in_docs_training_md_run(tmp_path, monkeypatch, capsys):
+    from conftest import tiny_llm
+    from scratchlm.formats.checkpoint import save_model_dir
+
+    root = Path(__file__).resolve().parents[1]
+    pipeline, loop, bpe, finetune = python_blocks((root / "docs" / "training.md").read_text(encoding="utf-8"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").symlink_to(root / "examples")
+
+    scope: dict = {}
+    exec(pipeline, scope)
+    assert scope["result"].step == 30 and capsys.readouterr().out.count("TrainResult(step=20,") == 1
+    exec(loop, scope := {})
+    assert scope["result"].step == 20 and repr(scope["result"]) in capsys.readouterr().out
+    exec(bpe, scope := {})
+    assert "To be, or not to be" in capsys.readouterr().out and (tmp_path / "tokenizer.json").is_file()
+    # The fine-tuning snippet as written, on a tiny model instead of SmolLM2 and with fewer steps.
+    llm = tiny_llm("llama", seed=0, context_length=1024)  # the task's examples are ~300 bytes
+    save_model_dir(tmp_path / "tiny", llm.config, llm.model.canonical_state_dict(), llm.tokenizer)
+    small = (finetune.replace('"smollm2-135m-instruct"', repr(str(tmp_path / "tiny")))
+             .replace("max_steps=60", "max_steps=2").replace("eval_interval=30", "eval_interval=2")
+             .replace("max_steps=80", "max_steps=3"))
+    assert "smollm2" not in small and "max_steps=2" in small and "max_steps=3" in small
+    exec(small, scope := {})
+    assert scope["result"].step == 3

@@ -240,6 +240,9 @@ def _resume_run(out: Path, opts: RunOptions, say) -> tuple[Path, Tokenizer, Prep
     say(f"resuming {out} from {resume_dir} at step {state['step']} of {options['max_steps']} "
         f"(data {options['data']}, preset {options['preset']})" + (f"; changed: {changes}" if changes else ""))
 
+    if state["step"] >= options["max_steps"]:
+        say(f"the run is complete (step {state['step']} of {options['max_steps']}): nothing to train; add "
+            f"--max-steps N (more than {state['step']}) to train it longer")
     tokenizer = load_tokenizer(resume_dir)
     prepared = load_prepared(out / "data")
     _check_prepared(out, prepared, record.get("prepared"))
