@@ -181,3 +181,4 @@ def test_a_run_from_before_run_json_resumes_with_its_checkpoints_options_and_tok
     assert sorted(metrics(out, "loss")) == list(range(1, 7)) and snapshot(out / "data") == data_before
     options = json.loads((out / "run.json").read_text())["options"]
     assert options["context_length"] == 32 and options["lr"] == 3e-3 and options["max_steps"] == 6
+    assert options["data"] == str(my_texts.resolve())  # from the token files' sources, not the default corpus

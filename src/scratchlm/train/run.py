@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -109,10 +110,12 @@ def resolve_options(opts: RunOptions, preset: Preset) -> dict:
     Flat: the top-level options, TrainConfig's fields and ModelConfig's (less vocab_size and name), whose
     names do not overlap. This is what ``run.json`` records.
     """
-    unknown = sorted(set(opts.model) - set(MODEL_FIELDS))
-    if unknown:
-        raise ConfigError(f"RunOptions.model has fields ModelConfig does not take (or that the tokenizer decides): "
-                          f"{unknown}; allowed: {', '.join(MODEL_FIELDS)}")
+    for what, given, allowed in (("model", opts.model, MODEL_FIELDS), ("train", opts.train, TRAIN_FIELDS)):
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise ConfigError(f"RunOptions.{what} has fields that it does not take: {unknown}; allowed: "
+                              f"{', '.join(allowed)}" + (" (vocab_size follows from the tokenizer)" if what == "model"
+                                                         else ""))
     train_config = replace(preset.train, **opts.train)  # validated by TrainConfig
     model = {**preset.model, **opts.model}
     data = Path(opts.data).expanduser() if opts.data is not None else bundled_corpus()
@@ -263,6 +266,9 @@ def _legacy_record(out: Path, resume_dir: Path, state: dict, opts: RunOptions) -
     preset_name = model_config.get("name") if model_config.get("name") in PRESETS else DEFAULT_PRESET
     base = resolve_options(replace(opts, preset=opts.preset or preset_name), get_preset(opts.preset or preset_name))
     options = {**base, **state["train_config"], **{k: model_config[k] for k in MODEL_FIELDS if k in model_config}}
+    sources = [row["path"] for row in load_prepared(out / "data").meta.get("sources", [])]
+    if opts.data is None and sources:  # what the token files were made from: a file, or the folder holding them
+        options["data"] = sources[0] if len(sources) == 1 else os.path.commonpath(sources)
     print(f"note: {out} has no {RUN_FILE} (an older run): its training and model options come from "
           f"{resume_dir}; it goes on with the token files in {out / 'data'}")
     return {"options": options}
