@@ -4,7 +4,9 @@ Each job is a fresh process (OpenMP reads its settings when torch loads), with e
 
 - **old** defaults: torch's own (every core, OpenMP's active wait policy), what the CLI did before, or
 - **new** defaults: what ``scratchlm`` now sets before torch loads (``scratchlm.cpu``: ``OMP_WAIT_POLICY=PASSIVE``,
-  threads from the CPUs free at start).
+  threads from the CPUs free at start), or
+- **spin** (with ``--spin N``): the new thread choice with a short spin instead (``GOMP_SPINCOUNT=N``), the
+  middle road should the passive policy cost a single job too much.
 
 The training job runs nanoGPT's CPU configuration (the ``shakespeare-char`` preset's model: 4 layers, 128
 dimensions, context 64, batch 12, AdamW, gradient clipping) on random characters; the chat job loads
@@ -35,10 +37,12 @@ OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THR
 
 
 # ---- the two jobs (run as `python cpu_sharing.py --worker train|chat --defaults old|new`) ----------------
-def apply_defaults(which: str) -> int | None:
-    if which == "new":
+def apply_defaults(which: str, spin: int) -> int | None:
+    if which in ("new", "spin"):
         from scratchlm import cpu
 
+        if which == "spin":
+            os.environ["GOMP_SPINCOUNT"] = str(spin)
         cpu.set_wait_policy()
         threads = cpu.choose_threads()
         if threads is not None:
@@ -89,9 +93,9 @@ def chat_worker(seconds: float) -> None:
 
 
 # ---- the orchestra ----------------------------------------------------------------------------------
-def spawn(kind: str, defaults: str, seconds: float) -> subprocess.Popen:
+def spawn(kind: str, defaults: str, seconds: float, spin: int = 0) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in OMP_VARS}
-    return subprocess.Popen([sys.executable, __file__, "--worker", kind, "--defaults", defaults,
+    return subprocess.Popen([sys.executable, __file__, "--worker", kind, "--defaults", defaults, "--spin", str(spin),
                              "--seconds", str(seconds)], env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -107,15 +111,15 @@ def steps_per_s(train: list[dict], start: float, end: float) -> float:
     return (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else 0.0
 
 
-def run(defaults: str, shared: bool, seconds: float) -> dict:
+def run(defaults: str, shared: bool, seconds: float, spin: int) -> dict:
     warm = 3.0
     if not shared:
-        train = events(spawn("train", defaults, seconds + warm))
+        train = events(spawn("train", defaults, seconds + warm, spin))
         ready = next(e for e in train if e["event"] == "ready")
         return {"steps_s": steps_per_s(train, ready["t"] + warm, float("inf")), "train_threads": ready["threads"]}
-    trainer = spawn("train", defaults, 10 * seconds + 120)  # stopped when the chat is done
+    trainer = spawn("train", defaults, 10 * seconds + 120, spin)  # stopped when the chat is done
     time.sleep(warm)
-    chat = events(spawn("chat", defaults, seconds))
+    chat = events(spawn("chat", defaults, seconds, spin))
     trainer.terminate()
     train = events_after_kill(trainer)
     start = next(e for e in chat if e["event"] == "ready")
@@ -135,18 +139,20 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per run (default 20)")
     ap.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     ap.add_argument("--worker", choices=["train", "chat"], help=argparse.SUPPRESS)
-    ap.add_argument("--defaults", choices=["old", "new"], default="new", help=argparse.SUPPRESS)
+    ap.add_argument("--spin", type=int, default=0,
+                    help="also measure GOMP_SPINCOUNT=N with the new thread choice (e.g. 10000; default: not)")
+    ap.add_argument("--defaults", choices=["old", "new", "spin"], default="new", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        apply_defaults(args.defaults)
+        apply_defaults(args.defaults, args.spin)
         (train_worker if args.worker == "train" else chat_worker)(args.seconds)
         return
 
     load = os.getloadavg()[0]
     results = {}
     for shared in (False, True):
-        for defaults in ("old", "new"):
-            r = run(defaults, shared, args.seconds)
+        for defaults in ("old", "new", "spin") if args.spin else ("old", "new"):
+            r = run(defaults, shared, args.seconds, args.spin)
             results[defaults, shared] = r
             extra = (f", chat {r['chat_tok_s']:.1f} tok/s ({r['chat_threads']} threads)" if shared else "")
             print(f"{'train + chat' if shared else 'train alone':<13} {defaults} defaults: "
@@ -155,6 +161,10 @@ def main() -> None:
     old_shared = results["old", True]["steps_s"]
     shared = results["new", True]["steps_s"] / old_shared if old_shared else float("inf")
     print(f"alone: new / old = {alone:.3f} (target >= 0.95); shared: new / old = {shared:.1f}x (target >= 10x)")
+    if args.spin:
+        spin_alone = results["spin", False]["steps_s"] / results["old", False]["steps_s"]
+        spin_shared = results["spin", True]["steps_s"] / old_shared if old_shared else float("inf")
+        print(f"spin {args.spin}: alone / old = {spin_alone:.3f}; shared / old = {spin_shared:.1f}x")
     if args.record:
         rows = []
         for (defaults, is_shared), r in results.items():
