@@ -133,6 +133,20 @@ def test_finetune_refuses_to_overwrite_and_to_resume_with_other_settings(base_di
     assert f"wrote {tmp_path / 'r'}" in capsys.readouterr().out
 
 
+def test_a_run_from_before_run_json_resumes_from_its_finetune_json(base_dir, data, tmp_path, capsys):
+    out = tmp_path / "old"
+    run_finetune(options(base_dir, data, out, max_steps=3), say=quiet)
+    # What the previous version wrote: the options as given, relative paths and all.
+    old = {**{k: v for k, v in vars(options(base_dir, data, out, max_steps=3)).items() if k != "force"},
+           "overwrite": False, "targets": None}
+    (out / "finetune.json").write_text(json.dumps(old, default=str), encoding="utf-8")
+    (out / "run.json").unlink()
+    assert main(["finetune", "--out", str(out), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert "changed: max_steps 3 -> 4" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    assert json.loads((out / "run.json").read_text())["options"]["rank"] == 4
+
+
 def test_full_and_qlora_methods_train_and_save_what_llm_load_reads(base_dir, data, tmp_path):
     result = run_finetune(options(base_dir, data, tmp_path / "full", method="full", lr=1e-3), say=quiet)
     assert result.step == 6

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.errors import ConfigError, TrainingError
+from scratchlm.files import read_json
 from scratchlm.finetune.data import IGNORE, fixed_batches, load_examples, read_jsonl, split_examples, to_messages
 from scratchlm.finetune.lora import DEFAULT_TARGETS, LoraSettings, apply_lora, lora_parameter_names, parse_targets
 from scratchlm.formats.checkpoint import save_model_dir
@@ -231,10 +232,7 @@ def _resume_options(out: Path, given: dict, say) -> tuple[Path, dict]:
     existing = ckpt.resolve_checkpoint(out / "last")
     if existing is None:
         raise TrainingError(f"no checkpoint to resume from in {out / 'last'}: fine-tune without --resume first")
-    record = read_record(out, "finetune")
-    if record is None:
-        raise TrainingError(f"{out} has a checkpoint but no {RUN_FILE} (an older scratchlm wrote it), so its options "
-                            "are unknown: start a new run with --force or another --out")
+    record = read_record(out, "finetune") or _legacy_record(out)
     recorded = record["options"]
     if given["epochs"] is not None:  # a new length in epochs replaces the recorded step count, and the reverse
         given = {**given, "max_steps": None}
@@ -283,6 +281,18 @@ def _train_config(o: dict, batches_per_epoch: int) -> TrainConfig:
                        min_lr=lr / 10, warmup_steps=min(warmup, steps), weight_decay=o["weight_decay"],
                        eval_interval=eval_interval, eval_batches=1, dtype=o["dtype"], seed=o["seed"],
                        activation_checkpointing=o["activation_checkpointing"])
+
+
+def _legacy_record(out: Path) -> dict:
+    """The record of a run from before run.json: its finetune.json held the options as given."""
+    path = out / "finetune.json"
+    if not path.is_file():
+        raise TrainingError(f"{out} has a checkpoint but no {RUN_FILE}, so its options are unknown: start a new run "
+                            "with --force or another --out")
+    saved = read_json(path)
+    options = given_options(FinetuneOptions(**{name: saved.get(name) for name in OPTION_NAMES}))
+    return {"options": {**options, **{k: v for k, v in DEFAULTS.items() if options[k] is None},
+                        "targets": list(parse_targets(options["targets"] or DEFAULTS["targets"]))}}
 
 
 # Where PEFT users find a known model's weights (``base_model_name_or_path`` of the adapters we write).
