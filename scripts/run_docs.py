@@ -57,7 +57,8 @@ def fenced_blocks(path: Path) -> list[Block]:
         body, j = [], i + 1
         while j < len(lines):
             close = FENCE.match(lines[j])
-            if close and close.group(2)[0] == fence[0] and len(close.group(2)) >= len(fence) and not close.group(3).strip():
+            if close and close.group(2).startswith(fence) and set(close.group(2)) == {fence[0]} \
+                    and not close.group(3).strip():
                 break
             text = lines[j]
             body.append(text[min(indent, len(text) - len(text.lstrip(" "))):])
