@@ -96,6 +96,7 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.quant.cli",
     "scratchlm.eval.cli",
     "scratchlm.finetune.cli",
+    "scratchlm.encoder_cli",
 ]
 
 

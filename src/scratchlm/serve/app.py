@@ -5,7 +5,8 @@
     GET  /v1/models            the served model
     POST /v1/completions       text completion (stream: server-sent events ending in "data: [DONE]")
     POST /v1/chat/completions  chat completion (same streaming)
-    POST /v1/embeddings        mean-pooled, L2-normalised final hidden states
+    POST /v1/embeddings        the encoder's sentence embeddings with --embedding-model (serve/embeddings.py),
+                               else the language model's mean-pooled, L2-normalised final hidden states
     GET  /                     the web chat page (static files in ./static)
 
 The server listens at once and loads the model in a thread; until it is ready, model routes answer 503.
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException
 from scratchlm.errors import ScratchLMError
 from scratchlm.serve import jobs as J
 from scratchlm.serve.answers import Answer, stream_events
+from scratchlm.serve.embeddings import EmbeddingService
 from scratchlm.serve.engine import Engine, QueueFullError
 from scratchlm.serve.events import Event
 from scratchlm.serve.metrics import ServerMetrics
@@ -100,9 +102,10 @@ class ServerState:
 
 def create_app(model, *, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
                max_len: int | None = None, prefill_chunk: int = 128, log_prompts: bool = False,
-               model_name: str | None = None, on_load_error: Callable[[BaseException], None] | None = None
-               ) -> FastAPI:
-    """The server app. ``model`` is an ``LLM`` or a function that loads one (called in a thread at start)."""
+               model_name: str | None = None, on_load_error: Callable[[BaseException], None] | None = None,
+               embeddings: EmbeddingService | None = None) -> FastAPI:
+    """The server app. ``model`` is an ``LLM`` or a function that loads one (called in a thread at start);
+    ``embeddings``, an encoder that answers /v1/embeddings instead of the language model."""
     load = model if callable(model) and not hasattr(model, "tokenizer") else (lambda: model)
     state = ServerState(load, dict(max_batch=max_batch, max_queue=max_queue, max_len=max_len,
                                    prefill_chunk=prefill_chunk), model_name, on_load_error)
@@ -110,13 +113,18 @@ def create_app(model, *, api_key: str | None = None, max_batch: int = 16, max_qu
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.start_loading()
+        if embeddings is not None:
+            embeddings.start()
         yield
         if state.engine is not None:
             state.engine.stop()
+        if embeddings is not None:
+            embeddings.stop()
 
     app = FastAPI(title="scratchlm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="An OpenAI-compatible API for a scratchlm model.")
     app.state.server = state
+    app.state.embeddings = embeddings
     _add_error_handlers(app)
     _add_routes(app, state)
     app.add_middleware(RequestMiddleware, api_key=api_key, metrics=state.metrics, log_prompts=log_prompts)
@@ -180,11 +188,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models")
     async def list_models():
         state.ready()
-        return {"object": "list", "data": [_model_card(state)]}
+        encoder = app.state.embeddings.card() if app.state.embeddings is not None else None
+        return {"object": "list", "data": [_model_card(state)] + ([encoder] if encoder else [])}
 
     @app.get("/v1/models/{model}")
     async def get_model(model: str):
         state.ready()
+        if app.state.embeddings is not None and model == app.state.embeddings.name and app.state.embeddings.card():
+            return app.state.embeddings.card()
         J.validate_model(model, state.model_name)
         return _model_card(state)
 
@@ -211,6 +222,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
+        if app.state.embeddings is not None:  # the encoder answers (serve/embeddings.py)
+            answer, tokens = await app.state.embeddings.respond(body)
+            request.state.log.update(model=body.model, prompt_tokens=tokens, inputs=len(answer["data"]))
+            return answer
         engine = state.ready()
         J.validate_model(body.model, state.model_name)
         inputs = await run_in_threadpool(J.embedding_inputs, state.llm, body, engine.max_len)

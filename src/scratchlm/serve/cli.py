@@ -26,6 +26,8 @@ def register(subparsers) -> None:
                    help="tokens per request, prompt + completion (default: the model's context, at most 2048)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the model's name)")
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the access log")
+    p.add_argument("--embedding-model", default=None, metavar="ENCODER",
+                   help="answer /v1/embeddings with this encoder (e.g. all-minilm-l6-v2) instead of MODEL")
     # No --compile: the batching engine decodes eagerly (its rows join and leave at every step).
     add_engine_flags(p, compile=False)
     p.set_defaults(func=cmd_serve)
@@ -51,6 +53,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.max_len is not None and args.max_len < 2:
         raise ConfigError("--max-len must be at least 2")
     resolve(args.model)  # an unknown name or missing file fails here, before the server starts
+    embeddings = None
+    if args.embedding_model is not None:
+        from scratchlm.encoder import Encoder
+        from scratchlm.serve.embeddings import EmbeddingService
+
+        resolve(args.embedding_model)
+        embeddings = EmbeddingService(lambda: Encoder.load(args.embedding_model))
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("scratchlm.serve")
@@ -65,7 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     app = create_app(lambda: load_model(args), api_key=api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_len=args.max_len, log_prompts=args.log_prompts,
-                     model_name=args.model_name, on_load_error=on_load_error)
+                     model_name=args.model_name, on_load_error=on_load_error, embeddings=embeddings)
     # uvicorn's own access log is off: the server writes one structured line per request instead.
     # On SIGTERM or Ctrl-C, Server ends the requests in flight first, so the process exits within a second.
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",
