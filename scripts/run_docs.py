@@ -3,6 +3,7 @@
     python3 scripts/run_docs.py                      # every `run` and `run-slow` block of every page (long)
     python3 scripts/run_docs.py README.md --list     # the blocks it would run, numbered, without running them
     python3 scripts/run_docs.py docs/serving.md --cheap   # only the `run` blocks (what `make test` runs)
+    python3 scripts/run_docs.py --start README.md:40      # from that block on (after your own make run/test)
 
 Meant for a fresh clone: the README's first block is `make run` and `make test`, which build `.venv`; every later
 block runs with `.venv/bin` first on PATH, in the repository root (or --workdir), so outputs land in `runs/` and
@@ -132,12 +133,15 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def run_page(path: Path, workdir: Path, cheap_only: bool = False, env: dict | None = None,
-             timeout: float | None = None, say=print) -> None:
-    """Run a page's runnable blocks in order in ``workdir``; raise RuntimeError at the first that fails."""
+             timeout: float | None = None, say=print, first_line: int = 0) -> None:
+    """Run a page's runnable blocks in order in ``workdir`` (from the block at ``first_line`` on); raise
+    RuntimeError at the first that fails."""
     env = env or block_env()
     background: list[subprocess.Popen] = []
     try:
         for block in runnable_blocks(path, cheap_only):
+            if block.line < first_line:
+                continue
             where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}:{block.line}"
             say(f"--- {where} ({block.language} {block.mark})", flush=True)
             if block.mark == "run-background":
@@ -164,17 +168,28 @@ def main() -> int:
     ap.add_argument("--cheap", action="store_true", help="only the `run` blocks, as make test runs them")
     ap.add_argument("--list", action="store_true", help="list the blocks instead of running them")
     ap.add_argument("--workdir", type=Path, default=ROOT, help="where the blocks run (default: the repository)")
+    ap.add_argument("--start", metavar="PAGE:LINE", help="begin at this block (as --list numbers them), e.g. "
+                    "README.md:40 to skip the quickstart after running `make run` and `make test` yourself")
     args = ap.parse_args()
     pages = [p.resolve() for p in args.pages] or default_pages()
+    first_line = 0
+    if args.start:
+        page, _, line = args.start.rpartition(":")
+        start = (ROOT / page).resolve()
+        if start not in pages:
+            ap.error(f"--start: {page} is not among the pages")
+        pages, first_line = pages[pages.index(start):], int(line)
     if args.list:
-        for page in pages:
+        for i, page in enumerate(pages):
             for block in runnable_blocks(page, args.cheap):
+                if i == 0 and block.line < first_line:
+                    continue
                 first = block.code.strip().splitlines()[0] if block.code.strip() else ""
                 print(f"{page.relative_to(ROOT)}:{block.line}  {block.language} {block.mark}  {first}")
         return 0
-    for page in pages:
+    for i, page in enumerate(pages):
         try:
-            run_page(page, args.workdir.resolve(), args.cheap)
+            run_page(page, args.workdir.resolve(), args.cheap, first_line=first_line if i == 0 else 0)
         except RuntimeError as err:
             print(f"FAILED {err}", file=sys.stderr)
             return 1
