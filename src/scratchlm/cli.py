@@ -97,6 +97,7 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.eval.cli",
     "scratchlm.finetune.cli",
     "scratchlm.encoder_cli",
+    "scratchlm.rag.cli",
 ]
 
 

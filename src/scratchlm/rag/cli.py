@@ -180,7 +180,8 @@ def _retrieval_args(p: argparse.ArgumentParser) -> None:
                    help="dense (meaning), keyword (BM25, exact words) or hybrid (both, fused by rank; default)")
     p.add_argument("--where", default=None, metavar="source=GLOB", help="only documents whose path matches GLOB")
     p.add_argument("--rerank", action="store_true",
-                   help="rescore the top 20 with the chat model (--model): slower; see docs/rag.md for when it helps")
+                   help="rescore the top 20 by how likely the chat model (--model) finds the query after each "
+                        "passage: slower; see docs/rag.md")
     p.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=f"chat model (default {DEFAULT_CHAT_MODEL})")
 
 

@@ -63,8 +63,9 @@ def find_files(paths: Iterable[str | Path], glob: str | None = None) -> list[Pat
 
 
 def token_counter(embedder: Embedder) -> Callable[[str], int]:
-    """Number of the embedding model's tokens in a text (special tokens not counted)."""
-    return lambda text: len(embedder.tokenizer.encode(text))
+    """Number of the embedding model's tokens in a text, its special tokens ([CLS], [SEP]) not counted."""
+    specials = len(embedder.tokenizer.encode(""))  # 2 for a BERT WordPiece tokenizer, which adds them
+    return lambda text: len(embedder.tokenizer.encode(text)) - specials
 
 
 def embed_batches(embedder: Embedder, texts: list[str], progress=None):
@@ -88,8 +89,8 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[str | Path], glob: 
     paths = list(paths)
     report = IngestReport()
     start = time.perf_counter()
-    # The model's window includes its [CLS] and [SEP] tokens: a chunk must leave room for them.
-    budget = min(chunk_tokens, embedder.max_tokens - 2)
+    # The model's window includes its special tokens ([CLS] and [SEP]): a chunk must leave room for them.
+    budget = min(chunk_tokens, embedder.max_tokens - len(embedder.tokenizer.encode("")))
     if budget < chunk_tokens and warn:
         warn(f"--chunk-tokens {chunk_tokens} is over {embedder.name}'s input of {embedder.max_tokens} tokens: "
              f"using {budget}")
