@@ -152,5 +152,6 @@ def test_progress_bar_only_for_a_terminal(tmp_path, tiny_dir, capsys, monkeypatc
                  ["eval", "perplexity", str(tiny_dir), str(text), "--context", "64", "--stride", "32"]):
         assert main(argv + flag) == 0
         err = capsys.readouterr().err
-        # tqdm's line: rate (units/s) and elapsed<remaining
+        # tqdm's line: rate (units/s) and elapsed<remaining; and how long the model took to load
         assert (("/s]" in err or "s/" in err) and "<" in err) is shown, err
+        assert (f"loading {tiny_dir} ..." in err) is shown

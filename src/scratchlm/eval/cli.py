@@ -20,7 +20,6 @@ from pathlib import Path
 def cmd_perplexity(args: argparse.Namespace) -> None:
     from scratchlm.errors import ConfigError
     from scratchlm.eval.perplexity import perplexity_of_text
-    from scratchlm.llm import LLM
 
     path = Path(args.file)
     if not path.is_file():
@@ -29,8 +28,7 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    llm = LLM.load(args.model, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
-                   tokenizer=args.tokenizer)
+    llm = load_model(args, quantize=args.quantize, group_size=args.group_size)
     result = perplexity_of_text(llm, text, args.context, args.stride, progress=show_progress(args))
     print(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens scored in {result.windows} windows, "
           f"{result.bits_per_token:.4f} bits/token)")
@@ -56,6 +54,23 @@ def show_progress(args: argparse.Namespace) -> bool:
     return not args.no_progress and sys.stderr.isatty()
 
 
+def load_model(args: argparse.Namespace, **options):
+    """``LLM.load`` with the command's model options; says on stderr what it is loading and how long it took
+    (loading a quantized GGUF file dequantizes every tensor: many seconds for which there is no bar)."""
+    import time
+
+    from scratchlm.llm import LLM
+
+    progress = show_progress(args)
+    if progress:
+        print(f"loading {args.model} ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    llm = LLM.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, **options)
+    if progress:
+        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return llm
+
+
 def add_loading_and_progress(p) -> None:
     """``--tokenizer`` (for checkpoints that come without one, such as nanoGPT's) and ``--no-progress``."""
     p.add_argument("--tokenizer", default=None,
@@ -69,7 +84,6 @@ def cmd_task(args: argparse.Namespace) -> None:
 
     from scratchlm.eval.task import evaluate_task
     from scratchlm.files import atomic_write_bytes, check_destination
-    from scratchlm.llm import LLM
 
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
     if args.confusion_matrix:  # checked before the slow part
@@ -81,7 +95,7 @@ def cmd_task(args: argparse.Namespace) -> None:
         if labels is None and detect_labels([ref for _, ref in read_task(args.file, args.limit)]) is None:
             raise ConfigError("--confusion-matrix needs a label task, and the references are not a small set of "
                               "repeated labels: name the labels with --labels a,b,c")
-    llm = LLM.load(args.model, dtype=args.dtype, adapter=args.adapter, tokenizer=args.tokenizer)
+    llm = load_model(args, adapter=args.adapter)
     result = evaluate_task(llm, args.file, args.max_new_tokens, args.batch_size, args.limit,
                            progress=show_progress(args), labels=labels)
     print(result.summary())
