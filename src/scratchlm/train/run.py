@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from scratchlm.config import ModelConfig
-from scratchlm.errors import ConfigError, DataError, TrainingError, UnsupportedError
+from scratchlm.errors import ConfigError, DataError, ScratchLMError, TrainingError, UnsupportedError
 from scratchlm.files import atomic_write_json, read_json
 from scratchlm.formats.checkpoint import CONFIG_FILE, save_model_dir
 from scratchlm.model import Transformer
@@ -47,7 +47,7 @@ from scratchlm.train.data import (
     prepare_dataset,
     tokenizer_fingerprint,
 )
-from scratchlm.train.distributed import Dist, barrier, init_distributed, shutdown
+from scratchlm.train.distributed import Dist, broadcast_flag, init_distributed, shutdown
 from scratchlm.train.loop import TrainConfig, TrainResult, train
 from scratchlm.train.presets import PRESETS, Preset, get_preset
 from scratchlm.train.record import RUN_FILE, describe_changes, merge_given, read_record, write_record
@@ -150,13 +150,19 @@ def _run(opts: RunOptions, out: Path, dist: Dist) -> TrainResult:
     say = print if dist.is_main else (lambda *a, **k: None)
 
     # Rank 0 settles the options and the data and writes run.json; the others then read both.
-    resume_dir = None
+    resume_dir, failure = None, None
     if dist.is_main:
-        if opts.resume:
-            resume_dir, tokenizer, prepared = _resume_run(out, opts, say)
-        else:
-            tokenizer, prepared = _new_run(out, opts, say)
-    barrier(dist)
+        try:
+            if opts.resume:
+                resume_dir, tokenizer, prepared = _resume_run(out, opts, say)
+            else:
+                tokenizer, prepared = _new_run(out, opts, say)
+        except ScratchLMError as exc:
+            failure = exc
+    # Every process learns whether rank 0 got ready (a collective, like a barrier), so that they all stop with a
+    # one-line message, not the others with a broken-connection traceback.
+    if broadcast_flag(dist, failure is not None):
+        raise failure or TrainingError("process 0 stopped before training; its message says why")
     options = read_record(out, "train")["options"]
     if opts.resume:
         resume_dir = ckpt.resolve_checkpoint(out / "last")
