@@ -1,8 +1,8 @@
 """The run record: ``OUT/run.json`` remembers how a run was started, so ``--resume`` needs no flags.
 
-    record = {"command": "train", "options": {...every resolved option...}, "sources": [...fingerprints...]}
-    write_record(out, "train", options, sources=fingerprint_sources(data))    # at the start of a new run
-    options = resume_options(out, "train", given, CHANGEABLE)                 # on --resume
+    write_record(out, "train", options, prepared={...})    # a new run: {"command", "options", "prepared"}
+    record = read_record(out, "train")                      # --resume: the recorded options are the base,
+    options = merge_given(out, "train", record["options"], given, CHANGEABLE)   # the given ones checked on top
 
 A run is more than its last checkpoint: the data it reads, the tokenizer, the schedule and its length. As in
 nanoGPT's ``init_from='resume'``, HF Trainer's ``resume_from_checkpoint`` and litgpt, resuming restores all of
