@@ -158,3 +158,21 @@ def test_load_errors(tmp_path, monkeypatch):
         Encoder.load(tmp_path / "llama")
     with pytest.raises(UnsupportedError, match="causal"):
         Encoder(Transformer(preset("tiny-llama")), None)
+
+
+def test_embed_command_prints_vectors_in_input_order(tmp_path, capsys):
+    import json
+
+    from scratchlm.cli import main
+
+    directory = write_tiny_bert(tmp_path / "bert")
+    texts = ["the cat sat", "a big red ball", "dog ran far"]
+    (tmp_path / "texts.txt").write_text(f"{texts[1]}\n\n{texts[2]}\n", encoding="utf-8")  # the blank line is skipped
+    assert main(["embed", str(directory), texts[0], "--file", str(tmp_path / "texts.txt"), "--json"]) == 0
+    vectors = torch.tensor(json.loads(capsys.readouterr().out))
+    torch.testing.assert_close(vectors, Encoder.load(directory).embed(texts), atol=1e-6, rtol=0)
+    assert main(["embed", str(directory), *texts]) == 0
+    out = capsys.readouterr().out
+    assert "3 texts -> 3 x 32" in out and "cosine similarity" in out
+    assert main(["embed", str(directory)]) == 2
+    assert "nothing to embed" in capsys.readouterr().err
