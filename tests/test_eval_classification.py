@@ -60,7 +60,10 @@ def test_answers_are_matched_to_labels():
     assert match_label("  negative\n", labels) == "negative"
     assert match_label("Positive.", labels) == "positive"
     assert match_label('"not sure"\nbecause the review is mixed', labels) == "Not sure"
+    assert match_label("Negative, because the plot drags.", labels) == "negative"
+    assert match_label("Not sure; it is mixed", [*labels, "Not"]) == "Not sure"  # the longest label that fits
     assert match_label("positively", labels) == OTHER
+    assert match_label("the answer is positive", labels) == OTHER
     assert match_label("", labels) == OTHER
 
 

@@ -45,17 +45,23 @@ def detect_labels(references: Sequence[str], max_labels: int = 20) -> list[str] 
 def match_label(prediction: str, labels: Sequence[str]) -> str:
     """The label a generated answer names, or ``OTHER``.
 
-    First the whole answer without surrounding whitespace, then its first line compared without case and
-    without surrounding punctuation or quotes (``"Positive."`` is ``positive``).
+    In this order: the whole answer without surrounding whitespace; its first line compared without case and
+    without surrounding punctuation or quotes (``"Positive."`` is ``positive``); the label the answer starts
+    with, followed by a non-word character (``No. Carrots are vegetables.`` is ``no``; ``positively`` is no
+    label), the longest such label when several match.
     """
     text = prediction.strip()
     if text in labels:
         return text
     first = text.split("\n", 1)[0].strip(_STRIP).casefold()
-    for label in labels:
-        if label.strip(_STRIP).casefold() == first:
+    keys = {label: label.strip(_STRIP).casefold() for label in labels}
+    for label, key in keys.items():
+        if key == first:
             return label
-    return OTHER
+    starts = [label for label, key in keys.items()
+              if key and first.startswith(key) and not (first[len(key):len(key) + 1].isalnum()
+                                                        or first[len(key):len(key) + 1] == "_")]
+    return max(starts, key=lambda label: len(keys[label])) if starts else OTHER
 
 
 @dataclass
