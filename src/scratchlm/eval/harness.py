@@ -31,6 +31,7 @@ from scratchlm.llm import LLM
 from scratchlm.model import KVCache
 
 TOKEN_BUDGET = 8192  # cached positions (rows x length) per batch: bounds the KV memory of one step
+CONTINUATION_ROWS = 16  # continuations fed together, sorted by length: bounds the padding
 
 
 @register_model("scratchlm")
@@ -53,9 +54,10 @@ class ScratchLM(TemplateLM):
         if isinstance(pretrained, LLM):
             self.llm = pretrained
         else:
+            options = {"tokenizer": tokenizer} if tokenizer is not None else {}
             self.llm = LLM.load(pretrained, dtype=dtype, device=device, quantize=quantize,
                                 group_size=None if group_size is None else int(group_size), adapter=adapter,
-                                tokenizer=tokenizer)
+                                **options)
         self.model = self.llm.model.eval()
         self.tok = self.llm.tokenizer
         self._device = next(self.model.parameters()).device
@@ -152,29 +154,33 @@ class ScratchLM(TemplateLM):
         hidden = model.hidden_states(ids, shared, input_lengths=lengths)  # (G, T, C)
         first = model.logits(hidden[torch.arange(len(contexts)), lengths - 1]).float().log_softmax(-1)  # (G, V)
 
-        # 2. One cache row per request, a copy of its context's row; then all continuations at once.
-        cache = KVCache(model.config, len(members), max_len=width, dtype=dtype, device=device)
-        torch.index_select(shared.k, 1, owner, out=cache.k)
-        torch.index_select(shared.v, 1, owner, out=cache.v)
-        cache.lengths.copy_(lengths[owner])
-        del shared
-        rest = None
-        feed = torch.tensor([len(c) - 1 for c in continuations], device=device)  # the last token is not fed
-        if int(feed.max()) > 0:
-            ids = torch.zeros(len(members), int(feed.max()), dtype=torch.long, device=device)
-            for row, c in enumerate(continuations):
-                ids[row, : len(c) - 1] = torch.tensor(c[:-1])
-            rest = model.hidden_states(ids, cache, input_lengths=feed)  # (R, T, C)
-
+        # 2. Continuations, shortest first in chunks of similar length (little padding): each row gets a copy
+        # of its context's cached keys and values, then its tokens (all but the last) go in at once.
         out = {}
-        for row, (i, continuation) in enumerate(zip(members, continuations)):
-            target = torch.tensor(continuation, device=device)
-            logprobs = first[owner[row]][None]
-            if len(continuation) > 1:
-                logprobs = torch.cat([logprobs, model.logits(rest[row, : len(continuation) - 1]).float()
-                                      .log_softmax(-1)])
-            chosen = logprobs.gather(1, target[:, None])[:, 0]
-            out[i] = (float(chosen.sum()), bool((logprobs.argmax(-1) == target).all()))
+        rows = sorted(range(len(members)), key=lambda r: len(continuations[r]))
+        for at in range(0, len(rows), CONTINUATION_ROWS):
+            chunk = rows[at: at + CONTINUATION_ROWS]
+            index = owner[chunk]
+            feed = torch.tensor([len(continuations[r]) - 1 for r in chunk], device=device)
+            rest = None
+            if int(feed.max()) > 0:
+                cache = KVCache(model.config, len(chunk), max_len=width, dtype=dtype, device=device)
+                torch.index_select(shared.k, 1, index, out=cache.k)
+                torch.index_select(shared.v, 1, index, out=cache.v)
+                cache.lengths.copy_(lengths[index])
+                ids = torch.zeros(len(chunk), int(feed.max()), dtype=torch.long, device=device)
+                for j, r in enumerate(chunk):
+                    ids[j, : feed[j]] = torch.tensor(continuations[r][:-1])
+                rest = model.hidden_states(ids, cache, input_lengths=feed)  # (rows, T, C)
+            for j, r in enumerate(chunk):
+                continuation = continuations[r]
+                target = torch.tensor(continuation, device=device)
+                logprobs = first[index[j]][None]
+                if len(continuation) > 1:
+                    logprobs = torch.cat([logprobs, model.logits(rest[j, : len(continuation) - 1]).float()
+                                          .log_softmax(-1)])
+                chosen = logprobs.gather(1, target[:, None])[:, 0]
+                out[members[r]] = (float(chosen.sum()), bool((logprobs.argmax(-1) == target).all()))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -235,7 +241,9 @@ def evaluate(model: ScratchLM, tasks: list[str], num_fewshot: int | None = None,
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(TASKS_DIR))
+    # Indexing lm-eval's thousands of task files takes ~20 s on a small CPU: skip it when only ours are asked.
+    offline = all(t.startswith("scratchlm_") for t in tasks)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=not offline)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"unknown harness task(s) {', '.join(unknown)}: offline ones are "
