@@ -142,7 +142,7 @@ def scratchlm_job(corpus: Path, work: Path, steps: int, seed: int, threads: int,
     else:
         launcher = [sys.executable, "-m", "scratchlm.cli"]
     cmd = [*launcher, "--threads", str(threads), "train", str(corpus), "--preset", "shakespeare-char", "--out",
-           str(out), "--overwrite", "--no-progress", "--sample-tokens", "0", "--max-steps", str(steps),
+           str(out), "--force", "--no-progress", "--sample-tokens", "0", "--max-steps", str(steps),
            "--seed", str(seed), *(["--dtype", "bfloat16"] if bf16 else [])]
     return {"name": "scratchlm bf16" if bf16 else "scratchlm", "seed": seed, "out": out, "cwd": ROOT, "env": env,
             "cmd": cmd}

@@ -136,7 +136,7 @@ def train_gpt2(work: Path, steps: int, threads: int) -> Path:
     if (out / "best" / "model.safetensors").is_file():
         return out / "best"
     cmd = [sys.executable, "-m", "scratchlm.cli", "--threads", str(threads), "train", "--preset", "shakespeare-bpe",
-           "--out", str(out), "--max-steps", str(steps), "--overwrite", "--no-progress", "--sample-tokens", "0"]
+           "--out", str(out), "--max-steps", str(steps), "--force", "--no-progress", "--sample-tokens", "0"]
     try:
         import scratchlm.train.bpe  # noqa: F401
     except ImportError:

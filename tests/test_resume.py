@@ -165,7 +165,6 @@ def test_an_existing_run_is_replaced_only_with_force_and_the_message_says_every_
     assert main([*args, "--lr", "1e-3", "--force"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert json.loads((out / "run.json").read_text())["options"]["lr"] == 1e-3
-    assert main([*args, "--overwrite"]) == 0  # the flag's former name still works (hidden from --help)
 
 
 def test_a_run_from_before_run_json_resumes_with_its_checkpoints_options_and_token_files(my_texts, tmp_path, capsys):

@@ -62,7 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue the run in OUT exactly, with its recorded model, data and options")
     g.add_argument("--force", action="store_true", help="replace a previous run in OUT")
     # The flag's former name, kept hidden so scripts written for it still work.
-    g.add_argument("--overwrite", action="store_true", dest="force", help=argparse.SUPPRESS)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 

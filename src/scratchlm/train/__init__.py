@@ -9,5 +9,6 @@
     distributed.py  DDP under torchrun
     report.py       progress bar, metrics.jsonl, loss.png, samples
     presets.py      named recipes (shakespeare-char, shakespeare-bpe)
+    record.py       run.json: a run's resolved options, so --resume needs no flags
     run.py          the `scratchlm train` pipeline: corpus -> tokenizer -> data -> model -> train
 """

@@ -54,7 +54,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="continue the run in OUT exactly, with its recorded data and options")
     p.add_argument("--force", action="store_true", help="replace a previous run in OUT")
     # The flag's former name, kept hidden so scripts written for it still work.
-    p.add_argument("--overwrite", action="store_true", dest="force", help=argparse.SUPPRESS)
     g = p.add_argument_group("training (defaults come from the preset)")
     for flag, (_, kind, text) in TRAIN_FLAGS.items():
         g.add_argument(flag, type=kind, default=None, help=text)
