@@ -47,13 +47,15 @@ class ScratchLM(TemplateLM):
     """
 
     def __init__(self, pretrained: str | LLM, quantize: str | None = None, group_size: int | None = None,
-                 adapter: str | None = None, dtype: str = "float32", device: str = "cpu",
+                 adapter: str | None = None, dtype: str = "float32", device: str | None = "cpu",
                  tokenizer: str | None = None, max_length: int | None = None, token_budget: int = TOKEN_BUDGET,
                  batch_size=None, max_batch_size=None, progress: bool = True, **unused):
         super().__init__()
         if isinstance(pretrained, LLM):
             self.llm = pretrained
         else:
+            if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+                device = "cpu"  # lm_eval's command line asks for cuda unless told otherwise, as its hf does
             options = {"tokenizer": tokenizer} if tokenizer is not None else {}
             self.llm = LLM.load(pretrained, dtype=dtype, device=device, quantize=quantize,
                                 group_size=None if group_size is None else int(group_size), adapter=adapter,
@@ -282,8 +284,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--include_path" not in args:  # the offline scratchlm_* tasks, beside lm-eval's own
+        args += ["--include_path", str(TASKS_DIR)]
+    sys.argv = [sys.argv[0], *args]
     cli_evaluate()
 
 
