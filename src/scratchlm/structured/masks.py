@@ -1,0 +1,182 @@
+"""Which tokens may come next: the vocabulary as a byte trie, walked with the automaton, with masks cached.
+
+A token is allowed when all its bytes keep the output a prefix of the grammar. Checking the ~49k tokens of
+SmolLM2 one by one costs about as much as a decode step in Python, so:
+
+- the tokens are a trie of their bytes: a shared prefix is read once, and a dead prefix prunes its subtree
+  (outlines' index and xgrammar walk the vocabulary the same way);
+- most tokens' fate depends only on the top of the stack (xgrammar's context-independent tokens, Dong et al.
+  2024, sec. 3.2): for each reading NFA state ``q`` the trie is walked once from ``q`` alone; a token that stays
+  inside ``q``'s rule is accepted or rejected for good, and only the few that end the rule and read on (``",``
+  after a string) are "uncertain" and checked against the real stack;
+- the final mask of each matcher state is cached, so a state seen before costs one dictionary look-up.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from scratchlm.structured.automaton import DEAD, Automaton
+
+FULL_WALK_ABOVE = 4096  # uncertain tokens beyond which one trie walk is cheaper than checking each
+
+
+@dataclass
+class VocabularyTrie:
+    """The byte strings of a tokenizer's ordinary tokens (special tokens excluded) as a trie.
+
+    Tokens are inserted in sorted byte order, so the tokens below a node are ``order[lo[n]:hi[n]]``.
+    """
+
+    children: list[list[tuple[int, int]]]  # node -> [(byte, child)]
+    ends: list[list[int]]  # node -> token ids whose bytes end here
+    lo: list[int]
+    hi: list[int]
+    order: list[int]  # token ids in sorted byte order
+    token_bytes: dict[int, bytes]
+    size: int  # mask length: the tokenizer's vocabulary size
+
+
+_TRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def vocabulary_trie(tokenizer) -> VocabularyTrie:
+    """The trie of ``tokenizer``'s tokens, built once per tokenizer (about half a second for 49k tokens)."""
+    trie = _TRIES.get(tokenizer)
+    if trie is not None:
+        return trie
+    special = set(tokenizer.special_tokens.values())
+    token_bytes = {i: tokenizer.bytes_of(i) for i in range(tokenizer.vocab_size) if i not in special}
+    token_bytes = {i: b for i, b in token_bytes.items() if b}
+    order = sorted(token_bytes, key=token_bytes.__getitem__)
+    children: list[dict[int, int]] = [{}]
+    ends: list[list[int]] = [[]]
+    lo, hi = [0], [len(order)]
+    for rank, tid in enumerate(order):
+        node = 0
+        for b in token_bytes[tid]:
+            child = children[node].get(b)
+            if child is None:
+                child = children[node][b] = len(children)
+                children.append({})
+                ends.append([])
+                lo.append(rank)
+                hi.append(rank)
+            hi[child] = rank + 1
+            node = child
+        ends[node].append(tid)
+    trie = VocabularyTrie([sorted(c.items()) for c in children], ends, lo, hi, order, token_bytes,
+                          tokenizer.vocab_size)
+    _TRIES[tokenizer] = trie
+    return trie
+
+
+def walk(automaton: Automaton, trie: VocabularyTrie, sid: int, relative: bool) -> tuple[list[int], list[int]]:
+    """Tokens accepted from state ``sid``, and (``relative``: ``sid`` is one stack top alone) the tokens whose
+    acceptance depends on the stack below because they read on after the top rule ended."""
+    accepted: list[int] = []
+    uncertain: list[int] = []
+    steps, step, states = automaton._steps, automaton.step, automaton.states
+    children, ends, lo, hi, order = trie.children, trie.ends, trie.lo, trie.hi, trie.order
+    todo = [(0, sid, False)]
+    while todo:
+        node, state, popped = todo.pop()
+        base = state * 256
+        for b, child in children[node]:
+            nxt = steps.get(base + b)
+            if nxt is None:
+                nxt = step(state, b)
+            if nxt == DEAD:
+                if popped:
+                    uncertain.extend(order[lo[child]:hi[child]])
+                continue
+            if ends[child]:
+                accepted.extend(ends[child])
+            if children[child]:
+                todo.append((child, nxt, popped or (relative and states[nxt][1])))
+    return accepted, uncertain
+
+
+class TokenMasks:
+    """Allowed-token masks of one automaton over one vocabulary, cached per stack top and per state."""
+
+    def __init__(self, automaton: Automaton, tokenizer, eos_ids: set[int]):
+        self.automaton = automaton
+        self.trie = vocabulary_trie(tokenizer)
+        self.eos_ids = sorted(i for i in eos_ids if i < self.trie.size)
+        self._by_top: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        self._by_state: dict[int, torch.Tensor] = {}
+
+    def _top(self, q: int) -> tuple[torch.Tensor, list[int]]:
+        hit = self._by_top.get(q)
+        if hit is None:
+            accepted, uncertain = walk(self.automaton, self.trie, self.automaton.relative_state(q), relative=True)
+            mask = torch.zeros(self.trie.size, dtype=torch.bool)
+            mask[accepted] = True
+            hit = self._by_top[q] = (mask, uncertain)
+        return hit
+
+    def mask(self, sid: int) -> torch.Tensor:
+        """Bool [vocabulary size]: the tokens allowed in state ``sid`` (EOS only where the match is complete)."""
+        hit = self._by_state.get(sid)
+        if hit is not None:
+            return hit
+        automaton, trie = self.automaton, self.trie
+        stacks, complete = automaton.states[sid] if sid != DEAD else (frozenset(), False)
+        mask = torch.zeros(trie.size, dtype=torch.bool)
+        uncertain: set[int] = set()
+        for q in {stack[-1] for stack in stacks}:
+            top_mask, top_uncertain = self._top(q)
+            mask |= top_mask
+            uncertain.update(top_uncertain)
+        if len(uncertain) > FULL_WALK_ABOVE:  # a tiny top rule: most tokens read past it; walk the whole stack
+            accepted, _ = walk(automaton, trie, sid, relative=False)
+            mask[accepted] = True
+        else:
+            extra = [t for t in uncertain if not mask[t] and automaton.advance(sid, trie.token_bytes[t]) != DEAD]
+            mask[extra] = True
+        if complete:
+            mask[self.eos_ids] = True
+        self._by_state[sid] = mask
+        return mask
+
+
+class TokenConstraint:
+    """One sequence's position in a constraint: which tokens may come next, and the step after each token."""
+
+    def __init__(self, masks: TokenMasks):
+        self.masks = masks
+        self.automaton = masks.automaton
+        self.state = self.automaton.initial
+
+    def allowed(self) -> torch.Tensor:
+        return self.masks.mask(self.state)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [V] with every token the constraint forbids at -inf. When nothing but EOS may follow and
+        the model has no EOS token, the sequence ends through ``finished`` instead."""
+        mask = self.allowed()
+        if logits.shape[-1] != mask.shape[0]:  # embedding rows beyond the tokenizer (padding) are never allowed
+            full = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            n = min(mask.shape[0], logits.shape[-1])
+            full[:n] = mask[:n]
+            mask = full
+        return logits.masked_fill(~mask.to(logits.device), -math.inf)
+
+    def advance(self, token_id: int) -> None:
+        if token_id in self.masks.eos_ids:
+            return
+        self.state = self.automaton.advance(self.state, self.masks.trie.token_bytes.get(token_id, b"\xff"))
+
+    @property
+    def complete(self) -> bool:
+        return self.automaton.is_complete(self.state)
+
+    @property
+    def finished(self) -> bool:
+        """The match is complete and no byte can follow: the sequence must end now."""
+        return not self.automaton.can_continue(self.state)
