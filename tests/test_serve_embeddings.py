@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -13,8 +16,9 @@ import torch
 
 from conftest import tiny_llm
 from scratchlm.encoder import Encoder
+from scratchlm.formats.checkpoint import save_model_dir
 from scratchlm.serve.app import create_app
-from scratchlm.serve.background import BackgroundServer
+from scratchlm.serve.background import BackgroundServer, free_port
 from scratchlm.serve.embeddings import EmbeddingService
 from test_encoder import write_tiny_bert
 
@@ -168,3 +172,42 @@ def test_langchain_retrieval_chain_answers_from_the_right_document(smollm2, mini
             assert re.search(rf'scratchlm_requests_total{{route="{route}",status="200"}} [1-9]', metrics), route
     finally:
         background.__exit__(None, None, None)
+
+
+def test_serve_command_with_an_embedding_model(tmp_path):
+    llm = tiny_llm()
+    model_dir = save_model_dir(tmp_path / "tiny", llm.config, llm.model.canonical_state_dict(), llm.tokenizer)
+    bert = write_tiny_bert(tmp_path / "bert")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "scratchlm.cli", "--threads", "1", "serve", str(model_dir),
+                             "--port", str(port), "--embedding-model", str(bert)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # /health answers 200 once both models are loaded
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                health = httpx.get(url + "/health")
+                if health.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert health.json()["embedding_model"] == "bert"
+        r = httpx.post(url + "/v1/embeddings", json={"model": "bert", "input": ["the cat sat", "dog"]})
+        expected = Encoder.load(bert).embed(["the cat sat", "dog"])
+        torch.testing.assert_close(torch.tensor([d["embedding"] for d in r.json()["data"]]), expected,
+                                   atol=1e-6, rtol=0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    # an embedding model that does not exist stops the command before the server starts, in one line
+    r = subprocess.run([sys.executable, "-m", "scratchlm.cli", "serve", str(model_dir), "--embedding-model",
+                        "no-such-encoder"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: unknown model 'no-such-encoder'")
+    # one that fails to load (a language model is no encoder) stops the server with that reason
+    r = subprocess.run([sys.executable, "-m", "scratchlm.cli", "serve", str(model_dir), "--port", str(free_port()),
+                        "--embedding-model", str(model_dir)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "config.json" in r.stderr

@@ -56,6 +56,8 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )
+    if hf.get("model_type") == "bert":  # an encoder: scratchlm.encoder reads it (formats/bert.py)
+        raise UnsupportedError(f"{arch} is an encoder, not a language model: use `scratchlm embed` or Encoder.load")
     raise UnsupportedError(f"unsupported architecture {arch!r}; scratchlm reads {', '.join(ARCHITECTURES)}")
 
 

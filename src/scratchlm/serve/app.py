@@ -173,13 +173,16 @@ def _field_path(loc) -> str:
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
-    @app.get("/health", summary="readiness: 200 when the model is loaded, 503 before")
+    @app.get("/health", summary="readiness: 200 when the model (and the embedding model) is loaded, 503 before")
     async def health():
-        if state.engine is None:
-            status = "failed" if state.load_error else "loading"
-            return JSONResponse({"status": status, **error_body(state.load_error or "loading", "server_error")},
-                                status_code=503)
-        return {"status": "ok", "model": state.model_name, **state.engine.stats()}
+        encoder = app.state.embeddings
+        if state.engine is None or (encoder is not None and encoder.encoder is None):
+            error = state.load_error or (encoder is not None and encoder.load_error
+                                         and f"the embedding model failed to load: {encoder.load_error}")
+            return JSONResponse({"status": "failed" if error else "loading",
+                                 **error_body(error or "loading", "server_error")}, status_code=503)
+        extra = {"embedding_model": encoder.name} if encoder is not None else {}
+        return {"status": "ok", "model": state.model_name, **extra, **state.engine.stats()}
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     async def metrics():

@@ -59,7 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from scratchlm.serve.embeddings import EmbeddingService
 
         resolve(args.embedding_model)
-        embeddings = EmbeddingService(lambda: Encoder.load(args.embedding_model))
+        embeddings = EmbeddingService(lambda: Encoder.load(args.embedding_model),
+                                      on_load_error=lambda exc: on_load_error(exc))  # defined below
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("scratchlm.serve")
@@ -86,5 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the shutdown was clean
         pass
     if failure:
+        # With --embedding-model two models load at once: let the other finish before the interpreter exits
+        # (exiting while a thread is inside torch aborts the process instead of printing the error).
+        import threading
+
+        for thread in threading.enumerate():
+            if thread.name in ("scratchlm-load", "scratchlm-embeddings"):
+                thread.join(timeout=300)
         exc = failure[0]
         raise exc if isinstance(exc, ScratchLMError) else ScratchLMError(f"could not load the model: {exc}")

@@ -39,8 +39,10 @@ class _Job:
 class EmbeddingService:
     """An encoder served at /v1/embeddings: ``start()`` loads it in a thread, ``respond(body)`` answers."""
 
-    def __init__(self, load: Callable[[], object], name: str | None = None, batch_size: int = 32):
+    def __init__(self, load: Callable[[], object], name: str | None = None, batch_size: int = 32,
+                 on_load_error: Callable[[BaseException], None] | None = None):
         self.load = load
+        self.on_load_error = on_load_error
         self.name = name
         self.batch_size = batch_size
         self.encoder = None
@@ -83,6 +85,8 @@ class EmbeddingService:
         except BaseException as exc:  # reported by every /v1/embeddings request
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("loading the embedding model failed: %s", self.load_error)
+            if self.on_load_error is not None:
+                self.on_load_error(exc)
             return
         while (job := self._queue.get()) is not None:
             jobs = [job]
