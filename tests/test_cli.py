@@ -60,10 +60,22 @@ def test_prompt_longer_than_context_gives_both_lengths(capsys, tiny_dir):
 
 
 @pytest.mark.parametrize("flag,value,allowed", [("--temperature", "-1", "between 0 and 100"),
-                                                ("--top-p", "1.5", "in (0, 1]"), ("--top-k", "0", ">= 1")])
+                                                ("--top-p", "1.5", "in (0, 1]"), ("--top-k", "-1", ">= 1")])
 def test_invalid_sampling_value_names_the_range(capsys, tiny_dir, flag, value, allowed):
     code, _, err = run(capsys, "generate", str(tiny_dir), "hi", flag, value)
     assert_one_line_error(code, err, allowed)
+
+
+def test_sampling_flags_default_to_the_library_and_zero_turns_a_filter_off(capsys, tiny_dir):
+    from scratchlm.sampling import DEFAULT_SAMPLING
+
+    args = cli.build_parser().parse_args(["generate", "m", "p"])
+    assert cli.sampling_kwargs(args) == {}  # nothing given: LLM's defaults apply
+    args = cli.build_parser().parse_args(["generate", "m", "p", "--top-k", "0", "--min-p", "0", "--seed", "3"])
+    assert cli.sampling_kwargs(args) == {"top_k": None, "min_p": 0.0, "seed": 3}
+    code, out, _ = run(capsys, "generate", str(tiny_dir), "hello", "--seed", "5", "--max-new-tokens", "12")
+    assert code == 0 and DEFAULT_SAMPLING["top_k"] is not None
+    assert out == tiny_llm().generate("hello", seed=5, max_new_tokens=12) + "\n"
 
 
 def test_generate_streams_the_same_text_as_the_api(capsys, tiny_dir):

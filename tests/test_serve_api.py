@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_llm
+from scratchlm.sampling import PLAIN_SAMPLING
 from scratchlm.serve.app import create_app
 from scratchlm.serve.background import BackgroundServer
 
@@ -44,8 +45,9 @@ def aclient(server):
 
 
 def alone(llm, prompt, **settings):
-    """What the library gives for one prompt (text, messages or ids) run by itself."""
-    return llm.complete([prompt], **settings)[0]
+    """What the library gives for one prompt (text, messages or ids) run by itself, with the server's (OpenAI's)
+    defaults where the library's differ."""
+    return llm.complete([prompt], **{**PLAIN_SAMPLING, **settings})[0]
 
 
 def completion_tokens(ref) -> int:

@@ -11,6 +11,7 @@ import openai
 import pytest
 import torch
 
+from scratchlm.sampling import PLAIN_SAMPLING
 from scratchlm.serve.app import create_app
 from scratchlm.serve.background import BackgroundServer
 
@@ -47,7 +48,7 @@ def test_async_streamed_completion_equals_the_whole_one(server, smollm2):
             return whole, [chunk async for chunk in stream]
 
     whole, chunks = asyncio.run(go())
-    ref = smollm2.complete(["The sea is"], max_new_tokens=12, temperature=0.7, seed=1)[0]
+    ref = smollm2.complete(["The sea is"], max_new_tokens=12, temperature=0.7, seed=1, **PLAIN_SAMPLING)[0]
     assert whole.choices[0].text == ref.text
     assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
     assert chunks[-1].usage == whole.usage
@@ -82,7 +83,8 @@ def test_32_concurrent_streams_match_each_request_alone(server, smollm2):
             return await asyncio.gather(*(one(c, p, s) for p, s in requests))
 
     results = asyncio.run(go())
-    refs = {i: smollm2.complete([prompts[i]], max_new_tokens=8, temperature=0.8, seed=50 + i)[0] for i in range(8)}
+    refs = {i: smollm2.complete([prompts[i]], max_new_tokens=8, temperature=0.8, seed=50 + i, **PLAIN_SAMPLING)[0]
+            for i in range(8)}
     for i, (text, usage) in enumerate(results):
         ref = refs[i % 8]
         assert text == ref.text, (i, text, ref.text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TextIO
 
 from scratchlm.llm import LLM
+from scratchlm.sampling import DEFAULT_SAMPLING
 
 HELP = """commands:
   /help          show this list
@@ -34,7 +35,7 @@ class ChatSession:
 
     def fit_history(self) -> int:
         """Drop the oldest exchanges until prompt + reply budget fit the context; returns how many dropped."""
-        budget = self.sampling.get("max_new_tokens", 256)
+        budget = self.sampling.get("max_new_tokens", DEFAULT_SAMPLING["max_new_tokens"])
         limit = self.llm.config.context_length
         dropped = 0
         while len(self.history) > 1 and len(self.llm.encode_chat(self.messages())) + budget > limit:

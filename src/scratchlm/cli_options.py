@@ -24,7 +24,8 @@ def add_model_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_dtype_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="compute dtype (default float32); given, a quantized GGUF loads dequantized (dense)")
 
 
 def add_group_size_flag(p: argparse.ArgumentParser) -> None:
@@ -44,9 +45,10 @@ def add_adapter_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_compile_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through a step compiled by torch.compile: faster tokens after a compile of about "
-                        "a minute per cache size, the first time only (cached on disk); off by default")
+                        "a minute per cache size, the first time only (cached in $SCRATCHLM_HOME/compile); "
+                        "default: on for quantized models (a Q4 GGUF, --quantize), off for float ones")
 
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:
@@ -71,38 +73,76 @@ def add_engine_flags(p: argparse.ArgumentParser, quantize: bool = True, adapter:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """``LLM.load`` keyword arguments from the engine options present on ``args``."""
-    return dict(dtype=getattr(args, "dtype", "float32"), quantize=getattr(args, "quantize", None),
-                group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None))
+    return dict(dtype=getattr(args, "dtype", None), quantize=getattr(args, "quantize", None),
+                group_size=getattr(args, "group_size", None), adapter=getattr(args, "adapter", None),
+                compile=getattr(args, "compile", None))
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    """Sampling options whose defaults are ``LLM``'s (chosen for small models, benchmarks/sampling_defaults.py)."""
+    """Sampling options; those not given take ``LLM``'s defaults (``sampling.DEFAULT_SAMPLING``, chosen for small
+    models by benchmarks/sampling_defaults.py)."""
     from scratchlm.sampling import DEFAULT_SAMPLING as D
 
-    def shown(name: str) -> str:
-        return "off" if D.get(name) is None else str(D[name])
+    def default(name: str, off: str) -> str:
+        return f"default {D[name]}; {off} turns it off" if D.get(name) is not None else "default off"
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=D["max_new_tokens"],
+    g.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"most tokens to generate (default {D['max_new_tokens']})")
-    g.add_argument("--temperature", type=float, default=D["temperature"],
+    g.add_argument("--temperature", type=float, default=None,
                    help=f"0 = greedy, higher = more random (default {D['temperature']})")
-    g.add_argument("--top-k", type=int, default=D.get("top_k"),
-                   help=f"sample among the k most likely tokens (default {shown('top_k')})")
-    g.add_argument("--top-p", type=float, default=D.get("top_p"),
-                   help=f"nucleus sampling threshold in (0, 1] (default {shown('top_p')})")
-    g.add_argument("--min-p", type=float, default=D.get("min_p"),
-                   help=f"drop tokens below min_p x the best probability (default {shown('min_p')})")
-    g.add_argument("--repetition-penalty", type=float, default=D.get("repetition_penalty", 1.0),
-                   help=f"> 1 discourages repeats, 1 = off (default {D.get('repetition_penalty', 1.0)})")
+    g.add_argument("--top-k", type=int, default=None,
+                   help=f"sample among the k most likely tokens ({default('top_k', '0')})")
+    g.add_argument("--top-p", type=float, default=None,
+                   help=f"nucleus sampling threshold in (0, 1] ({default('top_p', '1')})")
+    g.add_argument("--min-p", type=float, default=None,
+                   help=f"drop tokens below min_p x the best probability ({default('min_p', '0')})")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help=f"> 1 discourages repeats ({default('repetition_penalty', '1')}; "
+                        "greedy decoding uses it only when given)")
     g.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                seed=args.seed, stop=tuple(args.stop))
+    """The sampling options given on the command line (the others take ``LLM``'s defaults)."""
+    given = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    if kwargs.get("top_k") == 0:
+        kwargs["top_k"] = None  # --top-k 0: no top-k filter
+    if args.stop:
+        kwargs["stop"] = tuple(args.stop)
+    return kwargs
+
+
+def add_constraint_flags(p: argparse.ArgumentParser) -> None:
+    """Structured output (generate, chat): at most one of a JSON schema, a GBNF grammar or a regular expression."""
+    g = p.add_argument_group("structured output (docs/structured-output.md)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="answer with JSON valid under this JSON schema file")
+    g.add_argument("--grammar", metavar="FILE", default=None, help="answer in this GBNF grammar (llama.cpp's format)")
+    g.add_argument("--regex", default=None, help="answer with text this regular expression matches in full")
+
+
+def constraint_kwargs(args: argparse.Namespace) -> dict:
+    """``{"grammar": Constraint}`` for ``LLM`` from the structured-output flags (files read and compiled here), or
+    ``{}``."""
+    from scratchlm.errors import ConfigError
+    from scratchlm.structured import make_constraint
+
+    kwargs = {}
+    for flag, key in (("json_schema", "json_schema"), ("grammar", "grammar")):
+        path = getattr(args, flag, None)
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    kwargs[key] = f.read()
+            except OSError as exc:
+                raise ConfigError(f"cannot read --{flag.replace('_', '-')} file {path}: {exc.strerror}") from None
+    if getattr(args, "regex", None) is not None:
+        kwargs["regex"] = args.regex
+    return {"grammar": make_constraint(**kwargs)} if kwargs else {}
 
 
 def add_progress_flag(p: argparse.ArgumentParser) -> None:

@@ -23,9 +23,10 @@ from scratchlm.errors import ConfigError, ModelFileError
 from scratchlm.files import read_json
 from scratchlm.generate import Completion, Sequence, stream_sequences
 from scratchlm.model import Transformer, build_model
-from scratchlm.sampling import DEFAULT_SAMPLING, SamplingParams
+from scratchlm.sampling import SamplingParams, with_defaults
 from scratchlm.tokenizer import Tokenizer
 
+STRUCTURED_KEYWORDS = ("grammar", "json_schema", "regex", "response_format")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -126,9 +127,10 @@ class LLM:
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
+    def load(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
              quantize: str | None = None, group_size: int | None = None,
-             adapter: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None) -> LLM:
+             adapter: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
+             dequantize: bool = False, compile: bool | None = None) -> LLM:
         """Load a known model name (pulled), a GGUF file, a model directory or a PyTorch checkpoint file.
 
         Directories: HF (``config.json`` with safetensors or ``pytorch_model.bin``), scratchlm, quantized,
@@ -139,6 +141,13 @@ class LLM:
         ``adapter`` is a LoRA adapter directory (PEFT format) merged into the weights before quantizing.
         ``tokenizer`` is a ``tokenizer.json`` (or a directory holding one) to use instead of the one beside
         the weights: nanoGPT checkpoints come without one.
+
+        A block-quantized GGUF file (Q4_0/Q4_1/Q4_K, Q8_0, ...) stays quantized: its 4-bit layers load as int4
+        exactly, the rest as int8 (``quant.quantize.quantized_from_gguf``). A ``dtype`` (float32, bfloat16),
+        ``dequantize=True``, ``quantize`` or ``adapter`` gives the dense model instead (dequantized, then
+        quantized as asked). Other sources load in ``dtype`` (default float32).
+        ``compile``: decode through the compiled static step (``scratchlm.compiled``; cached on disk, checked,
+        eager fallback); None (default) compiles quantized models on the CPU unless ``$SCRATCHLM_COMPILE=0``.
         """
         from scratchlm.hub import KNOWN_MODELS, resolve
 
@@ -147,11 +156,12 @@ class LLM:
 
             check_options(quantize, group_size)  # before the slow part
         path = resolve(name_or_path)
-        torch_dtype = parse_dtype(dtype)
+        keep_quantized = dtype is None and not dequantize and quantize is None and adapter is None
+        torch_dtype = parse_dtype(dtype or "float32")
         name = str(name_or_path) if str(name_or_path) in KNOWN_MODELS else path.stem
         tok_path = Path(tokenizer).expanduser() if tokenizer is not None else None
         if path.is_file() and path.suffix == ".gguf" and tok_path is None:
-            llm = cls._from_gguf(path, torch_dtype, name)
+            llm = cls._from_gguf(path, torch_dtype, name, keep_quantized)
         elif path.is_dir() or (path.is_file() and path.suffix in TORCH_SUFFIXES):
             llm = cls._from_directory(path, torch_dtype, name, tok_path)
         elif path.is_file() and path.suffix == ".gguf":
@@ -168,17 +178,31 @@ class LLM:
 
             quantize_model(llm.model, quantize, group_size)
         llm.model.to(device)
+        from scratchlm.compiled import compile_decoding, use_compiled_by_default
+
+        if compile or (compile is None and use_compiled_by_default(llm.model)):
+            compile_decoding(llm.model)
         return llm
 
     @classmethod
-    def _from_gguf(cls, path: Path, dtype: torch.dtype, name: str) -> LLM:
-        from scratchlm.formats.gguf import load_gguf
+    def _from_gguf(cls, path: Path, dtype: torch.dtype, name: str, keep_quantized: bool = False) -> LLM:
+        from scratchlm.formats.gguf import load_gguf, load_gguf_quantized
 
-        config, state, meta = load_gguf(path, dtype)
+        if keep_quantized:
+            config, state, meta, quantized = load_gguf_quantized(path, dtype)
+        else:
+            (config, state, meta), quantized = load_gguf(path, dtype), False
         config = config.replace(name=name)
         tokenizer = Tokenizer.from_gguf_metadata(meta)
         template = ChatTemplate(meta.get("tokenizer.chat_template"), tokenizer.bos_token, tokenizer.eos_token)
-        return cls(build_model(config, state, source=str(path)), tokenizer, template, name, path)
+        if quantized:
+            from scratchlm.quant.quantize import quantized_from_gguf
+
+            model = quantized_from_gguf(config, state, dtype, source=str(path))
+            model.config = config
+        else:
+            model = build_model(config, state, source=str(path))
+        return cls(model, tokenizer, template, name, path)
 
     @classmethod
     def _from_directory(cls, path: Path, dtype: torch.dtype, name: str, tokenizer: Path | None = None) -> LLM:
@@ -200,14 +224,21 @@ class LLM:
 
     # ----------------------------------------------------------------------------------------------
     def sampling(self, **kwargs) -> SamplingParams:
-        """SamplingParams from keyword arguments over ``DEFAULT_SAMPLING`` (``stop`` may be a string or a list)."""
+        """SamplingParams from keyword arguments over ``DEFAULT_SAMPLING`` (``sampling.with_defaults``; ``stop``
+        may be a string or a list). Structured output: ``response_format`` (OpenAI's), ``json_schema``, ``regex``
+        or ``grammar`` (GBNF text or a ``structured.Constraint``) become ``constraint`` (docs/structured-output.md)."""
+        structured = {k: kwargs.pop(k) for k in STRUCTURED_KEYWORDS if k in kwargs}
+        if any(v is not None for v in structured.values()):
+            from scratchlm.structured import make_constraint
+
+            kwargs["constraint"] = make_constraint(**structured)
         unknown = set(kwargs) - set(SamplingParams.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown sampling options {sorted(unknown)}; "
                               f"known: {', '.join(SamplingParams.__dataclass_fields__)}")
         if isinstance(kwargs.get("stop"), (list, tuple)):
             kwargs["stop"] = tuple(kwargs["stop"])
-        return SamplingParams(**{**DEFAULT_SAMPLING, **kwargs})
+        return SamplingParams(**with_defaults(**kwargs))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template."""

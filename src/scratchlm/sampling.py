@@ -14,6 +14,10 @@ import torch
 
 from scratchlm.errors import SamplingError
 
+# Below 1e-5, logits / temperature overflows float32 to inf and the softmax to NaN; the limit of sampling as
+# temperature -> 0 is the argmax anyway, so such temperatures decode greedily.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,6 +34,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # strings that end generation (not included)
     ignore_eos: bool = False
+    constraint: object | None = None  # structured output: a scratchlm.structured.Constraint (JSON schema, grammar)
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> SamplingError:
@@ -58,14 +63,25 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        # Below 1e-5, logits / temperature overflows float32 to inf and the softmax to NaN; the limit of
-        # sampling as temperature -> 0 is the argmax anyway.
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_BELOW
 
 
-# The defaults of ``LLM`` and of the CLI's generate and chat (the server keeps OpenAI's, field by field in
-# serve/jobs.py). Chosen for small models by benchmarks/sampling_defaults.py (see RESULTS.md).
-DEFAULT_SAMPLING: dict = dict(max_new_tokens=256, temperature=0.7)
+# The defaults of ``LLM`` and of the CLI's generate and chat; the server keeps OpenAI's (field by field in
+# serve/jobs.py). At temperature 0.7 SmolLM2-135M looped ("la la la ...") in 6 of 32 answers to simple
+# questions (int4); a repetition penalty of 1.1 with top-k 40 and min-p 0.05, the settings llama.cpp and Ollama
+# use, brought loops to 0-1 in 32 and more right answers (benchmarks/sampling_defaults.py, RESULTS.md).
+DEFAULT_SAMPLING: dict = dict(max_new_tokens=256, temperature=0.7, top_k=40, min_p=0.05, repetition_penalty=1.1)
+# Sampling from the model's own distribution, as OpenAI's API does unless asked: for comparisons with it.
+PLAIN_SAMPLING: dict = dict(top_k=None, top_p=None, min_p=None, repetition_penalty=1.0)
+
+
+def with_defaults(**given) -> dict:
+    """``given`` sampling options over ``DEFAULT_SAMPLING``. Greedy decoding (temperature 0) stays the plain
+    argmax of the model (what tests and evaluations compare against) unless a repetition penalty is given."""
+    merged = {**DEFAULT_SAMPLING, **given}
+    if merged.get("temperature", 1.0) < GREEDY_BELOW and "repetition_penalty" not in given:
+        merged["repetition_penalty"] = 1.0
+    return merged
 
 
 def make_generator(seed: int | None, device="cpu") -> torch.Generator:
