@@ -17,6 +17,11 @@ from scratchlm.llm import LLM
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import BYTE_TO_UNICODE, Tokenizer
 
+# Quantized models decode through a compiled step by default (scratchlm.compiled), and a compile takes tens of
+# seconds on two cores: the suite compiles only where a test asks for it (compile=True, --compile, or setting
+# SCRATCHLM_COMPILE itself: tests/test_compiled.py, tests/test_fast_default.py).
+os.environ.setdefault("SCRATCHLM_COMPILE", "0")
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -40,8 +45,8 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path) -> LLM:
-    """SmolLM2-135M-Instruct in float32, loaded once per test session."""
-    return LLM.load(smollm2_path)
+    """SmolLM2-135M-Instruct in float32 (dequantized from its Q4_1 file), loaded once per test session."""
+    return LLM.load(smollm2_path, dtype="float32")
 
 
 @pytest.fixture(scope="session")

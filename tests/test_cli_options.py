@@ -55,10 +55,12 @@ def test_every_engine_command_takes_the_same_options_with_the_real_default(argv)
         assert (args.dtype, args.quantize) == ("bfloat16", "int4")
 
 
-def test_compile_is_opt_in_and_no_compile_is_its_negation():
-    assert parse("generate", "m", "p").compile is False
+def test_compile_defaults_to_the_models_choice_and_no_compile_is_its_negation():
+    assert parse("generate", "m", "p").compile is None  # None: LLM.load compiles quantized models
     assert parse("generate", "m", "p", "--compile").compile is True
     assert parse("chat", "m", "--compile", "--no-compile").compile is False
+    assert parse("serve", "m", "--no-compile").compile is False
+    assert parse("generate", "m", "p").dtype is None  # None: a quantized GGUF stays quantized
 
 
 def test_threads_before_or_after_the_command():

@@ -28,17 +28,16 @@ from scratchlm.errors import ConfigError, ScratchLMError
 
 
 def load_llm(args: argparse.Namespace):
-    """The model named by ``args.model``, loaded with the engine options (and compiled with ``--compile``)."""
+    """The model named by ``args.model``, loaded with the engine options (``--compile``/``--no-compile`` included)."""
     from scratchlm.llm import LLM
     from scratchlm.progress import stage
 
     progress = show_progress(args)
     with stage(f"loading {args.model}", progress):
         llm = LLM.load(args.model, **engine_kwargs(args))
-    if getattr(args, "compile", False):
-        from scratchlm.compiled import compile_decoding
-
-        compile_decoding(llm.model, progress=progress)
+    decoder = getattr(llm.model, "decoder", None)  # the compiled step (LLM.load's compile option)
+    if decoder is not None:
+        decoder.progress = progress
     return llm
 
 

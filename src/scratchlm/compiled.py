@@ -19,9 +19,18 @@ of one query against the cache; floating-point sums may associate differently fr
 
     decoder = compile_decoding(llm.model)   # later generate/chat/stream calls use it
     llm.model.decoder = None                # back to eager
+
+It is the default for quantized models (``LLM.load(..., compile=None)``, see ``use_compiled_by_default``).
+Compiled code is cached on disk per model (``scratchlm.compile_cache``), so only the first process on a machine
+pays the C++ compile. The first call of each shape is checked against the same step run eagerly on a copy of
+the cache: a compile that fails or a cache that gives other logits is thrown away and rebuilt once, then the
+decoder falls back to eager decoding with a one-line notice: never a crash, never different output.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 import torch
 from torch import nn
@@ -30,6 +39,9 @@ from scratchlm.errors import ContextLengthError
 from scratchlm.model import KVCache, Transformer, apply_rope
 
 MIN_CACHE = 256
+# The compiled step's logits against the eager static step's on the first call of a shape: sums associate
+# differently (and bfloat16 kernels round differently), a broken graph differs by orders of magnitude more.
+CHECK_RTOL = 2e-2
 _compiled_for: int | None = None  # the CompiledDecoder whose graphs dynamo holds (see __call__)
 
 
@@ -40,15 +52,29 @@ class CompiledDecoder:
     compiled on first use of each (tens of seconds for SmolLM2 on 2 cores; inductor caches them on disk).
     """
 
-    def __init__(self, model: Transformer, compile: bool = True, progress: bool = False):
+    def __init__(self, model: Transformer, compile: bool = True, progress: bool = False, disk_cache: bool = True):
         self.model = model
         self.compiled = compile
         self.progress = progress  # say so on stderr when a call is about to compile a graph
-        self._shapes: set[tuple[int, int]] = set()  # (batch, cache length) already compiled
+        self.disk_cache = disk_cache  # compile into $SCRATCHLM_HOME/compile/<key> (scratchlm.compile_cache)
+        self.cache_dir = None
+        self._cached = False  # whether that directory already held this model's step when we started
+        self._retried = False
+        self._shapes: set[tuple[int, int]] = set()  # (batch, cache length) already compiled and checked
+        # torch.compile is created at the first call: importing dynamo and inductor costs ~116 MiB of memory,
+        # which a process that only loads the model (or prefills) should not pay.
+        self.step = None if compile else self._step
+
+    def _make_step(self):
+        if self.disk_cache and self.cache_dir is None:
+            from scratchlm.compile_cache import cache_dir, prepare
+
+            self.cache_dir = cache_dir(self.model)
+            self._cached = prepare(self.cache_dir, self.model)
         # Guards re-check every module attribute before each call (3 ms per token for SmolLM2, measured);
         # the decoder belongs to one model whose weights do not change while it decodes, so skip them.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        self.step = torch.compile(self._step, fullgraph=True, dynamic=False, options=options) if compile else self._step
+        return torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
 
     def expected_compile_seconds(self) -> int:
         """A rough compile time for one graph on a 2-core CPU: SmolLM2 (30 layers) took about 40 s."""
@@ -117,29 +143,101 @@ class CompiledDecoder:
             raise ContextLengthError(f"the cache of {cache.max_len} tokens is full")
         # One input per layer: written in place through a view of the whole [n_layers, ...] buffer, inductor
         # copies the entire cache at every step (5 ms for 256 positions); per-layer inputs are updated in place.
+        if not self.compiled:
+            return self._eager(tokens, cache)
         global _compiled_for
-        if self.compiled and _compiled_for not in (None, id(self)):
+        if _compiled_for not in (None, id(self)):
             # Module guards are skipped, so dynamo cannot tell two decoders' graphs apart (same code object):
             # one compiled decoder per process at a time; switching to another one recompiles it.
             torch._dynamo.reset()
-        _compiled_for = id(self) if self.compiled else _compiled_for
+        _compiled_for = id(self)
         shape = (tokens.shape[0], cache.max_len)
-        if self.compiled and self.progress and shape not in self._shapes:
-            from scratchlm.progress import stage
-
-            with stage(f"compiling the decode step for batch {shape[0]}, cache {shape[1]} (first run only, about "
-                       f"{self.expected_compile_seconds()} s)"):
-                logits = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
-        else:
-            logits = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
-        self._shapes.add(shape)
+        if shape not in self._shapes:
+            return self._first_call(tokens, cache, shape)
+        logits = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
         cache.lengths += 1
         return logits
 
+    def _eager(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.step is self._step:  # compile=False: the static step itself (tests check its logic this way)
+            logits = self._step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+            cache.lengths += 1
+            return logits
+        from scratchlm.generate import decode_step
 
-def compile_decoding(model: nn.Module, compile: bool = True, progress: bool = False) -> CompiledDecoder:
-    """Attach a compiled decode step to ``model`` (as ``model.decoder``), used by generate/chat/stream.
+        return decode_step(self.model, tokens, cache)  # the fallback: the general eager step
 
-    ``progress``: print a line on stderr whenever a call compiles a new graph (tens of seconds)."""
-    model.decoder = CompiledDecoder(model, compile, progress)
+    def _first_call(self, tokens: torch.Tensor, cache: KVCache, shape: tuple[int, int]) -> torch.Tensor:
+        """Compile (or load from the disk cache) the graph for ``shape``, and check it against the eager static
+        step run on a copy of the cache; on any failure, rebuild the cache once, then decode eagerly."""
+        k_ref, v_ref = cache.k.clone(), cache.v.clone()
+        want = self._step(tokens, cache.lengths, list(k_ref.unbind(0)), list(v_ref.unbind(0)))
+        try:
+            if self.step is None:
+                self.step = self._make_step()
+            if self.progress:
+                from scratchlm.progress import stage
+
+                what = ("loading the compiled decode step" if self._cached else "compiling the decode step")
+                hint = "" if self._cached else f" (first run only, about {self.expected_compile_seconds()} s)"
+                with stage(f"{what} for batch {shape[0]}, cache {shape[1]}{hint}"):
+                    got = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+            else:
+                got = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+            error = (got - want).abs().max().item()
+            if not error <= CHECK_RTOL * max(1.0, want.abs().max().item()):  # also catches NaN
+                raise RuntimeError(f"its logits differ from the eager step's by {error:.3g}")
+        except Exception as exc:  # a compiler missing, a broken cache entry, a graph inductor cannot lower...
+            cache.k.copy_(k_ref)
+            cache.v.copy_(v_ref)
+            self._failed(exc)
+            got = want
+        else:
+            self._shapes.add(shape)
+        cache.lengths += 1
+        return got
+
+    def _failed(self, exc: Exception) -> None:
+        """Throw away this model's compile cache; the next first call rebuilds it once, after that: eager."""
+        from scratchlm.compile_cache import discard
+
+        torch._dynamo.reset()
+        self.step = None
+        if self.cache_dir is not None:
+            discard(self.cache_dir)
+            self.cache_dir = None
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
+        if self._retried:
+            self.compiled = False
+            print(f"scratchlm: the compiled decode step does not work here ({reason}); decoding eagerly "
+                  "(--no-compile skips the attempt)", file=sys.stderr)
+        else:
+            self._retried = True
+            print(f"scratchlm: the compiled decode step failed ({reason}); its cache was deleted and will be "
+                  "rebuilt", file=sys.stderr)
+
+
+def compile_decoding(model: nn.Module, compile: bool = True, progress: bool = False,
+                     disk_cache: bool = True) -> CompiledDecoder:
+    """Attach a compiled decode step to ``model`` (as ``model.decoder``), used by generate/chat/stream and the
+    server. Nothing compiles until the first decode step.
+
+    ``progress``: print a line on stderr whenever a call compiles a new graph (tens of seconds).
+    ``disk_cache``: keep inductor's output in ``$SCRATCHLM_HOME/compile/<key>`` (else inductor's default)."""
+    model.decoder = CompiledDecoder(model, compile, progress, disk_cache)
     return model.decoder
+
+
+def use_compiled_by_default(model: nn.Module) -> bool:
+    """Whether ``LLM.load(..., compile=None)`` attaches the compiled step: for quantized models on the CPU (the
+    fast engine: for float models the matrix products dominate and compiling gains little), unless
+    ``$SCRATCHLM_COMPILE`` is 0 (1 compiles every model)."""
+    setting = os.environ.get("SCRATCHLM_COMPILE", "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if setting in ("1", "true", "yes", "on"):
+        return on_cpu
+    from scratchlm.quant.quantize import quantization_of
+
+    return on_cpu and quantization_of(model) is not None

@@ -138,7 +138,7 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    llm = LLM.load(o["model"])
+    llm = LLM.load(o["model"], dequantize=True, compile=False)  # training needs the float weights
     model, tokenizer, template = llm.model, llm.tokenizer, llm.template
     say(f"loaded {llm.name} in {time.perf_counter() - start:.1f} s: {model.num_parameters() / 1e6:.1f}M parameters")
 

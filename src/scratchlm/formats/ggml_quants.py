@@ -1,4 +1,4 @@
-"""ggml's block quantization formats Q8_0, Q4_0 and Q4_1, written out for export to GGUF.
+"""ggml's block quantization formats Q8_0, Q4_0 and Q4_1, written out for export to GGUF; 4-bit blocks read back.
 
 Each row of a weight matrix is cut into blocks of 32 values; a block stores one or two float16 numbers
 (its scale ``d``, and for Q4_1 its minimum ``m``) followed by 32 small integers:
@@ -102,3 +102,52 @@ def quantize(w: torch.Tensor, kind: str) -> np.ndarray:
     blocks = QUANTIZERS[kind](w)
     rows = w.shape[:-1]
     return blocks.reshape(*rows, -1).numpy()
+
+
+# ---- reading: 4-bit blocks -> scratchlm's portable int4 tensors, without a round trip through floats ----------
+# Every 4-bit ggml format stores, per group of 32 weights, codes q in 0..15 with one step and one offset:
+#     Q4_0  x = d * (q - 8)             step d, offset -8d      (fp16 d)
+#     Q4_1  x = d * q + m               step d, offset m        (fp16 d, m)
+#     Q4_K  x = (d * sc) * q - dmin * mn  per 32-weight sub-block of a 256-weight super-block (6-bit sc, mn)
+# which is exactly scratchlm's int4 form ``q * scale + min`` at group size 32, so these tensors load as int4
+# with the file's own codes: the float32 weights ``q * scale + min`` equal gguf's dequantization bit for bit
+# (each product of a float16 and a small integer is exact in float32, and the sum rounds the same way).
+INT4_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT4_GROUP_SIZE = 32
+
+
+def _nibbles(qs: np.ndarray, width: int) -> np.ndarray:
+    """[n, width/2] bytes -> [n, width] codes: the low nibbles give the first half, the high ones the second."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(qs.shape[0], width)
+
+
+def int4_from_blocks(data: np.ndarray, kind: str, rows: int, cols: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw ``kind`` blocks of a [rows, cols] matrix -> ``(qweight, scales, mins)`` in scratchlm's portable int4
+    format at group size 32 (``quant.int4``)."""
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    if kind in ("Q4_0", "Q4_1"):
+        header = 2 if kind == "Q4_0" else 4
+        blocks = raw.reshape(-1, header + 16)
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)[:, 0]
+        mins = -8 * d if kind == "Q4_0" else blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
+        codes = _nibbles(blocks[:, header:], 32)
+        scales = d
+    elif kind == "Q4_K":
+        from gguf.quants import Q4_K
+
+        blocks = raw.reshape(-1, 144)  # d, dmin (fp16), 12 bytes of 6-bit scales and mins, 128 bytes of codes
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = Q4_K.get_scale_min(blocks[:, 4:16].copy())
+        scales = (d * sc.astype(np.float32)).reshape(-1)  # one per 32-weight sub-block
+        mins = -(dmin * mn.astype(np.float32)).reshape(-1)
+        # 128 bytes = 4 chunks of 32: low nibbles are sub-block 2i, high nibbles sub-block 2i + 1.
+        codes = _nibbles(blocks[:, 16:].reshape(-1, 32), 64)
+    else:
+        raise UnsupportedError(f"{kind} is not a 4-bit block format; these are: {', '.join(INT4_BLOCK_TYPES)}")
+    q = torch.from_numpy(codes.reshape(rows, cols).astype(np.uint8))
+    qweight = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    groups = cols // INT4_GROUP_SIZE
+    return (qweight, torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)).reshape(rows, groups),
+            torch.from_numpy(np.ascontiguousarray(mins, dtype=np.float32)).reshape(rows, groups))

@@ -132,29 +132,68 @@ def _canonical_name(gguf_name: str) -> str | None:
     return f"blocks.{parts[1]}.{GGUF_BLOCK_NAMES[parts[2]]}.{parts[3]}"
 
 
+# Tensor types that are stored unquantized; a GGUF whose linear layers use any other type is a quantized model.
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def is_quantized_gguf(reader) -> bool:
+    """True when the file's linear-layer weights are block-quantized (Q4_1, Q8_0, K-quants...), not float."""
+    return any(t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2
+               and t.tensor_type.name not in FLOAT_TYPES for t in reader.tensors)
+
+
 def load_gguf(path: str | Path,
               dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """Read a GGUF model: (config, canonical state dict in ``dtype``, metadata)."""
     path = Path(path)
     reader, meta = read_gguf(path)
+    return _read_tensors(reader, meta, path, dtype, keep_int4=False) + (meta,)
+
+
+def load_gguf_quantized(path: str | Path, dtype: torch.dtype = torch.float32,
+                        ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict, bool]:
+    """Like ``load_gguf``, but a block-quantized file (``is_quantized_gguf``) keeps its 4-bit layers: those stored
+    as Q4_0, Q4_1 or Q4_K come back in scratchlm's portable int4 format at group size 32 (``<name>.qweight``,
+    ``.scales``, ``.mins`` instead of ``<name>.weight``; exact, see ``ggml_quants.int4_from_blocks``).
+    Returns (config, state, metadata, whether the file is quantized)."""
+    path = Path(path)
+    reader, meta = read_gguf(path)
+    quantized = is_quantized_gguf(reader)
+    return _read_tensors(reader, meta, path, dtype, keep_int4=quantized) + (meta, quantized)
+
+
+def _read_tensors(reader, meta: dict, path: Path, dtype: torch.dtype,
+                  keep_int4: bool) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from scratchlm.formats.ggml_quants import INT4_BLOCK_TYPES, int4_from_blocks
+
     config = config_from_gguf(meta, name=path.stem)
     state: dict[str, torch.Tensor] = {}
+
+    def place(name: str, w: torch.Tensor) -> None:
+        # llama.cpp's converter permutes the Q/K rows (and biases: Llama variants with attention biases).
+        if name.rpartition(".")[0].endswith("q_proj") and config.positions == "rope":
+            w = unpermute_qk(w, config.n_heads)
+        elif name.rpartition(".")[0].endswith("k_proj") and config.positions == "rope":
+            w = unpermute_qk(w, config.n_kv_heads)
+        if ".attn.qkv." in name:  # GPT-2 keeps Q, K and V in one fused tensor
+            for part, chunk in zip("qkv", w.chunk(3, dim=0)):
+                state[name.replace(".qkv.", f".{part}_proj.")] = chunk.to(dtype).contiguous() \
+                    if chunk.is_floating_point() else chunk.contiguous()
+            return
+        state[name] = w.to(dtype) if w.is_floating_point() and w.dtype != dtype else w
+
     try:
         for t in reader.tensors:
             name = _canonical_name(t.name)
             if name is None:
                 continue
-            w = _tensor_to_torch(t, path)
-            # llama.cpp's converter permutes the Q/K biases too (Llama variants with attention biases).
-            if name.endswith(("q_proj.weight", "q_proj.bias")) and config.positions == "rope":
-                w = unpermute_qk(w, config.n_heads)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")) and config.positions == "rope":
-                w = unpermute_qk(w, config.n_kv_heads)
-            if ".attn.qkv." in name:  # GPT-2 keeps Q, K and V in one fused tensor
-                for part, chunk in zip("qkv", w.chunk(3, dim=0)):
-                    state[name.replace(".qkv.", f".{part}_proj.")] = chunk.to(dtype).contiguous()
+            kind = t.tensor_type.name
+            if keep_int4 and kind in INT4_BLOCK_TYPES and name.startswith("blocks.") and name.endswith(".weight"):
+                rows, cols = (int(n) for n in reversed(t.shape))
+                for part, tensor in zip(("qweight", "scales", "mins"), int4_from_blocks(t.data, kind, rows, cols)):
+                    place(name.removesuffix("weight") + part, tensor)
                 continue
-            state[name] = w.to(dtype) if w.dtype != dtype else w
+            place(name, _tensor_to_torch(t, path))
     except (ValueError, IndexError, TypeError) as exc:
         raise ModelFileError(f"{path}: tensor data is unreadable (truncated or corrupt?): {exc}") from None
     if config.positions == "rope" and any(k.endswith("_proj.bias") for k in state):
@@ -164,4 +203,4 @@ def load_gguf(path: str | Path,
             del state["lm_head.weight"]
         else:
             config = config.replace(tie_embeddings=False)
-    return config, state, meta
+    return config, state

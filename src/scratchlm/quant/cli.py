@@ -31,7 +31,7 @@ def quantize_to_directory(model: str, mode: str, out, group_size: int | None = N
     check_destination(out, force, want_dir=True)
     # Quantize from float32 so that the stored scales are exact; the dtype to compute in is chosen at load.
     with stage(f"loading {model}", progress):
-        llm = LLM.load(model)
+        llm = LLM.load(model, dequantize=True, compile=False)
     quantize_model(llm.model, mode, group_size, progress=progress)
     with stage(f"writing {out}", progress), atomic_dir(out, force) as tmp:
         save_quantized(tmp, llm.model, llm.tokenizer, llm.template.source)

@@ -235,7 +235,8 @@ def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torc
     for i, name in enumerate(linears):
         if i % 8 == 7:
             return_freed_memory()  # see there: without it, the freed file copies pile up
-        int8 = mode == "int8" or name == "lm_head"  # the head is int8 in both modes (see quantize_model)
+        # The head is int8 in both modes (see quantize_model); so are layers a GGUF file stored in 5-8 bits.
+        int8 = mode == "int8" or name == "lm_head" or name in info.get("int8_layers", ())
         if name == "lm_head" and config.tie_embeddings and emb is not None:
             parts = emb.portable()
         else:
@@ -257,5 +258,40 @@ def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torc
     if left or set(floats) - expected:
         raise ModelFileError(f"{source}: tensors do not match the architecture (missing {left[:3]}, "
                              f"unexpected {sorted(set(floats) - expected)[:3]})")
-    model.quantization = {"mode": mode, "group_size": group_size, "embeddings": info.get("embeddings", True)}
+    model.quantization = {"mode": mode, "group_size": group_size, "embeddings": info.get("embeddings", True),
+                          **{k: info[k] for k in ("int8_layers", "source") if k in info}}
     return fuse_projections(model).eval()
+
+
+def quantized_from_gguf(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                        source: str = "gguf") -> nn.Module:
+    """The quantized Transformer for the tensors of a block-quantized GGUF file (``formats.gguf.load_gguf``
+    with ``keep_int4=True``), keeping each layer as close to the file as our layers allow:
+
+    - Q4_0, Q4_1, Q4_K linear layers arrive as int4 codes at group size 32 and stay exactly those weights;
+    - other linear layers (Q8_0, Q5_0/1, Q6_K, Q2_K/Q3_K, float) become int8 per output channel: not exact
+      for Q8_0/Q5/Q6_K (their 32-weight blocks each have a scale, ours one per row), better than the file
+      for Q2_K/Q3_K; listed in ``quantization["int8_layers"]``;
+    - the token embedding and the LM head are int8 per row, as ``quantize_model`` makes them.
+    """
+    from scratchlm.quant.int8 import quantize_int8
+
+    tensors: dict[str, torch.Tensor] = {}
+    int8_layers = []
+    for key in list(state):
+        prefix, _, leaf = key.rpartition(".")
+        if leaf != "weight" or state[key].ndim != 2 or "norm" in prefix:
+            continue
+        if prefix.startswith("blocks."):
+            int8_layers.append(prefix)
+        elif prefix == "lm_head" and config.tie_embeddings:
+            continue
+        elif prefix not in ("tok_embeddings", "lm_head"):
+            continue  # learned positions stay float
+        qweight, scales = quantize_int8(state.pop(key))
+        tensors[f"{prefix}.qweight"], tensors[f"{prefix}.scales"] = qweight, scales
+    tensors.update(state)
+    mode = "int4" if any(k.endswith(".mins") for k in tensors) else "int8"
+    info = {"mode": mode, "group_size": 32 if mode == "int4" else None, "embeddings": True,
+            "int8_layers": int8_layers if mode == "int4" else [], "source": "gguf"}
+    return build_quantized_model(config, tensors, info, dtype, source)

@@ -28,8 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the access log")
     p.add_argument("--embedding-model", default=None, metavar="ENCODER",
                    help="answer /v1/embeddings with this encoder (e.g. all-minilm-l6-v2) instead of MODEL")
-    # No --compile: the batching engine decodes eagerly (its rows join and leave at every step).
-    add_engine_flags(p, compile=False)
+    add_engine_flags(p)
     p.set_defaults(func=cmd_serve)
 
 

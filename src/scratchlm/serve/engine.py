@@ -89,6 +89,25 @@ def cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
     return view
 
 
+def static_window(cache: KVCache, rows: int, max_rows: int) -> KVCache:
+    """The view of ``cache`` that the compiled decode step runs on: the first ``rows`` rows rounded up to a power
+    of two (at most ``max_rows``) and the first positions up to a power of two past the longest row (at least
+    ``compiled.MIN_CACHE``). Each (rows, positions) pair is one static-shape graph, so a server compiles at most
+    log2(max_batch) x log2(max_len) graphs, and a step reads only the cache positions that can be in use."""
+    from scratchlm.compiled import MIN_CACHE
+
+    bucket = 1
+    while bucket < rows:
+        bucket *= 2
+    view = cache_rows(cache, 0, min(bucket, max_rows))
+    length = MIN_CACHE
+    while length <= int(view.lengths.max()):
+        length *= 2
+    length = min(length, cache.max_len)
+    view.k, view.v, view.max_len = view.k[..., :length, :], view.v[..., :length, :], length
+    return view
+
+
 class Engine:
     """Runs generation and embedding jobs for many clients in one batch, on one worker thread."""
 
@@ -317,16 +336,25 @@ class Engine:
         so nothing is copied); idle and still-prefilling rows get a dummy token whose cache write lands at
         their own length, a position that later real tokens overwrite, and keep their length."""
         rows = max(a.slot for a in self.slots if a is not None) + 1
-        view = cache_rows(self.cache, 0, rows)
+        decoder = getattr(self.model, "decoder", None)  # the compiled step (scratchlm.compiled), when attached
+        if decoder is not None:
+            view = static_window(self.cache, rows, self.max_batch)
+            rows = view.lengths.shape[0]
+        else:
+            view = cache_rows(self.cache, 0, rows)
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         for active in decoding:
             tokens[active.slot, 0] = active.next_token
         saved = view.lengths.clone()
-        hidden = self.model.hidden_states(tokens, view)[:, -1]  # (rows, C)
         busy = torch.zeros(rows, dtype=torch.bool, device=self.device)
         busy[[a.slot for a in decoding]] = True
-        view.lengths.copy_(torch.where(busy, view.lengths, saved))
-        logits = self.model.logits(hidden[busy]).float()  # (len(decoding), V), in slot order
+        if decoder is not None:
+            logits = decoder(tokens, view)[busy]  # (len(decoding), V), in slot order
+            view.lengths.copy_(torch.where(busy, view.lengths, saved))
+        else:
+            hidden = self.model.hidden_states(tokens, view)[:, -1]  # (rows, C)
+            view.lengths.copy_(torch.where(busy, view.lengths, saved))
+            logits = self.model.logits(hidden[busy]).float()  # (len(decoding), V), in slot order
         m = self.metrics
         m.record(m.batch_size.set, len(decoding))
         m.record(m.batch_sizes.observe, len(decoding))
