@@ -124,7 +124,7 @@ def test_the_prompt_keeps_the_passages_that_fit_the_context():
     messages, used = build_messages(llm, "what?", hits, max_new_tokens=64)
     total = len(llm.encode_chat(messages))
     assert total + 64 <= 600 and 1 <= len(used) < 7
-    assert "[1] (/docs/f1.pdf)" in messages[1]["content"] and f"[{len(used) + 1}]" not in messages[1]["content"]
+    assert "[1] passage 1 " in messages[1]["content"] and f"[{len(used) + 1}]" not in messages[1]["content"]
 
 
 def test_nothing_similar_enough_means_not_found_without_asking_the_model(store, encoder):

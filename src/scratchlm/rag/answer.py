@@ -63,8 +63,8 @@ class Answer:
 
 
 def format_passage(n: int, hit: Hit) -> str:
-    where = hit.citation()
-    return f"[{n}] ({where}{', ' + hit.heading if hit.heading else ''})\n{hit.text.strip()}"
+    # Number and text only: a small model copies a header such as "(docs/a.md, Setup)" into its answer.
+    return f"[{n}] {hit.text.strip()}"
 
 
 def build_messages(llm, question: str, hits: list[Hit], max_new_tokens: int) -> tuple[list[dict], list[Hit]]:
@@ -107,6 +107,10 @@ def ask(store: Store, embedder: Embedder, llm, question: str, k: int = 5, mode: 
         found = bool(hits)
     else:
         found = any(h.dense_score is not None and h.dense_score >= min_similarity for h in hits)
+    # Passages far from the question in meaning only distract a small model; keep those that are close, and
+    # exact keyword matches the dense index did not rank at all (codes, names).
+    if mode != "keyword":
+        hits = [h for h in hits if h.dense_score is None or h.dense_score >= min_similarity]
     if not found:
         if on_text:
             on_text(NOT_FOUND)

@@ -94,6 +94,8 @@ def chunk_text(text: str, count: Callable[[str], int], chunk_tokens: int = DEFAU
         raise ValueError("overlap must be at least 0 and less than half of chunk_tokens")
     chunks = []
     for s_start, s_end, heading in _sections(text, markdown):
+        if markdown and heading and not _HEADING.sub("", text[s_start:s_end], count=1).strip():
+            continue  # a heading with nothing under it before the next one: its words are in the heading path
         pieces = _pieces(text, s_start, s_end, count, chunk_tokens)
         sizes = [count(text[a:b]) for a, b, _ in pieces]
         i = 0

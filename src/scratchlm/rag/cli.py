@@ -150,7 +150,11 @@ def cmd_ask(args: argparse.Namespace) -> None:
     sys.stdout.write("\n")
     if answer.found:
         sources = answer.sources()
-        print("\nSources:\n" + (sources or "(the answer cites no passage)"))
+        if answer.citation_numbers:
+            print("\nSources:\n" + sources)
+        else:  # small models often answer without citing: show what they were given
+            print("\nPassages given (the answer cites none):\n" + "\n".join(
+                f"[{n}] {hit.citation()}" for n, hit in enumerate(answer.passages, start=1)))
         if answer.unknown_citations:
             print(f"warning: the answer cites {', '.join(f'[{n}]' for n in answer.unknown_citations)}, which name "
                   f"no passage it was given ({len(answer.passages)} passages)", file=sys.stderr)

@@ -91,7 +91,7 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[str | Path], glob: 
     start = time.perf_counter()
     # The model's window includes its special tokens ([CLS] and [SEP]): a chunk must leave room for them.
     budget = min(chunk_tokens, embedder.max_tokens - len(embedder.tokenizer.encode("")))
-    if budget < chunk_tokens and warn:
+    if chunk_tokens > embedder.max_tokens and warn:
         warn(f"--chunk-tokens {chunk_tokens} is over {embedder.name}'s input of {embedder.max_tokens} tokens: "
              f"using {budget}")
     count = token_counter(embedder)
