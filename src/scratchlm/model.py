@@ -127,7 +127,7 @@ class KVCache:
 
 
 class AttentionMask(NamedTuple):
-    """Which keys each query may see: an explicit boolean ``mask`` [B, 1, T, kv_len], or ``causal``
+    """Which keys each query may see: an explicit boolean ``mask`` [B, 1, T or 1, kv_len], or ``causal``
     (SDPA's built-in lower-triangular mask, valid when queries and keys both start at position 0), or
     neither (every cached key is visible: one new token per row, all rows at the same position)."""
 
@@ -137,7 +137,8 @@ class AttentionMask(NamedTuple):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads (Ainslie et al. 2023) and an optional KV cache."""
+    """Self-attention, causal (or bidirectional in encoders), with grouped-query heads (Ainslie et al. 2023) and
+    an optional KV cache."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -78,6 +78,7 @@ class EmbeddingService:
     def _run(self) -> None:
         try:
             encoder = self.load()
+            encoder.embed(["warm-up"])  # builds the tokenizer's character tables (~1 s) before the first request
             self.name = self.name or encoder.name
             self.encoder = encoder
             log.info("embedding model %s ready (%d dimensions, %d tokens per input)", self.name, encoder.dim,
