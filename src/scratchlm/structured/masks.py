@@ -53,23 +53,36 @@ def vocabulary_trie(tokenizer) -> VocabularyTrie:
     token_bytes = {i: tokenizer.bytes_of(i) for i in range(tokenizer.vocab_size) if i not in special}
     token_bytes = {i: b for i, b in token_bytes.items() if b}
     order = sorted(token_bytes, key=token_bytes.__getitem__)
-    children: list[dict[int, int]] = [{}]
+    # Sorted insertion: a token shares its path with the previous one up to their common prefix, so only the
+    # nodes past it are new (no per-byte dictionary look-ups).
+    children: list[list[tuple[int, int]]] = [[]]
     ends: list[list[int]] = [[]]
     lo, hi = [0], [len(order)]
+    path = [0]  # path[d]: the node after d bytes of the previous token
+    previous = b""
     for rank, tid in enumerate(order):
-        node = 0
-        for b in token_bytes[tid]:
-            child = children[node].get(b)
-            if child is None:
-                child = children[node][b] = len(children)
-                children.append({})
-                ends.append([])
-                lo.append(rank)
-                hi.append(rank)
-            hi[child] = rank + 1
+        data = token_bytes[tid]
+        common = 0
+        for a, b in zip(previous, data):
+            if a != b:
+                break
+            common += 1
+        del path[common + 1:]
+        for d in range(1, common + 1):
+            hi[path[d]] = rank + 1
+        node = path[common]
+        for b in data[common:]:
+            child = len(children)
+            children[node].append((b, child))
+            children.append([])
+            ends.append([])
+            lo.append(rank)
+            hi.append(rank + 1)
+            path.append(child)
             node = child
         ends[node].append(tid)
-    trie = VocabularyTrie([sorted(c.items()) for c in children], ends, lo, hi, order, token_bytes,
+        previous = data
+    trie = VocabularyTrie(children, ends, lo, hi, order, token_bytes,
                           tokenizer.vocab_size)
     _TRIES[tokenizer] = trie
     return trie
