@@ -164,7 +164,7 @@ def nanogpt_checkpoint(model, bias: bool = True, compiled: bool = False) -> dict
 
 @pytest.mark.parametrize("bias,compiled", [(True, False), (False, True)])
 def test_nanogpt_checkpoint_matches_gpt2(tmp_path, bias, compiled):
-    model = hf_gpt2()
+    model = hf_gpt2("gelu")  # exact GELU, as nanoGPT's nn.GELU()
     torch.save(nanogpt_checkpoint(model, bias, compiled), tmp_path / "ckpt.pt")
     byte_tokenizer().save(tmp_path / "tokenizer.json")
     for source in (tmp_path / "ckpt.pt", tmp_path):  # the file, or nanoGPT's out_dir
@@ -174,7 +174,7 @@ def test_nanogpt_checkpoint_matches_gpt2(tmp_path, bias, compiled):
 
 
 def test_nanogpt_variant_with_an_untied_head_keeps_it(tmp_path):
-    model = hf_gpt2()
+    model = hf_gpt2("gelu")
     checkpoint = nanogpt_checkpoint(model)
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # untie in the reference
     checkpoint["model"]["lm_head.weight"] = model.lm_head.weight.detach().clone()
@@ -187,7 +187,7 @@ def test_nanogpt_variant_with_an_untied_head_keeps_it(tmp_path):
 
 def test_model_survives_its_checkpoint_being_rewritten(tmp_path):
     """nanoGPT's train.py saves over ckpt.pt in place; a model still mapping the old pages would die of SIGBUS."""
-    model = hf_gpt2()
+    model = hf_gpt2("gelu")
     torch.save(nanogpt_checkpoint(model), tmp_path / "ckpt.pt")
     byte_tokenizer().save(tmp_path / "tokenizer.json")
     llm = LLM.load(tmp_path)
@@ -195,13 +195,22 @@ def test_model_survives_its_checkpoint_being_rewritten(tmp_path):
     assert (our_logits(llm) - hf_logits(model)).abs().max() < 1e-4
 
 
-def test_nanogpt_gelu_is_the_tanh_approximation(tmp_path):
-    """nanoGPT's MLP uses exact GELU, scratchlm's GPT-2 block the tanh form (GPT-2's own): close, not equal."""
-    model = hf_gpt2("gelu")  # exact GELU, as nanoGPT's nn.GELU()
+def test_nanogpt_exact_gelu_survives_an_hf_export(tmp_path):
+    """nanoGPT's exact GELU is kept through our HF export ("gelu", not GPT-2's "gelu_new"): HF computes the same."""
+    from transformers import GPT2LMHeadModel
+
+    from scratchlm.formats.export_hf import export_hf
+
+    model = hf_gpt2("gelu")
     torch.save(nanogpt_checkpoint(model), tmp_path / "ckpt.pt")
     byte_tokenizer().save(tmp_path / "tokenizer.json")
-    gap = (our_logits(LLM.load(tmp_path)) - hf_logits(model)).abs().max()
-    assert 0 < gap < 1e-2
+    llm = LLM.load(tmp_path)
+    assert llm.config.gelu_approximate == "none"
+    export_hf(llm, tmp_path / "hf")
+    exported = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert exported.config.activation_function == "gelu"
+    assert (hf_logits(exported) - hf_logits(model)).abs().max() < 1e-4
+    assert (our_logits(LLM.load(tmp_path / "hf")) - hf_logits(model)).abs().max() < 1e-4
 
 
 def test_nanogpt_tokenizer_comes_from_beside_or_from_the_caller(tmp_path):

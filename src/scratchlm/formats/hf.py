@@ -20,6 +20,11 @@ from scratchlm.files import read_json
 ARCHITECTURES = ("LlamaForCausalLM", "GPT2LMHeadModel")
 
 
+# transformers' activation names for GPT-2 -> the ``approximate`` argument of torch's gelu: GPT-2 itself uses the
+# tanh form ("gelu_new"); nanoGPT-style models exported with exact GELU say "gelu".
+GPT2_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
 def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
     """The ModelConfig for an HF ``config.json`` dict."""
     arch = (hf.get("architectures") or [hf.get("model_type")])[0]
@@ -47,12 +52,12 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
         )
     if arch == "GPT2LMHeadModel" or hf.get("model_type") == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UnsupportedError(f"GPT-2 with activation {act!r} is not supported (only gelu_new)")
+        if act not in GPT2_GELU:
+            raise UnsupportedError(f"GPT-2 with activation {act!r} is not supported (only {', '.join(GPT2_GELU)})")
         return ModelConfig(
             name=name, vocab_size=hf["vocab_size"], context_length=hf["n_positions"], d_model=hf["n_embd"],
             n_layers=hf["n_layer"], n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * hf["n_embd"],
-            positions="learned", norm="layernorm", mlp="gelu", bias=True,
+            positions="learned", norm="layernorm", mlp="gelu", bias=True, gelu_approximate=GPT2_GELU[act],
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )

@@ -106,6 +106,7 @@ def nanogpt_config(model_args: dict[str, Any], name: str = "nanogpt") -> ModelCo
             name=name, vocab_size=int(model_args["vocab_size"]), context_length=int(model_args["block_size"]),
             d_model=int(model_args["n_embd"]), n_layers=int(model_args["n_layer"]), n_heads=int(model_args["n_head"]),
             positions="learned", norm="layernorm", mlp="gelu", bias=bool(model_args.get("bias", True)),
+            gelu_approximate="none",  # nanoGPT's MLP uses nn.GELU(), the exact erf form (GPT-2's own is tanh)
             norm_eps=1e-5, tie_embeddings=True,  # nanoGPT: LayerNorm(eps=1e-5); wte and lm_head share one matrix
         )
     except KeyError as exc:
