@@ -107,8 +107,10 @@ def events(proc: subprocess.Popen) -> list[dict]:
 
 
 def steps_per_s(train: list[dict], start: float, end: float) -> float:
+    """Training steps finished per second between ``start`` and ``end`` (the last step, when ``end`` is inf)."""
     steps = [e["t"] for e in train if e["event"] == "step" and start <= e["t"] <= end]
-    return (len(steps) - 1) / (steps[-1] - steps[0]) if len(steps) > 1 else 0.0
+    end = min(end, steps[-1]) if steps else end
+    return len(steps) / (end - start) if end > start else 0.0
 
 
 def run(defaults: str, shared: bool, seconds: float, spin: int) -> dict:
