@@ -158,6 +158,21 @@ def test_unreachable_postgres_is_one_line_without_the_password():
     assert message.startswith("cannot reach PostgreSQL at postgresql://alice:***@127.0.0.1:1/nowhere")
 
 
+def test_int8_vectors_rank_like_float32(tmp_path):
+    from scratchlm.rag.sqlite_store import SQLiteStore
+
+    rng = random.Random(2)
+    texts = [" ".join(rng.choices([f"w{i}" for i in range(30)], k=6)) for _ in range(50)]
+    with open_store(str(tmp_path / "s.db"), EMBEDDER) as store:
+        put(store, "/d/a.txt", texts)
+        query = EMBEDDER.embed(["w1 w2 w3"])[0]
+        exact = store.dense_search(query, 5)
+    with SQLiteStore(tmp_path / "s.db", EMBEDDER.name, EMBEDDER.dim, int8=True) as small:
+        approx = small.dense_search(query, 5)
+        assert small._matrix.dtype == torch.int8
+    assert [s for _, s in approx] == pytest.approx([s for _, s in exact], abs=1e-2)
+
+
 def test_not_a_store_file_is_refused(tmp_path):
     path = tmp_path / "notes.db"
     path.write_bytes(b"this is not sqlite" * 100)
