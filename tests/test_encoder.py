@@ -175,6 +175,8 @@ def test_embed_command_prints_vectors_in_input_order(tmp_path, capsys):
     assert main(["embed", str(directory), *texts]) == 0
     out = capsys.readouterr().out
     assert "3 texts -> 3 x 32" in out and "cosine similarity" in out
+    assert main(["embed", str(directory), "the cat " * 40]) == 0  # 82 tokens: cut to the tiny model's 64
+    assert "warning: 1 of 1 texts are longer than bert's 64 tokens" in capsys.readouterr().err
     assert main(["embed", str(directory)]) == 2
     assert "nothing to embed" in capsys.readouterr().err
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from scratchlm.cli_options import add_model_argument, add_progress_flag, add_threads_flag, show_progress
 from scratchlm.errors import ConfigError, DataError
@@ -59,7 +60,11 @@ def cmd_embed(args: argparse.Namespace) -> None:
     texts = read_texts(args)
     with stage(f"loading {args.model}", show_progress(args)):
         encoder = Encoder.load(args.model)
-    vectors = encoder.embed(texts, batch_size=args.batch_size)
+    with warnings.catch_warnings(record=True) as caught:  # one plain line each, not Python's warning format
+        warnings.simplefilter("always")
+        vectors = encoder.embed(texts, batch_size=args.batch_size)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     if args.json:
         json.dump(vectors.tolist(), sys.stdout)
         sys.stdout.write("\n")
