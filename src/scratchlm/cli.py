@@ -16,10 +16,12 @@ import os
 import sys
 
 from scratchlm.cli_options import (  # noqa: F401  (add_sampling_flags and sampling_kwargs: public helpers)
+    add_constraint_flags,
     add_engine_flags,
     add_model_argument,
     add_progress_flag,
     add_sampling_flags,
+    constraint_kwargs,
     engine_kwargs,
     sampling_kwargs,
     show_progress,
@@ -71,8 +73,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    structured = constraint_kwargs(args)  # compiled before the slow load: a bad schema fails at once
     llm = load_llm(args)
-    for chunk in llm.stream(args.prompt, **sampling_kwargs(args)):
+    for chunk in llm.stream(args.prompt, **sampling_kwargs(args), **structured):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -81,8 +84,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from scratchlm.chat_session import ChatSession
 
+    structured = constraint_kwargs(args)
     llm = load_llm(args)
-    ChatSession(llm, system=args.system, sampling=sampling_kwargs(args)).run(sys.stdin, sys.stdout)
+    ChatSession(llm, system=args.system, sampling={**sampling_kwargs(args), **structured}).run(sys.stdin, sys.stdout)
 
 
 # Modules whose `register(subparsers)` adds more subcommands (training, serving, quantization, ...).
@@ -125,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the text to continue")
     add_engine_flags(p)
     add_sampling_flags(p)
+    add_constraint_flags(p)
     add_progress_flag(p)
     p.set_defaults(func=cmd_generate)
 
@@ -133,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     add_engine_flags(p)
     add_sampling_flags(p)
+    add_constraint_flags(p)
     add_progress_flag(p)
     p.set_defaults(func=cmd_chat)
 

@@ -53,6 +53,8 @@ class Sequence:
         self._held = ""  # released text waiting because it could be the start of a stop string
         self.finish_reason: str | None = None
         self._penalised = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        # Structured output: a per-sequence position in the constraint, which masks the logits (structured/).
+        self.constraint = params.constraint.start(tokenizer, eos_ids) if params.constraint is not None else None
         if self._penalised:
             self._context = torch.tensor(self.prompt_ids, dtype=torch.long)
             self._counts = torch.zeros(vocab_size, dtype=torch.long)
@@ -63,6 +65,8 @@ class Sequence:
 
     def next_token(self, logits: torch.Tensor) -> int:
         """Choose this sequence's next token from its logits [V]."""
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
         if not self._penalised:
             return sample_token(logits, self.params, self.generator)
         return sample_token(logits, self.params, self.generator, self._context, self._counts)
@@ -73,6 +77,8 @@ class Sequence:
         if self._penalised:
             self._context = torch.cat([self._context, torch.tensor([token_id])])
             self._counts[token_id] += 1
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
         if token_id in self.eos_ids:
             self.output_ids.pop()
             return self._finish("stop", self.decoder.flush())
@@ -82,6 +88,8 @@ class Sequence:
             at = chunk.find(stop)
             if at >= 0:
                 return self._finish("stop", chunk[:at], drop_rest=True)
+        if self.constraint is not None and self.constraint.finished:  # complete, and nothing may follow
+            return self._finish("stop", chunk + self.decoder.flush())
         if len(self.output_ids) >= self.budget:
             return self._finish("length", chunk + self.decoder.flush())
         if self.params.stop:
