@@ -167,7 +167,7 @@ def test_summaries_visit_every_part(method):
 
 
 # -- the commands ---------------------------------------------------------------------------------
-def test_cli_ingest_search_json_info_remove(encoder, folder, tmp_path, capsys):
+def test_cli_ingest_search_json_info_remove(encoder, folder, tmp_path, capsys, monkeypatch):
     db = str(tmp_path / "cli.db")
     assert main(["rag", "ingest", db, str(folder), "--no-progress"]) == 0
     assert "6 added" in capsys.readouterr().out
@@ -177,6 +177,10 @@ def test_cli_ingest_search_json_info_remove(encoder, folder, tmp_path, capsys):
     hits = json.loads(capsys.readouterr().out)
     assert set(hits[0]) >= {"source", "page", "span", "score", "text"}
     assert hits[0]["source"].endswith("errors.md") and hits[0]["text"] == PASSAGES["errors.md"]
+    monkeypatch.chdir(folder.parent)
+    assert main(["rag", "search", db, "restart router", "--where", "source=docs/*.txt", "--json", "--no-progress"]) == 0
+    assert {h["source"].rsplit("/", 1)[1] for h in json.loads(capsys.readouterr().out)} <= {
+        name for name in PASSAGES if name.endswith(".txt")}
     assert main(["rag", "search", db, "router", "--where", "bad", "--no-progress"]) == 2
     assert "--where 'bad': give source=GLOB" in capsys.readouterr().err
     assert main(["rag", "remove", db, str(folder / "cats.txt")]) == 0

@@ -54,6 +54,11 @@ def parse_where(value: str | None) -> str | None:
     key, sep, pattern = value.partition("=")
     if key != "source" or not sep or not pattern:
         raise ConfigError(f"--where {value!r}: give source=GLOB, e.g. --where 'source=*/manuals/*.pdf'")
+    # Sources are stored as absolute paths: a relative pattern is taken relative to the current folder.
+    if not pattern.startswith(("/", "*")):
+        import os
+
+        pattern = os.path.join(os.getcwd(), pattern)
     return pattern
 
 
