@@ -40,6 +40,7 @@ def model_info(name_or_path: str) -> dict[str, str]:
         config = config_from_gguf(meta, name=path.stem)
         dtypes = Counter(t.tensor_type.name for t in reader.tensors)
         fmt = f"GGUF v{meta.get('GGUF.version')} ({meta.get('general.name', '?')})"
+        runs_as = _gguf_runs_as(reader)
     elif path.is_file() or not (path / "config.json").is_file() and not checkpoint.is_model_dir(path) and \
             (torch_files.is_litgpt_dir(path) or (path / torch_files.NANOGPT_FILE).is_file()):
         config, dtypes, fmt = _torch_checkpoint(path)
@@ -60,6 +61,16 @@ def model_info(name_or_path: str) -> dict[str, str]:
             fmt = "HF transformers directory (pytorch_model.bin, read weights-only)"
             for f in sorted(path.glob("pytorch_model*.bin")):
                 dtypes.update(torch_files.stored_dtypes(f))
+    if not (path.is_file() and path.suffix == ".gguf"):
+        from scratchlm.quant.checkpoint import QUANT_FILE
+
+        if path.is_dir() and (path / QUANT_FILE).is_file():
+            q = read_json(path / QUANT_FILE)
+            group = f" group {q.get('group_size')}" if q.get("group_size") else ""
+            runs_as = f"{q.get('mode')}{group} as stored; compiled decode step (--no-compile: eager)"
+        else:
+            runs_as = ("float32, eager (--dtype bfloat16; --quantize int4 for the fast engine: int4 and the "
+                       "compiled decode step)")
     stored = ", ".join(f"{k} x{v}" for k, v in dtypes.most_common())
     n_params = sum(_prod(s) for s in expected_shapes(config).values())
     return {
@@ -67,8 +78,29 @@ def model_info(name_or_path: str) -> dict[str, str]:
         "parameters": f"{n_params / 1e6:.1f}M", "layers": str(config.n_layers), "d_model": str(config.d_model),
         "heads": f"{config.n_heads} (key/value {config.n_kv_heads})", "context length": str(config.context_length),
         "vocabulary": str(config.vocab_size), "tied embeddings": str(config.tie_embeddings),
-        "stored dtypes": stored, "file size": f"{_dir_size(path) / 2**20:.1f} MiB",
+        "stored dtypes": stored, "file size": f"{_dir_size(path) / 2**20:.1f} MiB", "runs as": runs_as,
     }
+
+
+def _gguf_runs_as(reader) -> str:
+    """How ``LLM.load`` runs a GGUF file by default (see ``quant.quantize.quantized_from_gguf``)."""
+    from scratchlm.formats.ggml_quants import INT4_BLOCK_TYPES
+    from scratchlm.formats.gguf import is_quantized_gguf
+
+    if not is_quantized_gguf(reader):
+        return "float32, eager (--dtype bfloat16 to halve it; --quantize int4 for the fast engine)"
+    linear = Counter(t.tensor_type.name for t in reader.tensors
+                     if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2)
+    int4 = sum(n for kind, n in linear.items() if kind in INT4_BLOCK_TYPES)
+    parts = []
+    if int4:
+        kinds = "/".join(k for k in linear if k in INT4_BLOCK_TYPES)
+        parts.append(f"{int4} layers int4 group 32 (the file's own {kinds} codes, exact)")
+    if sum(linear.values()) > int4:
+        others = "/".join(k for k in linear if k not in INT4_BLOCK_TYPES)
+        parts.append(f"{sum(linear.values()) - int4} layers int8 per row (from {others})")
+    return (", ".join(parts) + "; embedding and head int8; compiled decode step. --dtype float32|bfloat16: "
+            "dequantized, eager")
 
 
 def _torch_checkpoint(path: Path) -> tuple[ModelConfig, Counter, str]:
