@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from scratchlm.cli_options import add_progress_flag, show_progress
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``finetune`` and ``merge`` subcommands."""
@@ -70,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--out", required=True, help="directory for the merged model (LLM.load reads it)")
     p.add_argument("--force", action="store_true", help="replace an existing model directory at --out")
+    add_progress_flag(p)
     p.set_defaults(func=cmd_merge)
 
 
@@ -92,5 +95,5 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     from scratchlm.finetune.merge import merge_to_directory
 
-    out = merge_to_directory(args.base, args.adapter, Path(args.out), force=args.force)
+    out = merge_to_directory(args.base, args.adapter, Path(args.out), force=args.force, progress=show_progress(args))
     print(f"merged model written to {out}; try: scratchlm chat {out}")
