@@ -9,14 +9,18 @@
 Target: scratchlm >= 1.5x the hf backend's speed. Also prints the largest per-sample log-likelihood
 difference from hf and each backend's accuracy (they must agree: see tests/test_eval_harness.py).
 
-    python benchmarks/harness.py [--model smollm2-135m-instruct] [--task scratchlm_next_line] [--limit 100]
-                                 [--repeats 3] [--record]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/harness.py [--model smollm2-135m-instruct]
+        [--task scratchlm_next_line] [--limit 100] [--repeats 3] [--threads 2] [--record]
+
+On a machine shared with other jobs, OMP_WAIT_POLICY=PASSIVE (and --threads 1) keeps OpenMP's spinning threads
+from turning the load into the measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--task", default="scratchlm_next_line")
     parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--num-fewshot", type=int, default=None, help="examples before each question")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hf-batch-size", type=int, default=16)
@@ -65,11 +70,13 @@ def main() -> None:
     hf = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=args.hf_batch_size)
 
     def run(lm) -> tuple[float, dict]:
-        harness.evaluate(lm, [args.task], limit=2)  # warm-up: task loading, first forward passes
+        # Warm-up: task loading, first forward passes.
+        harness.evaluate(lm, [args.task], num_fewshot=args.num_fewshot, limit=2)
         times, results = [], None
         for _ in range(args.repeats):
             start = time.perf_counter()
-            results = harness.evaluate(lm, [args.task], limit=args.limit, log_samples=True)
+            results = harness.evaluate(lm, [args.task], num_fewshot=args.num_fewshot, limit=args.limit,
+                                       log_samples=True)
             times.append(time.perf_counter() - start)
         return statistics.median(times), results
 
@@ -88,20 +95,24 @@ def main() -> None:
         diff = max(abs(a - b) for a, b in zip(loglikelihoods(results, args.task), reference))
         acc = harness.scores(results)[args.task]["acc"]
         rows.append(f"| {name} | {seconds:.2f} s | {measured['hf'][0] / seconds:.2f}x | {acc:.4f} | {diff:.1e} |")
-    load = " ".join(f"{x:.1f}" for x in __import__("os").getloadavg())
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " if "OMP_WAIT_POLICY" in os.environ else ""
     table = "\n".join(["| backend | wall time (median) | speed vs hf | acc | max abs LL diff vs hf |",
                        "|---|---|---|---|---|", *rows])
     print(table)
     print(f"load average after the run: {load}")
     if args.record:
         append_results(
-            f"\n## lm-evaluation-harness backends: {args.task}, {args.limit} questions ({when})\n\n"
+            f"\n## lm-evaluation-harness backends: {args.task}, {args.limit} questions, "
+            f"{args.num_fewshot or 0}-shot ({when})\n\n"
             f"Machine: {machine()}; load average after the run {load}. torch {torch.__version__}, "
             f"lm-eval {lm_eval.__version__}, {args.threads} threads, float32, hf batch size {args.hf_batch_size}, "
             f"local-completions with 8 concurrent requests against a max-batch-8 server.\n"
-            f"Command: `python benchmarks/harness.py --model {args.model} --task {args.task} --limit {args.limit} "
-            f"--repeats {args.repeats} --record`\n\n{table}\n\nTarget: scratchlm >= 1.5x the hf backend.\n")
+            f"Command: `{env}python benchmarks/harness.py --model {args.model} --task {args.task} --limit {args.limit} "
+            f"--num-fewshot {args.num_fewshot or 0} --repeats {args.repeats} --threads {args.threads} --record`"
+            f"\n\n{table}\n\n"
+            "Target: scratchlm >= 1.5x the hf backend.\n")
 
 
 if __name__ == "__main__":

@@ -123,11 +123,13 @@ def test_cli_prints_a_table_and_the_scores(tiny_dir, capsys):
     assert out[0].split()[:3] == ["task", "metric", "value"] and "scratchlm_yes_no" in out[1]
 
 
-def test_unknown_task_is_a_clear_error(tiny_dir):
+def test_unknown_task_or_model_argument_is_a_clear_error(tiny_dir):
     from scratchlm.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown harness task"):
         harness.evaluate(harness.ScratchLM(LLM.load(tiny_dir), progress=False), ["scratchlm_no_such_task"])
+    with pytest.raises(ConfigError, match="quantise"):  # --model_args pretrained=...,quantise=int4
+        harness.ScratchLM(str(tiny_dir), quantise="int4")
 
 
 def test_smollm2_loglikelihoods_agree_three_ways(smollm2, tmp_path):
