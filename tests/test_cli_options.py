@@ -193,3 +193,15 @@ def test_chat_help_lists_the_commands():
     for command in ("/help", "/reset", "/system", "/exit"):
         assert command in text
     assert "unknown command /nope" in text
+
+
+def test_convert_reports_each_step_with_its_duration_on_stderr(tiny_dir, tmp_path, capsys):
+    from scratchlm.convert import convert
+
+    convert(tiny_dir, "hf", tmp_path / "hf", progress=True)
+    out, err = capsys.readouterr()
+    assert out == ""  # stdout stays clean for pipes
+    assert re.search(rf"loading {re.escape(str(tiny_dir))} \.\.\. \d+\.\d s", err)
+    assert re.search(r"writing hf to .* \.\.\. \d+\.\d s", err)
+    convert(tiny_dir, "hf", tmp_path / "hf2")
+    assert capsys.readouterr().err == ""  # progress=False: silent
