@@ -162,6 +162,10 @@ def run_page(path: Path, workdir: Path, cheap_only: bool = False, env: dict | No
             stop(proc)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("pages", nargs="*", type=Path, help="Markdown files (default: README.md and docs/*.md in order)")
@@ -187,12 +191,17 @@ def main() -> int:
                 first = block.code.strip().splitlines()[0] if block.code.strip() else ""
                 print(f"{page.relative_to(ROOT)}:{block.line}  {block.language} {block.mark}  {first}")
         return 0
+    # SIGTERM (kill, a CI timeout) unwinds like Ctrl-C, so run_page's cleanup stops the servers it started.
+    signal.signal(signal.SIGTERM, _interrupt)
     for i, page in enumerate(pages):
         try:
             run_page(page, args.workdir.resolve(), args.cheap, first_line=first_line if i == 0 else 0)
         except RuntimeError as err:
             print(f"FAILED {err}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print(f"interrupted in {page.name}; its background commands were stopped", file=sys.stderr)
+            return 130
     print("every runnable block ran")
     return 0
 
