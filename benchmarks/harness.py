@@ -63,9 +63,10 @@ def main() -> None:
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
-    llm = LLM.load(args.model)
     tmp = tempfile.TemporaryDirectory()
-    hf_dir = export_hf(llm, Path(tmp.name) / "hf")
+    hf_dir = export_hf(LLM.load(args.model), Path(tmp.name) / "hf")
+    # Every backend runs the exported float32 weights (a GGUF would otherwise load with int4 layers).
+    llm = LLM.load(hf_dir)
     ours = harness.ScratchLM(llm, progress=False)
     hf = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=args.hf_batch_size)
 
