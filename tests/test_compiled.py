@@ -13,6 +13,12 @@ from scratchlm.model import KVCache
 from scratchlm.quant import quantize_model
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_cache(tmp_path, monkeypatch):
+    """Compiled steps go to $SCRATCHLM_HOME/compile: a new, empty one for every test (never a cache from before)."""
+    monkeypatch.setenv("SCRATCHLM_HOME", str(tmp_path / "home"))
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 def test_static_decode_step_matches_eager_logits(kind, quant):

@@ -91,6 +91,17 @@ def test_unquantized_gguf_and_directories_stay_dense(tmp_path):
     assert quantization_of(llm.model) is None and getattr(llm.model, "decoder", None) is None
 
 
+def test_info_says_how_a_model_will_run(tmp_path):
+    from scratchlm.info import model_info
+
+    llm = export_llm("llama")
+    q4 = model_info(str(export_gguf(llm, tmp_path / "q.gguf", "q4_1")))["runs as"]
+    assert "int4 group 32" in q4 and "Q4_1" in q4 and "compiled" in q4
+    q8 = model_info(str(export_gguf(llm, tmp_path / "q8.gguf", "q8_0")))["runs as"]
+    assert "int8 per row (from Q8_0)" in q8 and "int4" not in q8
+    assert model_info(str(export_gguf(llm, tmp_path / "f.gguf", "f16")))["runs as"].startswith("float32, eager")
+
+
 # ---- 2. the compiled step: default for quantized models, cached under $SCRATCHLM_HOME -------------------------
 def test_default_engine_choice(tmp_path, monkeypatch):
     path = export_gguf(export_llm("llama"), tmp_path / "m.gguf", "q4_1")
@@ -216,3 +227,37 @@ def test_server_batches_through_the_static_step_with_each_requests_own_result():
         assert results[job.index]["text"] == ref.text, (job.index, job.params)
     assert {rows for rows, _ in shapes} <= {1, 2, 4, 6} and max(rows for rows, _ in shapes) > 1
     assert {n for _, n in shapes} <= {256, 512}
+
+
+# ---- 5. the default engine on SmolLM2 (the suite's one SmolLM2 compile) -----------------------------------------
+def test_smollm2_default_engine_greedy_equals_float32_where_the_margin_allows(smollm2_path, smollm2, tmp_path,
+                                                                              monkeypatch):
+    """The default engine (Q4_1 file -> int4, compiled step) against float32 (the same weights dequantized), 32
+    greedy tokens. Rule: while both have produced the same tokens, a step whose float32 top-2 logit margin exceeds
+    twice the largest logit difference between the two engines at that step cannot change its argmax, so there
+    they must agree; at a closer step either token is allowed, and once they differ the comparison ends (the
+    contexts differ from there). The compiled and the eager int4 engines must agree on every token."""
+    monkeypatch.setenv("SCRATCHLM_HOME", str(tmp_path))  # a cold compile cache: never a pre-existing one
+    monkeypatch.setenv("SCRATCHLM_COMPILE", "")  # the real default
+    fast = LLM.load(smollm2_path)
+    assert quantization_of(fast.model)["mode"] == "int4" and fast.model.decoder is not None
+    ids = smollm2.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    ref = smollm2.complete(ids, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids
+    got = fast.complete(ids, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids
+    assert fast.model.decoder.compiled, "the compiled step fell back to eager"
+    fast.model.decoder = None
+    assert fast.complete(ids, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids == got
+    with torch.no_grad():
+        window = slice(len(ids) - 1, len(ids) + 31)
+        want = smollm2.model(torch.tensor([ids + ref])).float()[0, window]
+        have = fast.model(torch.tensor([ids + ref])).float()[0, window]
+    top2 = want.topk(2, dim=-1).values
+    margin, noise = top2[:, 0] - top2[:, 1], (want - have).abs().amax(dim=-1)
+    checked = 0
+    for step in range(32):
+        if margin[step] > 2 * noise[step]:
+            assert got[step] == ref[step], (step, margin[step].item(), noise[step].item())
+            checked += 1
+        elif got[step] != ref[step]:
+            break
+    assert checked >= 8, f"only {checked} steps were decisive: choose a prompt with clearer next tokens"
