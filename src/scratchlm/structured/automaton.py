@@ -208,6 +208,27 @@ class Automaton:
         """Whether ``data`` is a complete match (for tests and for checking outputs)."""
         return self.is_complete(self.advance(self.initial, data))
 
+    def signature(self, q: int, limit: int = 4096) -> tuple | None:
+        """A canonical description of everything reachable from NFA state ``q`` without popping (states renumbered
+        in breadth-first order): two automata with equal signatures accept the same bytes from ``q``, so their
+        per-top masks can be shared (the string rule of every JSON schema, for one). None beyond ``limit``."""
+        order = {q: 0}
+        queue = [q]
+        parts = []
+
+        def num(t: int) -> int:
+            if t not in order:
+                order[t] = len(queue)
+                queue.append(t)
+            return order[t]
+
+        for s in queue:
+            if len(queue) > limit:
+                return None
+            parts.append((tuple((lo, hi, num(t)) for lo, hi, t in self.edges[s]), tuple(num(t) for t in self.eps[s]),
+                          tuple((num(self.start[r]), num(ret)) for r, ret in self.calls[s]), self.final[s]))
+        return tuple(parts)
+
     def relative_state(self, q: int) -> int:
         """The state whose only stack is the reading NFA state ``q`` alone: a walk from it sees what the top
         of any stack with ``q`` on top accepts by itself; "complete" there means the rule of ``q`` ended and

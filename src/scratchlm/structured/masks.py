@@ -8,7 +8,9 @@ SmolLM2 one by one costs about as much as a decode step in Python, so:
 - most tokens' fate depends only on the top of the stack (xgrammar's context-independent tokens, Dong et al.
   2024, sec. 3.2): for each reading NFA state ``q`` the trie is walked once from ``q`` alone; a token that stays
   inside ``q``'s rule is accepted or rejected for good, and only the few that end the rule and read on (``",``
-  after a string) are "uncertain" and checked against the real stack;
+  after a string) are "uncertain" and checked against the real stack; these per-top results are shared by every
+  constraint whose automaton looks the same from that top (``Automaton.signature``): a JSON string's contents
+  are walked once per vocabulary, not once per schema;
 - the final mask of each matcher state is cached, so a state seen before costs one dictionary look-up.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +26,10 @@ import torch
 from scratchlm.structured.automaton import DEAD, Automaton
 
 FULL_WALK_ABOVE = 4096  # uncertain tokens beyond which one trie walk is cheaper than checking each
+SHARED_TOPS = 256  # per-top masks shared across constraints by signature (49k bools each: 12 MB in all)
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a key of the shared caches
 class VocabularyTrie:
     """The byte strings of a tokenizer's ordinary tokens (special tokens excluded) as a trie.
 
@@ -42,6 +46,8 @@ class VocabularyTrie:
 
 
 _TRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Per vocabulary trie: stack-top signature -> (accepted mask, uncertain tokens), shared by every constraint.
+_SHARED_TOPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def vocabulary_trie(tokenizer) -> VocabularyTrie:
@@ -127,10 +133,21 @@ class TokenMasks:
     def _top(self, q: int) -> tuple[torch.Tensor, list[int]]:
         hit = self._by_top.get(q)
         if hit is None:
-            accepted, uncertain = walk(self.automaton, self.trie, self.automaton.relative_state(q), relative=True)
-            mask = torch.zeros(self.trie.size, dtype=torch.bool)
-            mask[accepted] = True
-            hit = self._by_top[q] = (mask, uncertain)
+            signature = self.automaton.signature(q)
+            shared = _SHARED_TOPS.setdefault(self.trie, OrderedDict())
+            hit = shared.get(signature) if signature is not None else None
+            if hit is None:
+                accepted, uncertain = walk(self.automaton, self.trie, self.automaton.relative_state(q), relative=True)
+                mask = torch.zeros(self.trie.size, dtype=torch.bool)
+                mask[accepted] = True
+                hit = (mask, uncertain)
+                if signature is not None:
+                    shared[signature] = hit
+                    if len(shared) > SHARED_TOPS:
+                        shared.popitem(last=False)
+            else:
+                shared.move_to_end(signature)
+            self._by_top[q] = hit
         return hit
 
     def mask(self, sid: int) -> torch.Tensor:
