@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MARKS = ("run", "run-slow", "run-background")
 # Pages in reading order: the README, then the index's order, then any page it does not list.
-PAGE_ORDER = ["models", "python-api", "serving", "training", "finetuning", "quantization", "evaluation", "embeddings",
-              "export", "scale"]
+PAGE_ORDER = ["models", "python-api", "serving", "training", "finetuning", "quantization", "evaluation",
+              "structured-output", "embeddings", "rag", "export", "scale"]
 FENCE = re.compile(r"^( {0,3})(`{3,}|~{3,})(.*)$")
 
 
