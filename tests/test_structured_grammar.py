@@ -164,6 +164,9 @@ def test_recursive_gbnf_and_nesting():
     (dict(grammar='root ::= "a'), "unterminated"),
     (dict(grammar='root ::= x\nx ::= x'), "cannot be satisfied"),
     (dict(response_format={"type": "xml"}), "unknown response_format"),
+    (dict(json_schema={"type": "object", "properties": {}, "required": 5}), "malformed"),
+    (dict(json_schema={"type": "string", "pattern": 5}), "malformed"),
+    (dict(json_schema={"const": {1, 2}}), "JSON cannot write"),
     (dict(json_schema={"type": "string"}, regex="a"), "give one constraint"),
 ])
 def test_bad_constraints_get_one_line_errors(source, needle):

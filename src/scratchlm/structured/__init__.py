@@ -75,7 +75,10 @@ def json_schema_constraint(schema, max_whitespace: int = 0) -> Constraint:
             schema = json.loads(schema)
         except json.JSONDecodeError as exc:
             raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
-    key = ("json_schema", json.dumps(schema, sort_keys=True), max_whitespace)
+    try:
+        key = ("json_schema", json.dumps(schema, sort_keys=True), max_whitespace)
+    except (TypeError, ValueError) as exc:
+        raise GrammarError(f"the JSON schema holds a value JSON cannot write: {exc}") from None
     return _cached(key, lambda: Constraint(json_schema_grammar(schema, max_whitespace), "json schema"))
 
 

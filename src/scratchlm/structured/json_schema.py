@@ -425,7 +425,14 @@ def json_schema_grammar(schema, max_whitespace: int = 0) -> Grammar:
             schema = json.loads(schema)
         except json.JSONDecodeError as exc:
             raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
-    return SchemaCompiler(schema, max_whitespace).compile()
+    try:
+        return SchemaCompiler(schema, max_whitespace).compile()
+    except GrammarError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError) as exc:
+        # A keyword with a value of the wrong kind ("required": 5, "pattern": [1]): say so in one line.
+        raise GrammarError(f"the JSON schema is malformed ({type(exc).__name__}: {exc}): check the keywords' "
+                           "values") from None
 
 
 def json_object_grammar(max_whitespace: int = 0) -> Grammar:
