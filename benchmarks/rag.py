@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--postgres-max", type=int, default=100000, help="largest PostgreSQL store to build")
     parser.add_argument("--rerank", type=int, default=0, help="rerank this many questions with SmolLM2 (slow)")
     parser.add_argument("--throughput-texts", type=int, default=1024, help="chunks embedded for throughput")
+    parser.add_argument("--plays", type=int, default=None,
+                        help="use only the first N plays and their questions (a quicker, smaller run)")
+    parser.add_argument("--no-peers", action="store_true", help="skip sentence-transformers + faiss (slow to embed)")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     parser.add_argument("--note", default="", help="a note recorded with the results (e.g. machine load)")
     args = parser.parse_args()
@@ -83,8 +86,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="rag-bench-"))
     corpus = tmp / "corpus"
     corpus.mkdir()
-    for name, text in corpus_texts(args.archive).items():
+    plays = list(corpus_texts(args.archive).items())[: args.plays]
+    for name, text in plays:
         (corpus / name).write_text(text, encoding="utf-8")
+    questions = [q for q in questions if q["source"] in dict(plays)]
     size_mb = sum(f.stat().st_size for f in corpus.iterdir()) / 1e6
     lines = [f"corpus: {len(list(corpus.iterdir()))} plays, {size_mb:.2f} MB; {len(questions)} questions"]
 
@@ -95,6 +100,7 @@ def main() -> None:
     n_chunks = store.count()[1]
     lines.append(f"ingest (read, chunk 256/32, embed, write): {report.seconds:.1f} s, {n_chunks} chunks, "
                  f"{n_chunks / report.seconds:.1f} chunks/s")
+    print(lines[-1], flush=True)
     rows = store.conn.execute('SELECT c.id, d.source, c.start, c."end", c.text FROM chunks c JOIN documents d '
                               "ON d.id = c.document_id ORDER BY c.id").fetchall()
     chunk_by_id = {r[0]: (r[0], Path(r[1]).name, r[2], r[3], r[4]) for r in rows}
@@ -145,18 +151,21 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(model_path("all-minilm-l6-v2")), device="cpu")
-    import faiss
+    st_ingest_embed = float("nan")
+    if not args.no_peers:
+        import faiss
 
-    faiss.omp_set_num_threads(2)
-    start = time.perf_counter()
-    matrix = st.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
-    st_ingest_embed = time.perf_counter() - start
-    index = faiss.IndexFlatIP(matrix.shape[1])
-    index.add(matrix.astype(np.float32))
-    qmat = st.encode([q["question"] for q in questions], normalize_embeddings=True, convert_to_numpy=True)
-    _, found = index.search(qmat.astype(np.float32), 10)
-    for q, row in zip(questions, found):
-        record("sentence-transformers + faiss flat", q, [ids[i] for i in row])
+        faiss.omp_set_num_threads(2)
+        start = time.perf_counter()
+        matrix = st.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+        st_ingest_embed = time.perf_counter() - start
+        index = faiss.IndexFlatIP(matrix.shape[1])
+        index.add(matrix.astype(np.float32))
+        qmat = st.encode([q["question"] for q in questions], normalize_embeddings=True, convert_to_numpy=True)
+        _, found = index.search(qmat.astype(np.float32), 10)
+        for q, row in zip(questions, found):
+            record("sentence-transformers + faiss flat", q, [ids[i] for i in row])
+    print(quality_table(results), flush=True)
 
     # -- embedding throughput -------------------------------------------------------------------
     sample = texts[: args.throughput_texts]
@@ -174,6 +183,7 @@ def main() -> None:
     lines.append(f"embedding throughput ({len(sample)} chunks, batch 32, best of 3): ours {ours_rate:.1f} "
                  f"chunks/s, sentence-transformers {st_rate:.1f} chunks/s, ratio {ours_rate / st_rate:.2f}x "
                  f"(sentence-transformers embedded the whole corpus in {st_ingest_embed:.1f} s)")
+    print(lines[-1], flush=True)
     store.close()
 
     # -- latency ----------------------------------------------------------------------------------
@@ -196,18 +206,7 @@ def main() -> None:
         server.cleanup()
 
     # -- report -----------------------------------------------------------------------------------
-    kinds = ["all", "paraphrase", "quotation", "name"]
-    table = ["| method | " + " | ".join(f"{k} R@5 / MRR@10" for k in kinds) + " |",
-             "|---|" + "---|" * len(kinds)]
-    for method, by_kind in results.items():
-        cells = []
-        for k in kinds:
-            if k in by_kind:
-                r5, mrr = scores(by_kind[k])
-                cells.append(f"{r5:.2f} / {mrr:.2f} (n={len(by_kind[k])})")
-            else:
-                cells.append("-")
-        table.append(f"| {method} | " + " | ".join(cells) + " |")
+    table = [quality_table(results)]
     best_single = max(scores(results[m]["all"])[0] for m in ("dense", "keyword"))
     hybrid = scores(results["hybrid"]["all"])[0]
     lines.append(f"hybrid recall@5 {hybrid:.2f} vs best single method {best_single:.2f} "
@@ -224,6 +223,22 @@ def main() -> None:
         command = "python benchmarks/rag.py " + " ".join(sys.argv[1:])
         append_results(f"\n## RAG retrieval ({time.strftime('%Y-%m-%d')}, {machine()})\n\n`{command}`, torch "
                        f"{torch.__version__}, 2 threads. {args.note}\n\n{text}\n")
+
+
+def quality_table(results: dict) -> str:
+    kinds = ["all", "paraphrase", "quotation", "name"]
+    table = ["| method | " + " | ".join(f"{k} R@5 / MRR@10" for k in kinds) + " |",
+             "|---|" + "---|" * len(kinds)]
+    for method, by_kind in results.items():
+        cells = []
+        for k in kinds:
+            if k in by_kind:
+                r5, mrr = scores(by_kind[k])
+                cells.append(f"{r5:.2f} / {mrr:.2f} (n={len(by_kind[k])})")
+            else:
+                cells.append("-")
+        table.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(table)
 
 
 def _spread(questions, n):
