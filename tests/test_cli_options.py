@@ -18,7 +18,8 @@ from scratchlm.chat_session import ChatSession
 from scratchlm.formats.checkpoint import save_model_dir
 
 SRC = Path(cli.__file__).parent
-ENGINE_COMMANDS = [["generate", "m", "p"], ["chat", "m"], ["serve", "m"],
+ENGINE_COMMANDS = [["generate", "m", "p"], ["chat", "m"], ["serve", "m"], ["eval", "perplexity", "m", "f"],
+                   ["eval", "task", "m", "f"], ["eval", "harness", "m", "--tasks", "t"],
                    ["quantize", "m", "--to", "int4", "--out", "o"]]
 
 
@@ -32,15 +33,14 @@ def test_engine_options_are_declared_once():
         for flag in ("--group-size", "--quantize", "--compile", "--threads"):
             if re.search(rf"add_argument\(\s*\"{flag}\"", path.read_text(encoding="utf-8")):
                 declared.setdefault(flag, []).append(path.relative_to(SRC).as_posix())
-    pending = {"eval/cli.py"}  # moves to the shared declaration once its concurrent edits are in
-    assert [p for p in declared["--group-size"] if p not in pending] == ["cli_options.py"]
-    assert [p for p in declared["--quantize"] if p not in pending] == ["cli_options.py"]
+    assert declared["--group-size"] == ["cli_options.py"]
+    assert declared["--quantize"] == ["cli_options.py"]
     # --threads: the shared one, and the global `scratchlm --threads N COMMAND`; train has its own --compile.
     assert sorted(declared["--threads"]) == ["cli.py", "cli_options.py"]
     assert sorted(declared["--compile"]) == ["cli_options.py", "train/cli.py"]
 
 
-@pytest.mark.parametrize("argv", ENGINE_COMMANDS, ids=lambda a: a[0] if a[0] != "eval" else "eval")
+@pytest.mark.parametrize("argv", ENGINE_COMMANDS, ids=lambda a: " ".join(a[:2]) if a[0] == "eval" else a[0])
 def test_every_engine_command_takes_the_same_options_with_the_real_default(argv):
     from scratchlm.quant.quantize import DEFAULT_GROUP_SIZE
 
@@ -205,3 +205,9 @@ def test_convert_reports_each_step_with_its_duration_on_stderr(tiny_dir, tmp_pat
     assert re.search(r"writing hf to .* \.\.\. \d+\.\d s", err)
     convert(tiny_dir, "hf", tmp_path / "hf2")
     assert capsys.readouterr().err == ""  # progress=False: silent
+
+
+def test_evaluations_score_the_dense_model_unless_told_otherwise():
+    for argv in [a for a in ENGINE_COMMANDS if a[0] == "eval"]:
+        assert parse(*argv).dtype == "float32"
+        assert parse(*argv, "--dtype", "bfloat16").dtype == "bfloat16"

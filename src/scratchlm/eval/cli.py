@@ -16,6 +16,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from scratchlm.cli_options import add_engine_flags
+
+# Evaluations score the dense float32 model unless told otherwise (--dtype, --quantize): a quantized GGUF is
+# dequantized, as before the engine options were shared (generate and chat run such a file quantized).
+EVAL_DTYPE = "float32"
+
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
     from scratchlm.errors import ConfigError
@@ -42,9 +48,8 @@ def register_perplexity(subparsers) -> None:
                    help="window length in tokens (default: the model's context, at most 1024)")
     p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts (default: half the context); smaller = more history, slower")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights at load")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default 64)")
+    add_engine_flags(p, adapter=False, compile=False)
+    p.set_defaults(dtype=EVAL_DTYPE)
     add_loading_and_progress(p)
     p.set_defaults(func=cmd_perplexity)
 
@@ -95,7 +100,7 @@ def cmd_task(args: argparse.Namespace) -> None:
         if labels is None and detect_labels([ref for _, ref in read_task(args.file, args.limit)]) is None:
             raise ConfigError("--confusion-matrix needs a label task, and the references are not a small set of "
                               "repeated labels: name the labels with --labels a,b,c")
-    llm = load_model(args, adapter=args.adapter)
+    llm = load_model(args, adapter=args.adapter, quantize=args.quantize, group_size=args.group_size)
     result = evaluate_task(llm, args.file, args.max_new_tokens, args.batch_size, args.limit,
                            progress=show_progress(args), labels=labels)
     print(result.summary())
@@ -124,14 +129,14 @@ def register_task(subparsers) -> None:
     p.add_argument("model", help="known model name, .gguf file, or model directory")
     p.add_argument("file", help='JSONL of {"messages": [...]} or {"prompt", "completion"}; the last assistant '
                                 "turn is the reference")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to merge in at load")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens per answer (default: the longest reference + 16)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--predictions", default=None, help="write each prompt, reference and prediction to this JSONL")
     p.add_argument("--json", action="store_true", help="also print the scores as one JSON line")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    add_engine_flags(p, compile=False)
+    p.set_defaults(dtype=EVAL_DTYPE)
     p.add_argument("--labels", default=None,
                    help="comma-separated labels: score as classification (accuracy, precision/recall/F1 per class, "
                         "confusion matrix); without it a task whose references are a few repeated labels is detected")
@@ -153,7 +158,8 @@ def cmd_harness(args: argparse.Namespace) -> None:
         raise ConfigError(f"lm-evaluation-harness is not installed ({exc}): pip install 'scratchlm[eval]'") from None
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown our summary
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    model = harness.ScratchLM(args.model, quantize=args.quantize, adapter=args.adapter, dtype=args.dtype,
+    model = harness.ScratchLM(args.model, quantize=args.quantize, group_size=args.group_size, adapter=args.adapter,
+                              dtype=args.dtype,
                               progress=sys.stderr.isatty())
     results = harness.evaluate(model, tasks, num_fewshot=args.num_fewshot, limit=args.limit)
     print(harness.summary_table(results))
@@ -168,9 +174,8 @@ def register_harness(subparsers) -> None:
                    help="comma-separated lm-eval tasks or groups, e.g. scratchlm_offline (offline) or hellaswag")
     p.add_argument("--num-fewshot", type=int, default=None, help="examples put before each question")
     p.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
-    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) to merge in at load")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="quantize the weights at load")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    add_engine_flags(p, compile=False)
+    p.set_defaults(dtype=EVAL_DTYPE)
     p.add_argument("--json", action="store_true", help="also print {task: {metric: value}} as one JSON line")
     p.set_defaults(func=cmd_harness)
 
