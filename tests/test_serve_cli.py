@@ -26,7 +26,7 @@ def scratchlm(*args: str) -> list[str]:
 def test_serve_flags_and_defaults():
     args = build_parser().parse_args(["serve", "some-model"])
     assert (args.host, args.port, args.api_key, args.max_batch, args.max_queue) == ("127.0.0.1", 8000, None, 16, 64)
-    assert not args.log_prompts and args.dtype == "float32"
+    assert not args.log_prompts and args.dtype is None  # None: float32, or a quantized GGUF as it is stored
     args = build_parser().parse_args(["serve", "m", "--host", "0.0.0.0", "--port", "9", "--api-key", "k",
                                       "--max-batch", "4", "--max-queue", "2", "--log-prompts", "--max-len", "512"])
     assert (args.host, args.port, args.api_key, args.max_batch, args.max_queue, args.max_len) == (
