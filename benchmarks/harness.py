@@ -64,7 +64,7 @@ def main() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
-    hf_dir = export_hf(LLM.load(args.model), Path(tmp.name) / "hf")
+    hf_dir = export_hf(LLM.load(args.model, dtype="float32"), Path(tmp.name) / "hf")  # dense, as exported
     # Every backend runs the exported float32 weights (a GGUF would otherwise load with int4 layers).
     llm = LLM.load(hf_dir)
     ours = harness.ScratchLM(llm, progress=False)
