@@ -80,7 +80,7 @@ def test_invalid_values_are_400_with_the_parameter_named(server):
         ({**chat, "messages": []}, "messages"), ({**chat, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
         ({**chat, "stop": ["a"] * 40}, "stop"), ({**chat, "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
         ({**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({**chat, "response_format": {"type": "json_object"}}, "response_format"),
+        ({**chat, "response_format": {"type": "xml"}}, "response_format"),
         ({**chat, "logit_bias": {"1": 5}}, "logit_bias"), ({**chat, "seed": 2**70}, "seed"),
         ({k: v for k, v in chat.items() if k != "model"}, "model"),
         ({**chat, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "text"),

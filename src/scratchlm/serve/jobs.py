@@ -104,7 +104,7 @@ def _temperature(value: float | None) -> float:
     return 0.0 if value < GREEDY_BELOW else value
 
 
-def sampling_params(body: SamplingRequest, max_tokens: int, seed: int | None) -> SamplingParams:
+def sampling_params(body: SamplingRequest, max_tokens: int, seed: int | None, constraint=None) -> SamplingParams:
     stops = body.stop_strings()
     if len(stops) > MAX_STOP:
         raise ApiError(400, f"stop holds {len(stops)} strings; at most {MAX_STOP}", param="stop")
@@ -117,10 +117,24 @@ def sampling_params(body: SamplingRequest, max_tokens: int, seed: int | None) ->
             top_p=None if body.top_p is None else max(body.top_p, MIN_TOP_P), min_p=body.min_p,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            seed=seed, stop=stops, ignore_eos=body.ignore_eos,
+            seed=seed, stop=stops, ignore_eos=body.ignore_eos, constraint=constraint,
         )
     except ScratchLMError as exc:
         raise ApiError(400, str(exc)) from None
+
+
+def request_constraint(body: SamplingRequest):
+    """The structured-output constraint of a request (``response_format`` or the ``grammar`` extension), compiled
+    (and cached by its source) before any job starts; None for plain text."""
+    fmt = getattr(body, "response_format", None)
+    if body.grammar is None and (fmt is None or fmt.type == "text"):
+        return None
+    from scratchlm.structured import make_constraint
+
+    try:
+        return make_constraint(grammar=body.grammar, response_format=None if fmt is None else fmt.model_dump())
+    except ScratchLMError as exc:
+        raise ApiError(400, str(exc), param="grammar" if body.grammar is not None else "response_format") from None
 
 
 def check_fits(prompt_len: int, max_tokens: int, max_len: int, param: str) -> None:
@@ -157,12 +171,13 @@ def generation_jobs(body: SamplingRequest, prompts: list[list[int]], max_len: in
     if len(prompts) * body.n > capacity:
         raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more completions than this server takes "
                        f"at once ({capacity})", param="n")
+    constraint = request_constraint(body)
     jobs = []
     for i, prompt in enumerate(prompts):
         tokens = max_tokens if max_tokens is not None else max_len - len(prompt)  # chat default: all that fits
         check_fits(len(prompt), tokens, max_len, "messages" if chat else "prompt")
         for j in range(body.n):
-            params = sampling_params(body, tokens, choice_seed(body.seed, j))
+            params = sampling_params(body, tokens, choice_seed(body.seed, j), constraint)
             jobs.append(GenerationJob(prompt, params, tokens, index=i * body.n + j, logprobs=logprobs,
                                       prompt_logprobs=echo and logprobs is not None))
     return jobs

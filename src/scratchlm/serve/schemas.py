@@ -54,6 +54,8 @@ class SamplingRequest(Strict):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
     user: str | None = Field(None, description="accepted and ignored")
+    grammar: str | None = Field(None, description="extension: a GBNF grammar the output must match "
+                                                   "(docs/structured-output.md)")
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -71,6 +73,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="alternatives per token")
     best_of: int | None = Field(None, ge=1, description="only equal to n (or 1) is supported")
     suffix: str | None = Field(None, description="not supported: must be empty")
+    response_format: ResponseFormat | None = Field(None, description="extension: as on /v1/chat/completions")
 
 
 class ContentPart(Strict):
@@ -85,7 +88,11 @@ class ChatMessage(Strict):
 
 
 class ResponseFormat(Strict):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"name",
+    "schema", "strict"}}`` (structured output: scratchlm.structured)."""
+
     type: str = "text"
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -98,7 +105,7 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
     functions: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
     tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' (no tools)")
-    response_format: ResponseFormat | None = Field(None, description="only type 'text'")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
     modalities: list[str] | None = Field(None, description="only ['text']")
     audio: dict[str, Any] | None = Field(None, description="not supported")
 
@@ -122,7 +129,6 @@ def unsupported(body: SamplingRequest) -> str | None:
         checks += [
             ("tools", bool(body.tools)), ("functions", bool(body.functions)),
             ("tool_choice", body.tool_choice not in (None, "none", "auto")),
-            ("response_format", body.response_format is not None and body.response_format.type != "text"),
             ("modalities", body.modalities not in (None, ["text"])), ("audio", body.audio is not None),
         ]
     for name, bad in checks:

@@ -61,7 +61,10 @@ def _cached(key: tuple, build) -> Constraint:
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    constraint = build()
+    try:
+        constraint = build()
+    except RecursionError:
+        raise GrammarError("the constraint is nested too deeply to compile: flatten it") from None
     _CACHE[key] = constraint
     if len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
