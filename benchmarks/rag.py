@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--throughput-texts", type=int, default=1024, help="chunks embedded for throughput")
     parser.add_argument("--plays", type=int, default=None,
                         help="use only the first N plays and their questions (a quicker, smaller run)")
+    parser.add_argument("--weights", type=lambda v: [tuple(map(float, w.split(":"))) for w in v.split(",")],
+                        default=[(1.0, 2.0), (1.0, 3.0)], help="extra hybrid weightings DENSE:KEYWORD,... to report")
     parser.add_argument("--no-peers", action="store_true", help="skip sentence-transformers + faiss (slow to embed)")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     parser.add_argument("--note", default="", help="a note recorded with the results (e.g. machine load)")
@@ -121,6 +123,9 @@ def main() -> None:
             record(mode, q, [h.chunk_id for h in hits])
             if mode == "keyword":
                 our_keyword[q["id"]] = [h.chunk_id for h in hits]
+        for weights in args.weights:  # the fusion weights exposed: how the balance moves the result
+            hits = search(store, enc, q["question"], k=10, mode="hybrid", weights=weights)
+            record(f"hybrid, weights dense {weights[0]:g} / keyword {weights[1]:g}", q, [h.chunk_id for h in hits])
 
     if args.rerank:
         from scratchlm.llm import LLM
