@@ -90,3 +90,18 @@ def test_model_trained_from_scratch_matches_transformers(tmp_path):
 
     llm = trained_from_scratch()
     assert_same_as_hf(llm, export_hf(llm, tmp_path / "out"))
+
+
+def test_a_model_in_quantized_layers_is_refused_by_every_exporter(tmp_path):
+    """A quantized GGUF loads into int4/int8 layers by default; exports need the dense weights and say how."""
+    from scratchlm.errors import UnsupportedError
+    from scratchlm.formats.export_gguf import export_gguf
+    from scratchlm.formats.onnx import export_onnx
+    from scratchlm.quant.quantize import quantize_model
+
+    llm = export_llm()
+    quantize_model(llm.model, "int4", 32)
+    for export in (export_hf, export_gguf, export_onnx):
+        with pytest.raises(UnsupportedError, match=r"int4 layers.*dtype='float32'"):
+            export(llm, tmp_path / f"out-{export.__name__}")
+        assert not (tmp_path / f"out-{export.__name__}").exists()

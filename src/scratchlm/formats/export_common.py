@@ -37,6 +37,18 @@ def export_architecture(config: ModelConfig) -> str:
     )
 
 
+def check_dense(llm) -> None:
+    """Refuse a model held in quantized layers: exports write the dense weights, which it no longer has in memory
+    (a quantized GGUF loads as int4/int8 layers by default)."""
+    from scratchlm.quant.quantize import quantization_of
+
+    info = quantization_of(llm.model)
+    if info is not None:
+        raise UnsupportedError(
+            f"this model is loaded in {info['mode']} layers; exports need the dense weights: load it with "
+            "LLM.load(source, dtype='float32') (as `scratchlm convert` does), or export to GGUF from the dense model")
+
+
 def fuse_gpt2_qkv(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GPT-2 layout of a canonical state dict: q/k/v fused into ``blocks.{i}.attn.qkv`` ([3C, C]; HF and
     llama.cpp both store one fused tensor), and missing linear biases (a GPT-2-style model trained with

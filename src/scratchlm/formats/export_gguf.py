@@ -22,7 +22,7 @@ import torch
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UnsupportedError
 from scratchlm.files import atomic_file
-from scratchlm.formats.export_common import export_architecture, fuse_gpt2_qkv
+from scratchlm.formats.export_common import check_dense, export_architecture, fuse_gpt2_qkv
 from scratchlm.formats.ggml_quants import BLOCK_SIZE, quantize
 from scratchlm.formats.gguf import GGUF_BLOCK_NAMES, GGUF_FIXED_NAMES, permute_qk
 
@@ -165,6 +165,7 @@ def export_gguf(llm, out: str | Path, gguf_type: str = "f16", force: bool = Fals
     if gguf_type not in GGUF_TYPES:
         raise UnsupportedError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     arch = export_architecture(llm.config)
+    check_dense(llm)
     tensors = gguf_tensors(llm.config, llm.model.canonical_state_dict())
     check_quantizable(tensors, gguf_type)
     tokenizer_tables(llm)  # refuse a tokenizer larger than the embedding before creating the file

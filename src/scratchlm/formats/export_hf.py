@@ -19,7 +19,7 @@ import torch
 
 from scratchlm.config import ModelConfig
 from scratchlm.files import atomic_dir
-from scratchlm.formats.export_common import export_architecture, fuse_gpt2_qkv
+from scratchlm.formats.export_common import check_dense, export_architecture, fuse_gpt2_qkv
 from scratchlm.formats.hf import hf_name_map
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -118,6 +118,7 @@ def export_hf(llm, out: str | Path, dtype: torch.dtype = torch.float32, force: b
 
     config = llm.config
     export_architecture(config)  # refuse before creating anything
+    check_dense(llm)
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unsupported dtype {dtype}")
     state = {k: v.detach().cpu().to(dtype) if v.is_floating_point() else v.detach().cpu()

@@ -23,6 +23,7 @@ import torch
 
 from scratchlm.errors import ConfigError, UnsupportedError
 from scratchlm.files import atomic_file
+from scratchlm.formats.export_common import check_dense
 
 # ONNX files hold their weights in one protobuf message, which cannot exceed 2 GiB.
 MAX_ONNX_BYTES = 2**31 - 2**24
@@ -39,6 +40,7 @@ def export_onnx(llm, out: str | Path, batch_size: int = 1, seq_len: int | None =
     except ImportError:
         raise UnsupportedError("ONNX export needs the packages onnx and onnxscript: "
                                "pip install onnx onnxscript (onnxruntime to run the result)") from None
+    check_dense(llm)
     config = llm.config
     seq_len = seq_len if seq_len is not None else min(config.context_length, 256)
     if batch_size < 1 or not 1 <= seq_len <= config.context_length:
