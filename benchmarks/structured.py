@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 
@@ -145,6 +146,7 @@ def main() -> None:
     trie_s = time.perf_counter() - t0
     xg = XGrammar(llm.tokenizer)
 
+    say("compile + first mask")
     # Compile + first mask (fresh each time: our cache cleared, xgrammar's disabled).
     rows_compile = []
     for name, s in (("2 properties", person), ("20 properties", schema)):
@@ -152,6 +154,7 @@ def main() -> None:
         theirs = statistics.median(xg.first_mask(s)[0] for _ in range(args.repeats))
         rows_compile.append((name, ours, theirs))
 
+    say("decode")
     # Decode: unconstrained, constrained first request (cold masks), constrained again (warm).
     plain, cold, warm, made = [], [], [], 0
     for _ in range(args.repeats):
@@ -162,6 +165,7 @@ def main() -> None:
         warm.append(decode_rate(llm, args.tokens, json_schema=schema)[0])
     plain_m, cold_m, warm_m = (statistics.median(x) for x in (plain, cold, warm))
 
+    say("per-token mask times")
     # Per-token mask time along the greedy output's tokens.
     out = llm.complete(PROMPT, json_schema=schema, temperature=0, max_new_tokens=400)
     ids = out.token_ids
@@ -172,6 +176,7 @@ def main() -> None:
     xg.per_token(compiled, ids)  # warm-up
     theirs = xg.per_token(compiled, ids)
 
+    say("validity")
     # Validity: sampled outputs that finished.
     valid = finished = 0
     validator = jsonschema.Draft202012Validator(schema)
@@ -214,6 +219,10 @@ def main() -> None:
     print(text)
     if not args.no_append:
         append_results(text)
+
+
+def say(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
 
 def _version(name: str) -> str:

@@ -46,6 +46,7 @@ FORMATS["date-time"] = FORMATS["date"] + "T" + FORMATS["time"]
 DIGIT = ByteSet(((0x30, 0x39),))
 NONZERO = ByteSet(((0x31, 0x39),))
 WHITESPACE = ByteSet(((0x09, 0x0A), (0x0D, 0x0D), (0x20, 0x20)))
+MAX_DIGITS = 16  # of an unbounded integer, and of a fraction
 MAX_COUNT = 1000  # minItems/maxItems/minLength/maxLength beyond this unroll too far
 
 
@@ -86,15 +87,17 @@ class SchemaCompiler:
     def string(self) -> Ref:
         return self.shared("string", lambda: seq(literal('"'), Repeat(self.char(), 0, None), literal('"')))
 
+    # Digits are bounded (as llama.cpp's json-schema-to-grammar does): a greedy small model otherwise writes
+    # "1000000000..." until the token budget runs out. 16 digits hold any float64 integer part exactly.
     def integer(self) -> Ref:
-        return self.shared("integer", lambda: seq(Repeat(literal("-"), 0, 1),
-                                                  alt(literal("0"), seq(NONZERO, Repeat(DIGIT, 0, None)))))
+        return self.shared("integer", lambda: seq(Repeat(literal("-"), 0, 1), alt(
+            literal("0"), seq(NONZERO, Repeat(DIGIT, 0, MAX_DIGITS - 1)))))
 
     def number(self) -> Ref:
         return self.shared("number", lambda: seq(
-            self.integer(), Repeat(seq(literal("."), Repeat(DIGIT, 1, None)), 0, 1),
+            self.integer(), Repeat(seq(literal("."), Repeat(DIGIT, 1, MAX_DIGITS)), 0, 1),
             Repeat(seq(ByteSet(((0x45, 0x45), (0x65, 0x65))), Repeat(ByteSet(((0x2B, 0x2B), (0x2D, 0x2D))), 0, 1),
-                       Repeat(DIGIT, 1, None)), 0, 1)))
+                       Repeat(DIGIT, 1, 3)), 0, 1)))
 
     def any_value(self) -> Ref:
         return self.shared("value", lambda: alt(self.any_object(), self.any_array(), self.string(), self.number(),

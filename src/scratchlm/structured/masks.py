@@ -129,6 +129,14 @@ class TokenMasks:
         self.eos_ids = sorted(i for i in eos_ids if i < self.trie.size)
         self._by_top: dict[int, tuple[torch.Tensor, list[int]]] = {}
         self._by_state: dict[int, torch.Tensor] = {}
+        self._forbidden: dict[int, torch.Tensor] = {}
+
+    def forbidden(self, sid: int) -> torch.Tensor:
+        """The negation of ``mask(sid)``, cached too: applying it is then one masked_fill per token."""
+        hit = self._forbidden.get(sid)
+        if hit is None:
+            hit = self._forbidden[sid] = ~self.mask(sid)
+        return hit
 
     def _top(self, q: int) -> tuple[torch.Tensor, list[int]]:
         hit = self._by_top.get(q)
@@ -189,13 +197,13 @@ class TokenConstraint:
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` [V] with every token the constraint forbids at -inf. When nothing but EOS may follow and
         the model has no EOS token, the sequence ends through ``finished`` instead."""
-        mask = self.allowed()
-        if logits.shape[-1] != mask.shape[0]:  # embedding rows beyond the tokenizer (padding) are never allowed
-            full = torch.zeros(logits.shape[-1], dtype=torch.bool)
-            n = min(mask.shape[0], logits.shape[-1])
-            full[:n] = mask[:n]
-            mask = full
-        return logits.masked_fill(~mask.to(logits.device), -math.inf)
+        forbidden = self.masks.forbidden(self.state)
+        if logits.shape[-1] != forbidden.shape[0]:  # embedding rows beyond the tokenizer (padding): never allowed
+            full = torch.ones(logits.shape[-1], dtype=torch.bool)
+            n = min(forbidden.shape[0], logits.shape[-1])
+            full[:n] = forbidden[:n]
+            forbidden = full
+        return logits.masked_fill(forbidden.to(logits.device), -math.inf)
 
     def advance(self, token_id: int) -> None:
         if token_id in self.masks.eos_ids:
