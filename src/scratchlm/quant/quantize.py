@@ -291,7 +291,9 @@ def quantized_from_gguf(config: ModelConfig, state: dict[str, torch.Tensor], dty
     from scratchlm.quant.int8 import quantize_int8
 
     tensors: dict[str, torch.Tensor] = {}
-    int8_layers = []
+    # int8 rows that the reader made from block-quantized tensors (``formats.gguf._int8_rows``)
+    int8_layers = [k.removesuffix(".qweight") for k, v in state.items()
+                   if k.startswith("blocks.") and k.endswith(".qweight") and v.dtype == torch.int8]
     for key in list(state):
         prefix, _, leaf = key.rpartition(".")
         if leaf != "weight" or state[key].ndim != 2 or "norm" in prefix:
