@@ -96,21 +96,21 @@ def test_info_says_how_a_model_will_run(tmp_path):
 
     llm = export_llm("llama")
     q4 = model_info(str(export_gguf(llm, tmp_path / "q.gguf", "q4_1")))["runs as"]
-    assert "int4 group 32" in q4 and "Q4_1" in q4 and "compiled" in q4
+    assert "int4 group 32" in q4 and "Q4_1" in q4 and "eager (--compile" in q4
     q8 = model_info(str(export_gguf(llm, tmp_path / "q8.gguf", "q8_0")))["runs as"]
     assert "int8 per row (from Q8_0)" in q8 and "int4" not in q8
     assert model_info(str(export_gguf(llm, tmp_path / "f.gguf", "f16")))["runs as"].startswith("float32, eager")
 
 
-# ---- 2. the compiled step: default for quantized models, cached under $SCRATCHLM_HOME -------------------------
+# ---- 2. the compiled step: opt-in (--compile, SCRATCHLM_COMPILE=1), cached under $SCRATCHLM_HOME --------------
 def test_default_engine_choice(tmp_path, monkeypatch):
     path = export_gguf(export_llm("llama"), tmp_path / "m.gguf", "q4_1")
     monkeypatch.setenv("SCRATCHLM_COMPILE", "")  # unset: the real default (conftest turns it off for the suite)
-    assert LLM.load(path).model.decoder is not None
-    assert getattr(LLM.load(path, compile=False).model, "decoder", None) is None
+    assert getattr(LLM.load(path).model, "decoder", None) is None  # int4, eager (see use_compiled_by_default)
+    assert LLM.load(path, compile=True).model.decoder is not None
     assert getattr(LLM.load(path, dtype="float32").model, "decoder", None) is None  # dense: eager as before
-    monkeypatch.setenv("SCRATCHLM_COMPILE", "0")
-    assert getattr(LLM.load(path).model, "decoder", None) is None
+    monkeypatch.setenv("SCRATCHLM_COMPILE", "1")
+    assert LLM.load(path).model.decoder is not None
 
 
 CHILD = """
@@ -230,7 +230,7 @@ def test_server_batches_through_the_static_step_with_each_requests_own_result():
 
 
 # ---- 5. the default engine on SmolLM2 (the suite's one SmolLM2 compile) -----------------------------------------
-def test_smollm2_default_engine_greedy_equals_float32_where_the_margin_allows(smollm2_path, smollm2, tmp_path,
+def test_smollm2_int4_engine_greedy_equals_float32_where_the_margin_allows(smollm2_path, smollm2, tmp_path,
                                                                               monkeypatch):
     """The default engine (Q4_1 file -> int4, compiled step) against float32 (the same weights dequantized), 32
     greedy tokens. Rule: while both have produced the same tokens, a step whose float32 top-2 logit margin exceeds
@@ -238,8 +238,8 @@ def test_smollm2_default_engine_greedy_equals_float32_where_the_margin_allows(sm
     they must agree; at a closer step either token is allowed, and once they differ the comparison ends (the
     contexts differ from there). The compiled and the eager int4 engines must agree on every token."""
     monkeypatch.setenv("SCRATCHLM_HOME", str(tmp_path))  # a cold compile cache: never a pre-existing one
-    monkeypatch.setenv("SCRATCHLM_COMPILE", "")  # the real default
-    fast = LLM.load(smollm2_path)
+    monkeypatch.setenv("SCRATCHLM_COMPILE", "")  # the real default: int4 from the file's codes ...
+    fast = LLM.load(smollm2_path, compile=True)  # ... and the compiled step asked for
     assert quantization_of(fast.model)["mode"] == "int4" and fast.model.decoder is not None
     ids = smollm2.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     ref = smollm2.complete(ids, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids

@@ -48,7 +48,7 @@ def add_compile_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through a step compiled by torch.compile: faster tokens after a compile of about "
                         "a minute per cache size, the first time only (cached in $SCRATCHLM_HOME/compile); "
-                        "default: on for quantized models (a Q4 GGUF, --quantize), off for float ones")
+                        "default: off (eager; SCRATCHLM_COMPILE=1 turns it on)")
 
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:

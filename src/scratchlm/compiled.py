@@ -229,15 +229,13 @@ def compile_decoding(model: nn.Module, compile: bool = True, progress: bool = Fa
 
 
 def use_compiled_by_default(model: nn.Module) -> bool:
-    """Whether ``LLM.load(..., compile=None)`` attaches the compiled step: for quantized models on the CPU (the
-    fast engine: for float models the matrix products dominate and compiling gains little), unless
-    ``$SCRATCHLM_COMPILE`` is 0 (1 compiles every model)."""
-    setting = os.environ.get("SCRATCHLM_COMPILE", "").strip().lower()
-    if setting in ("0", "false", "no", "off"):
-        return False
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    if setting in ("1", "true", "yes", "on"):
-        return on_cpu
-    from scratchlm.quant.quantize import quantization_of
+    """Whether ``LLM.load(..., compile=None)`` attaches the compiled step: only when ``$SCRATCHLM_COMPILE`` is 1
+    (and the model is on the CPU).
 
-    return on_cpu and quantization_of(model) is not None
+    Not the default yet: even with a warm disk cache, every new process re-traces the step with dynamo (seconds)
+    and carries the compiler in memory, and a server compiles once per batch-size bucket; at 182 against 126
+    tokens/s (int4, 2 cores) the compiled step pays that back only after about a thousand tokens. An
+    ahead-of-time package loaded without dynamo would remove both costs (issue 11's follow-up)."""
+    setting = os.environ.get("SCRATCHLM_COMPILE", "").strip().lower()
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    return on_cpu and setting in ("1", "true", "yes", "on")

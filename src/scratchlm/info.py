@@ -67,7 +67,7 @@ def model_info(name_or_path: str) -> dict[str, str]:
         if path.is_dir() and (path / QUANT_FILE).is_file():
             q = read_json(path / QUANT_FILE)
             group = f" group {q.get('group_size')}" if q.get("group_size") else ""
-            runs_as = f"{q.get('mode')}{group} as stored; compiled decode step (--no-compile: eager)"
+            runs_as = f"{q.get('mode')}{group} as stored, eager (--compile: the compiled decode step)"
         else:
             runs_as = ("float32, eager (--dtype bfloat16; --quantize int4 for the fast engine: int4 and the "
                        "compiled decode step)")
@@ -99,8 +99,8 @@ def _gguf_runs_as(reader) -> str:
     if sum(linear.values()) > int4:
         others = "/".join(k for k in linear if k not in INT4_BLOCK_TYPES)
         parts.append(f"{sum(linear.values()) - int4} layers int8 per row (from {others})")
-    return (", ".join(parts) + "; embedding and head int8; compiled decode step. --dtype float32|bfloat16: "
-            "dequantized, eager")
+    return (", ".join(parts) + "; embedding and head int8; eager (--compile: the compiled decode step). "
+            "--dtype float32|bfloat16: dequantized")
 
 
 def _torch_checkpoint(path: Path) -> tuple[ModelConfig, Counter, str]:

@@ -147,7 +147,7 @@ class LLM:
         ``dequantize=True``, ``quantize`` or ``adapter`` gives the dense model instead (dequantized, then
         quantized as asked). Other sources load in ``dtype`` (default float32).
         ``compile``: decode through the compiled static step (``scratchlm.compiled``; cached on disk, checked,
-        eager fallback); None (default) compiles quantized models on the CPU unless ``$SCRATCHLM_COMPILE=0``.
+        eager fallback); None (default) decodes eagerly unless ``$SCRATCHLM_COMPILE=1``.
         """
         from scratchlm.hub import KNOWN_MODELS, resolve
 
