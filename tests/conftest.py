@@ -17,9 +17,9 @@ from scratchlm.llm import LLM
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import BYTE_TO_UNICODE, Tokenizer
 
-# Quantized models decode through a compiled step by default (scratchlm.compiled), and a compile takes tens of
-# seconds on two cores: the suite compiles only where a test asks for it (compile=True, --compile, or setting
-# SCRATCHLM_COMPILE itself: tests/test_compiled.py, tests/test_fast_default.py).
+# SCRATCHLM_COMPILE=1 would compile every model's decode step (tens of seconds on two cores); the suite keeps it
+# off and compiles only where a test asks for it (compile=True, --compile, or setting SCRATCHLM_COMPILE itself:
+# tests/test_compiled.py, tests/test_fast_default.py).
 os.environ.setdefault("SCRATCHLM_COMPILE", "0")
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

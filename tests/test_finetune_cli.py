@@ -181,6 +181,11 @@ def test_eval_task_reports_the_four_metrics(base_dir, data, tmp_path, capsys):
     assert scores["n"] == 4 and set(scores) == {"n", "exact_match", "token_f1", "bleu", "rouge_l"}
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert rows[0]["reference"] == "apple" and len(rows) == 4
+    again = ["eval", "task", str(base_dir), str(data), "--limit", "2", "--max-new-tokens", "4",
+             "--predictions", str(tmp_path / "p.jsonl")]
+    assert main(again) == 2 and "--force" in capsys.readouterr().err  # never replaced silently
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 4
+    assert main([*again, "--force"]) == 0 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
 
 
 def test_serve_loads_the_adapter_given_on_its_command_line(base_dir, data, tmp_path):

@@ -180,6 +180,25 @@ def test_not_a_store_file_is_refused(tmp_path):
         open_store(str(path), EMBEDDER)
 
 
+def test_someone_elses_sqlite_database_is_never_changed(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "user.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE documents (title TEXT)")
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="not a scratchlm store.*documents"):
+        open_store(str(path), EMBEDDER)
+    assert path.read_bytes() == before
+
+
+def test_a_store_path_with_uri_characters_is_that_file(tmp_path):
+    path = tmp_path / "notes #1?.db"
+    with open_store(str(path), EMBEDDER) as store:
+        put(store, "a.txt", ["one chunk"])
+    assert path.is_file() and sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("notes")) == []
+
+
 def test_glob_to_regex_matches_like_fnmatch():
     import fnmatch
 

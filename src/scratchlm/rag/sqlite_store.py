@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.request import pathname2url
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
 
 
 def _connect(path: str, readonly: bool = False) -> sqlite3.Connection:
-    uri = f"file:{Path(path).resolve().as_posix()}{'?mode=ro' if readonly else ''}"
+    # Percent-encode the path: a '#' or '?' in a file name would otherwise end the URI's path part.
+    uri = f"file:{pathname2url(str(Path(path).resolve()))}{'?mode=ro' if readonly else ''}"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
@@ -71,6 +73,11 @@ class SQLiteStore(Store):
             raise StoreError(f"no store at {path}: create one with `scratchlm rag ingest {path} FILES...`")
         try:
             self.conn = _connect(str(path))
+            tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "meta" not in tables:  # someone's own database: never add our tables to it
+                self.conn.close()
+                raise StoreError(f"{path} is an SQLite database that is not a scratchlm store (it has tables "
+                                 f"{', '.join(sorted(tables)[:5])}); give a new file name for the store")
             self.conn.execute("PRAGMA journal_mode = WAL")
             self.conn.executescript(_SCHEMA)
             meta = dict(self.conn.execute("SELECT key, value FROM meta").fetchall())

@@ -33,7 +33,7 @@ class ApiError(Exception):
 
 
 def _is_ids(x) -> bool:
-    return isinstance(x, list) and all(isinstance(t, int) for t in x)
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)  # JSON true is no id
 
 
 def prompt_list(value, param: str) -> list[str | list[int]]:
