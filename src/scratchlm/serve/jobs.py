@@ -132,7 +132,8 @@ def request_constraint(body: SamplingRequest):
     from scratchlm.structured import make_constraint
 
     try:
-        return make_constraint(grammar=body.grammar, response_format=None if fmt is None else fmt.model_dump())
+        text = fmt is None or fmt.type == "text"  # plain text asks for nothing: the grammar alone applies
+        return make_constraint(grammar=body.grammar, response_format=None if text else fmt.model_dump())
     except ScratchLMError as exc:
         raise ApiError(400, str(exc), param="grammar" if body.grammar is not None else "response_format") from None
 
