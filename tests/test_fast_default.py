@@ -188,12 +188,14 @@ def test_a_step_that_cannot_compile_falls_back_to_eager_with_one_notice(tmp_path
     from scratchlm.compiled import compile_decoding
 
     monkeypatch.setenv("SCRATCHLM_HOME", str(tmp_path))
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-compiler"),))
     llm = tiny_llm("llama")
     prompts = ["The sea", "Once upon"]
     eager = [c.token_ids for c in llm.complete(prompts, max_new_tokens=8, temperature=0, ignore_eos=True)]
-    decoder = compile_decoding(llm.model)
-    got = [c.token_ids for c in llm.complete(prompts, max_new_tokens=8, temperature=0, ignore_eos=True)]
+    # inductor's own patch(), not monkeypatch: undoing a monkeypatch deletes the config entry (it is not a plain
+    # attribute), which broke every later compile in the same process.
+    with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-compiler"),)}):
+        decoder = compile_decoding(llm.model)
+        got = [c.token_ids for c in llm.complete(prompts, max_new_tokens=8, temperature=0, ignore_eos=True)]
     assert got == eager and decoder.compiled is False
     err = capfd.readouterr().err
     assert err.count("decoding eagerly") == 1 and "Traceback" not in err

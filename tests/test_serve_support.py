@@ -96,3 +96,15 @@ def test_scripted_model_replies_with_its_script():
     two_turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "Hi"},
                  {"role": "user", "content": "b"}]
     assert llm.chat(two_turns, temperature=0, max_new_tokens=2) == "Hi"
+
+
+def test_an_event_whose_text_holds_unicode_line_separators_stays_one_line():
+    """httpx's iter_lines (str.splitlines) breaks on U+0085/U+2028/U+2029, which JSON leaves raw: they are escaped."""
+    import json
+
+    from scratchlm.serve.answers import sse
+
+    text = "a\x85b\u2028c\u2029d é ✓"
+    event = sse({"choices": [{"text": text}]})
+    assert event.endswith("\n\n") and len(event.strip().splitlines()) == 1 and "é ✓" in event
+    assert json.loads(event[len("data: "):])["choices"][0]["text"] == text

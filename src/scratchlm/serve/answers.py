@@ -164,8 +164,15 @@ class Answer:
         return chunk
 
 
+# Characters that JSON leaves unescaped but that clients splitting lines with str.splitlines() (httpx's iter_lines,
+# for one) take for line breaks, cutting an event in two; a random or multilingual model can produce them.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    """One server-sent event: ``data: JSON`` and a blank line (UTF-8 kept, line-breaking characters escaped)."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 async def stream_events(run, answer: Answer, log: dict) -> AsyncIterator[str]:
