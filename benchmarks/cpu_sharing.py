@@ -3,10 +3,10 @@
 Each job is a fresh process (OpenMP reads its settings when torch loads), with either
 
 - **old** defaults: torch's own (every core, OpenMP's active wait policy), what the CLI did before, or
-- **new** defaults: what ``scratchlm`` now sets before torch loads (``scratchlm.cpu``: ``OMP_WAIT_POLICY=PASSIVE``,
+- **new** defaults: what ``scratchlm`` now sets before torch loads (``scratchlm.cpu``: ``GOMP_SPINCOUNT=1000``,
   threads from the CPUs free at start), or
-- **spin** (with ``--spin N``): the new thread choice with a short spin instead (``GOMP_SPINCOUNT=N``), the
-  middle road should the passive policy cost a single job too much.
+- **spin** (with ``--spin N``): the new thread choice with another spin count (``GOMP_SPINCOUNT=N``),
+  to compare.
 
 The training job runs nanoGPT's CPU configuration (the ``shakespeare-char`` preset's model: 4 layers, 128
 dimensions, context 64, batch 12, AdamW, gradient clipping) on random characters; the chat job loads
@@ -177,7 +177,7 @@ def main() -> None:
             "", f"## CPU sharing: training alone and beside a chat ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)",
             "", f"Machine: {machine()}, load average {load:.1f} at the start. Command: "
             f"`python benchmarks/cpu_sharing.py {' '.join(sys.argv[1:])}`. old = torch's defaults (all cores, "
-            "active OpenMP wait); new = scratchlm.cpu (OMP_WAIT_POLICY=PASSIVE, threads from the free CPUs).", "",
+            "active OpenMP wait); new = scratchlm.cpu (GOMP_SPINCOUNT=1000, threads from the free CPUs).", "",
             "| jobs | defaults | train steps/s | chat tok/s |", "|---|---|---|---|", *rows, "",
             f"alone new/old = {alone:.3f} (target >= 0.95); shared new/old = {shared:.1f}x (target >= 10x).", ""]))
 

@@ -82,13 +82,13 @@ import scratchlm.cli as cli
 assert "torch" not in sys.modules, "importing the CLI loaded torch"
 cli.main(sys.argv[1:] or ["list"])
 import torch
-print(os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
+print(os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
 """
 
 
-def test_the_cli_sets_a_passive_wait_policy_and_free_threads_before_torch_loads():
-    policy, env_threads, torch_threads = run_python(CHECK).splitlines()[-1].split()
-    assert policy == "PASSIVE"
+def test_the_cli_sets_a_short_spin_and_free_threads_before_torch_loads():
+    spin, env_threads, torch_threads = run_python(CHECK).splitlines()[-1].split()
+    assert spin == "1000"
     usable = len(os.sched_getaffinity(0))
     assert 1 <= int(env_threads) <= usable and torch_threads == env_threads
 
@@ -107,8 +107,8 @@ def test_choose_threads_rules():
     assert cpu.choose_threads(None, environ={"OMP_NUM_THREADS": "2"}) is None
     assert 1 <= cpu.choose_threads(None, environ={}) <= cpu.usable_cpus()
     env = {}
-    assert cpu.set_wait_policy(env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert not cpu.set_wait_policy({"GOMP_SPINCOUNT": "1000"})
+    assert cpu.set_wait_policy(env) and env == {"GOMP_SPINCOUNT": "1000"}
+    assert not cpu.set_wait_policy({"OMP_WAIT_POLICY": "ACTIVE"})
 
 
 # ---- outputs are never silently replaced ------------------------------------------------------------

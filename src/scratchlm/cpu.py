@@ -9,7 +9,11 @@ about 28 steps/s to one step every 3-4 s while a chat generated (``benchmarks/cp
 
 So the CLI, before anything imports torch:
 
-- sets ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once), unless the user set it or ``GOMP_SPINCOUNT``;
+- sets ``GOMP_SPINCOUNT=1000`` (idle threads spin briefly, then sleep), unless the user set it or
+  ``OMP_WAIT_POLICY``. Measured on 2 idle cores (``benchmarks/cpu_sharing.py``, RESULTS.md 2026-12-01): training
+  alone 1.04-1.09x torch's defaults, training beside a chat 1.3-2.6x faster and the chat 3x faster. The
+  ``OMP_WAIT_POLICY=PASSIVE`` tried first shared slightly better (13.9 against 11.0 steps/s beside the chat) but
+  cost a training job alone 20-30% (a small model's many short parallel regions each wake sleeping threads);
 - chooses the thread count from the CPUs that are free now: the CPUs this process may run on, less those busy
   with other work over the last 0.1 s (``/proc/stat``), at least one. ``--threads`` or ``OMP_NUM_THREADS`` win.
 
@@ -63,11 +67,14 @@ def free_cpus(window: float = 0.1) -> int:
     return max(1, usable_cpus() - int(busy_cpus(window) + 0.5))
 
 
+SPIN_COUNT = "1000"  # libgomp's default is 300,000 spins before a waiting thread sleeps
+
+
 def set_wait_policy(environ=os.environ) -> bool:
-    """``OMP_WAIT_POLICY=PASSIVE`` unless the user chose a policy; True when set. Call before torch loads."""
+    """``GOMP_SPINCOUNT=1000`` unless the user chose a policy; True when set. Call before torch loads."""
     if any(name in environ for name in WAIT_POLICY_VARS):
         return False
-    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     return True
 
 
