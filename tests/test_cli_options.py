@@ -95,7 +95,9 @@ def test_the_cli_sets_a_short_spin_and_free_threads_before_torch_loads():
 
 def test_the_users_own_settings_win():
     out = run_python(CHECK, OMP_WAIT_POLICY="ACTIVE", OMP_NUM_THREADS="1").splitlines()[-1]
-    assert out.split() == ["ACTIVE", "1", "1"]
+    assert out.split() == ["None", "1", "1"]  # the user chose a wait policy: no spin count of ours added
+    out = run_python(CHECK, GOMP_SPINCOUNT="5", OMP_NUM_THREADS="1").splitlines()[-1]
+    assert out.split() == ["5", "1", "1"]
     out = run_python(CHECK.replace('["list"]', '["--threads", "1", "list"]')).splitlines()[-1]
     assert out.split()[1:] == ["1", "1"]
 
