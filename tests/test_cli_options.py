@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,23 @@ def test_evaluations_score_the_dense_model_unless_told_otherwise():
     for argv in [a for a in ENGINE_COMMANDS if a[0] == "eval"]:
         assert parse(*argv).dtype == "float32"
         assert parse(*argv, "--dtype", "bfloat16").dtype == "bfloat16"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs and affinity control")
+def test_busy_cpus_counts_only_the_cpus_this_process_may_use():
+    """A spinning process pinned to one CPU makes that CPU busy for a process pinned beside it, not for one pinned to
+    another CPU (a container on a busy host is not busy itself)."""
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    spin = f"import os\nos.sched_setaffinity(0, {{{first}}})\nwhile True:\n    pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.3)
+        measure = ("import os, sys; os.sched_setaffinity(0, {%d}); from scratchlm import cpu; "
+                   "print(cpu.busy_cpus(0.5))")
+        on_the_busy_cpu = float(run_python(measure % first).split()[-1])
+        on_the_free_cpu = float(run_python(measure % second).split()[-1])
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert on_the_busy_cpu > 0.6 and on_the_free_cpu < 0.5

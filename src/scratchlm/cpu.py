@@ -30,36 +30,57 @@ import time
 WAIT_POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which taskset and containers narrow)."""
+def _affinity() -> set[int] | None:
+    """The CPUs this process may run on (its affinity mask, which taskset and containers narrow), or None."""
     try:
-        return len(os.sched_getaffinity(0))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return None
 
 
-def _cpu_times() -> tuple[float, float] | None:
-    """(busy, total) jiffies of all CPUs since boot, from the first line of /proc/stat (Linux only)."""
+def usable_cpus() -> int:
+    """How many CPUs this process may run on."""
+    cpus = _affinity()
+    return len(cpus) if cpus else (os.cpu_count() or 1)
+
+
+def _cpu_times(cpus: set[int] | None) -> dict[int, tuple[float, float]] | None:
+    """{cpu: (busy, total)} jiffies since boot of the given CPUs (all when None), from /proc/stat (Linux only)."""
+    times = {}
     try:
         with open("/proc/stat") as f:
-            fields = [float(x) for x in f.readline().split()[1:]]
+            for line in f:
+                name, *values = line.split()
+                if not name.startswith("cpu") or name == "cpu":
+                    continue
+                cpu = int(name[3:])
+                if cpus is None or cpu in cpus:
+                    fields = [float(x) for x in values]
+                    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+                    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+                    times[cpu] = (total - idle, total)
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
-    return total - idle, total
+    return times or None
 
 
 def busy_cpus(window: float = 0.1) -> float:
-    """How many CPUs other work kept busy over the last ``window`` seconds (0.0 where it cannot be measured)."""
-    first = _cpu_times()
+    """How many of this process's CPUs other work kept busy over the last ``window`` seconds (0.0 where it cannot
+    be measured). Only the CPUs in the affinity mask count: a container on a busy host is not busy itself."""
+    cpus = _affinity()
+    first = _cpu_times(cpus)
     if first is None:
         return 0.0
     time.sleep(window)
-    second = _cpu_times()
-    if second is None or second[1] <= first[1]:
+    second = _cpu_times(cpus)
+    if second is None:
         return 0.0
-    return (second[0] - first[0]) / (second[1] - first[1]) * (os.cpu_count() or 1)
+    busy = 0.0
+    for cpu, (busy0, total0) in first.items():
+        busy1, total1 = second.get(cpu, (busy0, total0))
+        if total1 > total0:
+            busy += (busy1 - busy0) / (total1 - total0)
+    return busy
 
 
 def free_cpus(window: float = 0.1) -> int:
