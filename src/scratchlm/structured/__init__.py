@@ -19,7 +19,7 @@ from collections import OrderedDict
 from scratchlm.structured.automaton import Automaton
 from scratchlm.structured.gbnf import parse_gbnf
 from scratchlm.structured.grammar import Grammar, GrammarError
-from scratchlm.structured.json_schema import json_object_grammar, json_schema_grammar
+from scratchlm.structured.json_schema import json_object_grammar, json_schema_grammar, parse_schema
 from scratchlm.structured.masks import TokenConstraint, TokenMasks
 from scratchlm.structured.regex import regex_expr
 
@@ -73,11 +73,7 @@ def _cached(key: tuple, build) -> Constraint:
 
 def json_schema_constraint(schema, max_whitespace: int = 0) -> Constraint:
     """JSON text valid under ``schema`` (a dict, a bool, or JSON text)."""
-    if isinstance(schema, (str, bytes)):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as exc:
-            raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
+    schema = parse_schema(schema)
     try:
         key = ("json_schema", json.dumps(schema, sort_keys=True), max_whitespace)
     except (TypeError, ValueError) as exc:

@@ -421,13 +421,19 @@ def integer_range(lo: int | None, hi: int | None):
     return alt(*options)
 
 
-def json_schema_grammar(schema, max_whitespace: int = 0) -> Grammar:
-    """The grammar of the JSON texts that ``schema`` (a dict, a bool, or JSON text) accepts."""
+def parse_schema(schema):
+    """``schema`` as a Python value: a dict or bool as it is, JSON text parsed (a GrammarError when it is not JSON)."""
     if isinstance(schema, (str, bytes)):
         try:
-            schema = json.loads(schema)
+            return json.loads(schema)
         except json.JSONDecodeError as exc:
             raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
+    return schema
+
+
+def json_schema_grammar(schema, max_whitespace: int = 0) -> Grammar:
+    """The grammar of the JSON texts that ``schema`` (a dict, a bool, or JSON text) accepts."""
+    schema = parse_schema(schema)
     try:
         return SchemaCompiler(schema, max_whitespace).compile()
     except GrammarError:
