@@ -23,6 +23,19 @@ def scratchlm(*args: str) -> list[str]:
     return [sys.executable, "-m", "scratchlm.cli", *args]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
 def test_serve_flags_and_defaults():
     args = build_parser().parse_args(["serve", "some-model"])
     assert (args.host, args.port, args.api_key, args.max_batch, args.max_queue) == ("127.0.0.1", 8000, None, 16, 64)
@@ -42,16 +55,7 @@ def test_serve_runs_logs_and_stops(tmp_path):
                                       "--log-prompts"), env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_healthy(proc, url)
         assert httpx.get(url + "/v1/models").status_code == 401
         r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer env-key"},
                        json={"model": "tiny", "prompt": "hello there", "max_tokens": 3})
@@ -86,19 +90,6 @@ def test_a_model_that_fails_to_load_stops_the_server_with_a_one_line_error(tmp_p
                        timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and "broken.gguf" in r.stderr
-
-
-def wait_healthy(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stderr.read()
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
 
 
 def test_sigterm_during_a_long_stream_ends_it_with_an_error_event_and_exits_within_a_second(tmp_path):

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from scratchlm.cli_options import add_engine_flags
+from scratchlm.cli_options import add_engine_flags, show_progress
 
 # Evaluations score the dense float32 model unless told otherwise (--dtype, --quantize): a quantized GGUF is
 # dequantized, as before the engine options were shared (generate and chat run such a file quantized).
@@ -54,26 +54,14 @@ def register_perplexity(subparsers) -> None:
     p.set_defaults(func=cmd_perplexity)
 
 
-def show_progress(args: argparse.Namespace) -> bool:
-    """A progress bar goes to stderr only when a person watches it (a terminal) and did not say --no-progress."""
-    return not args.no_progress and sys.stderr.isatty()
-
-
 def load_model(args: argparse.Namespace, **options):
     """``LLM.load`` with the command's model options; says on stderr what it is loading and how long it took
-    (loading a quantized GGUF file dequantizes every tensor: many seconds for which there is no bar)."""
-    import time
-
+    (loading a GGUF file takes many seconds for which there is no bar)."""
     from scratchlm.llm import LLM
+    from scratchlm.progress import stage
 
-    progress = show_progress(args)
-    if progress:
-        print(f"loading {args.model} ...", end="", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    llm = LLM.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, **options)
-    if progress:
-        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return llm
+    with stage(f"loading {args.model}", show_progress(args)):
+        return LLM.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, **options)
 
 
 def add_loading_and_progress(p) -> None:
