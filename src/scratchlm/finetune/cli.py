@@ -29,42 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, loss.png, run.json)")
     p.add_argument("--method", choices=["lora", "qlora", "full"], default=None,
                    help="lora (default), qlora (4-bit NF4 frozen base + LoRA) or full (every weight)")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=None, help="rank r of the update B @ A (default 8)")
-    g.add_argument("--alpha", type=float, default=None, help="scaling numerator: the update is alpha/r B @ A "
-                                                             "(default 16)")
-    g.add_argument("--dropout", type=float, default=None, help="dropout on the LoRA input (default 0, as PEFT)")
-    g.add_argument("--targets", default=None,
-                   help="layers to adapt, comma-separated: q,k,v,o,gate,up,down (default all)")
-    g = p.add_argument_group("training")
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, default=None, help="passes over the training data (default 1)")
-    length.add_argument("--max-steps", type=int, default=None, help="optimizer steps instead of --epochs")
-    g.add_argument("--batch-size", type=int, default=None, help="examples per micro-step (default 8)")
-    g.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 LoRA/QLoRA, 2e-5 full)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of the steps)")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
-    g.add_argument("--eval-interval", type=int, default=None,
-                   help="evaluate and checkpoint every N steps (default: 5 times per run)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="bfloat16: mixed precision (default float32)")
-    g.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="recompute blocks in backward")
-    g.add_argument("--seed", type=int, default=None, help="random seed (split, order, LoRA init, dropout; default 0)")
-    g = p.add_argument_group("data")
-    g.add_argument("--val-data", default=None, help="validation JSONL (default: --val-fraction of --data)")
-    g.add_argument("--val-fraction", type=float, default=None, help="share of --data held out (default 0.1)")
-    g.add_argument("--max-length", type=int, default=None,
-                   help="tokens per example (default: the model's context, at most 1024)")
-    g.add_argument("--too-long", choices=["truncate", "skip"], default=None,
-                   help="longer examples are cut (default) or dropped; the counts are reported")
-    g = p.add_argument_group("run")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in OUT exactly, with its recorded model, data and options")
-    g.add_argument("--force", action="store_true", help="replace a previous run in OUT")
-    # The flag's former name, kept hidden so scripts written for it still work.
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_flags(p)
+    add_training_flags(p)
+    add_data_flags(p)
+    add_run_flags(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the result")
@@ -76,10 +44,63 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_merge)
 
 
-def cmd_finetune(args: argparse.Namespace) -> None:
-    from scratchlm.finetune.run import FinetuneOptions, run_finetune
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    """--rank, --alpha, --dropout, --targets: the LoRA settings (finetune and every align command)."""
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=None, help="rank r of the update B @ A (default 8)")
+    g.add_argument("--alpha", type=float, default=None, help="scaling numerator: the update is alpha/r B @ A "
+                                                             "(default 16)")
+    g.add_argument("--dropout", type=float, default=None, help="dropout on the LoRA input (default 0, as PEFT)")
+    g.add_argument("--targets", default=None,
+                   help="layers to adapt, comma-separated: q,k,v,o,gate,up,down (default all)")
 
-    run_finetune(FinetuneOptions(
+
+def add_training_flags(p: argparse.ArgumentParser, default_lr: str = "2e-4 LoRA/QLoRA, 2e-5 full") -> None:
+    """How long and how to train: --epochs/--max-steps, --batch-size, --grad-accum, --lr, ... (finetune and
+    every align command; each reads them into the same option names)."""
+    g = p.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=None, help="passes over the training data (default 1)")
+    length.add_argument("--max-steps", type=int, default=None, help="optimizer steps instead of --epochs")
+    g.add_argument("--batch-size", type=int, default=None, help="examples per micro-step (default 8)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-steps per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {default_lr})")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default 5%% of the steps)")
+    g.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0)")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="evaluate and checkpoint every N steps (default: 5 times per run)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="bfloat16: mixed precision (default float32)")
+    g.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute blocks in backward")
+    g.add_argument("--seed", type=int, default=None, help="random seed (split, order, LoRA init, dropout; default 0)")
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """--val-data, --val-fraction, --max-length, --too-long (finetune and every align command)."""
+    g = p.add_argument_group("data")
+    g.add_argument("--val-data", default=None, help="validation JSONL (default: --val-fraction of --data)")
+    g.add_argument("--val-fraction", type=float, default=None, help="share of --data held out (default 0.1)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="tokens per example (default: the model's context, at most 1024)")
+    g.add_argument("--too-long", choices=["truncate", "skip"], default=None,
+                   help="longer examples are cut (default) or dropped; the counts are reported")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """--resume, --force and --no-progress of a training run."""
+    g = p.add_argument_group("run")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT exactly, with its recorded model, data and options")
+    g.add_argument("--force", action="store_true", help="replace a previous run in OUT")
+    # The flag's former name, kept hidden so scripts written for it still work.
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def training_kwargs(args: argparse.Namespace) -> dict:
+    """The options of ``add_lora_flags``, ``add_training_flags``, ``add_data_flags`` and ``add_run_flags`` under
+    their option names (``FinetuneOptions`` and the align commands' options share them)."""
+    return dict(
         model=args.model, data=args.data, out=args.out, method=args.method, rank=args.rank, alpha=args.alpha,
         dropout=args.dropout, targets=args.targets, epochs=args.epochs, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum_steps=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -87,7 +108,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction, eval_interval=args.eval_interval, dtype=args.dtype,
         activation_checkpointing=args.activation_checkpointing, seed=args.seed, resume=args.resume,
         force=args.force, progress=not args.no_progress,
-    ))
+    )
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from scratchlm.finetune.run import FinetuneOptions, run_finetune
+
+    run_finetune(FinetuneOptions(**training_kwargs(args)))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
