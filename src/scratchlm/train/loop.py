@@ -140,7 +140,8 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
           *, trainable: Sequence[str] | None = None, out_dir: str | Path | None = None,
           save_model: Callable[[Path], None] | None = None, resume_from: str | Path | None = None,
           dist: Dist | None = None, reporter=None, load_model: Callable[[Path], None] | None = None,
-          loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
+          loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+          evaluate_fn: Callable[[nn.Module, Sequence[Batch]], dict] | None = None) -> TrainResult:
     """Train ``model`` for ``config.max_steps`` optimizer steps (counting steps already done when resuming).
 
     Args:
@@ -157,6 +158,9 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
             holds ``model.safetensors`` with the model's own parameter names). Fine-tuning saves adapters.
         loss_fn: ``loss_fn(forward, x, y)`` -> mean loss, instead of ``lm_loss(forward(x), y)`` (fine-tuning
             projects only the positions with a target onto the vocabulary).
+        evaluate_fn: ``evaluate_fn(model, val_batches)`` -> ``{"val_loss": ..., other metrics}``, instead of the
+            mean cross-entropy (alignment's losses and preference accuracy); the other metrics go into the
+            evaluation record.
     """
     dist = dist or Dist()
     if out_dir is not None and save_model is None:
@@ -248,7 +252,12 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
 
         done = state["step"] >= config.max_steps
         if val_batches is not None and (state["step"] % config.eval_interval == 0 or done):
-            val_loss = evaluate(model, val_batches, config, dist)
+            if evaluate_fn is None:
+                val_loss = evaluate(model, val_batches, config, dist)
+                metrics = {"val_ppl": math.exp(min(val_loss, 50))}
+            else:
+                metrics = dict(evaluate_fn(model, val_batches))
+                val_loss = metrics.pop("val_loss")
             best = state["best_val_loss"]
             improved = best is None or val_loss < best
             if improved:
@@ -257,8 +266,8 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
             else:
                 state["evals_without_improvement"] += 1
             save("last", with_optimizer=True)
-            eval_record = {"step": state["step"], "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
-                           "train_loss": step_loss, "best": improved}
+            eval_record = {"step": state["step"], "val_loss": val_loss, **metrics, "train_loss": step_loss,
+                           "best": improved}
             result.history.append(eval_record)
             result.val_loss = val_loss
             if reporter is not None:
