@@ -31,6 +31,7 @@ class _Choice:
         self.prompt_logprobs: list | None = None
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self.started = False
 
 
@@ -70,10 +71,14 @@ class Answer:
         if event.finish_reason is not None:
             choice.finish_reason = event.finish_reason
             choice.completion_tokens = event.completion_tokens
+            choice.cached_tokens = event.cached_tokens
 
     def usage(self) -> dict:
-        # Each prompt counts once, however many choices it has.
-        return usage(sum(len(p) for p in self.prompts), sum(c.completion_tokens for c in self.choices.values()))
+        # Each prompt counts once, however many choices it has; its cached tokens are those every choice reused.
+        n = self.body.n
+        cached = sum(min(self.choices[i * n + j].cached_tokens for j in range(n)) for i in range(len(self.prompts)))
+        return usage(sum(len(p) for p in self.prompts), sum(c.completion_tokens for c in self.choices.values()),
+                     cached)
 
     def log_fields(self) -> dict:
         fields = {"id": self.id, "completion_tokens": self.usage()["completion_tokens"],

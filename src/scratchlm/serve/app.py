@@ -36,6 +36,7 @@ from scratchlm.serve.engine import Engine, QueueFullError
 from scratchlm.serve.events import Event
 from scratchlm.serve.metrics import ServerMetrics
 from scratchlm.serve.middleware import RequestMiddleware
+from scratchlm.serve.prefix_cache import DEFAULT_BUDGET_MB
 from scratchlm.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -103,12 +104,14 @@ class ServerState:
 def create_app(model, *, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
                max_len: int | None = None, prefill_chunk: int = 128, log_prompts: bool = False,
                model_name: str | None = None, on_load_error: Callable[[BaseException], None] | None = None,
-               embeddings: EmbeddingService | None = None) -> FastAPI:
+               embeddings: EmbeddingService | None = None, prefix_cache_mb: float = DEFAULT_BUDGET_MB) -> FastAPI:
     """The server app. ``model`` is an ``LLM`` or a function that loads one (called in a thread at start);
-    ``embeddings``, an encoder that answers /v1/embeddings instead of the language model."""
+    ``embeddings``, an encoder that answers /v1/embeddings instead of the language model; ``prefix_cache_mb``,
+    memory for the keys and values of earlier prompts (0: off)."""
     load = model if callable(model) and not hasattr(model, "tokenizer") else (lambda: model)
     state = ServerState(load, dict(max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                                   prefill_chunk=prefill_chunk), model_name, on_load_error)
+                                   prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb), model_name,
+                        on_load_error)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

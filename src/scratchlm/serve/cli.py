@@ -10,6 +10,7 @@ from scratchlm.cli_options import add_engine_flags, add_model_argument, engine_k
 from scratchlm.errors import ConfigError, ScratchLMError
 
 API_KEY_ENV = "SCRATCHLM_API_KEY"
+DEFAULT_BUDGET_MB = 256.0  # prefix_cache.DEFAULT_BUDGET_MB, written here so that parsing never imports torch (tested)
 
 
 def register(subparsers) -> None:
@@ -25,6 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-len", type=int, default=None,
                    help="tokens per request, prompt + completion (default: the model's context, at most 2048)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the model's name)")
+    p.add_argument("--prefix-cache-mb", type=float, default=DEFAULT_BUDGET_MB, metavar="MB",
+                   help="memory for the keys and values of earlier prompts, reused by requests that start the same "
+                        f"way (a system prompt, a chat so far); least recently used blocks go first (default "
+                        f"{DEFAULT_BUDGET_MB:g}; 0: off)")
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the access log")
     p.add_argument("--embedding-model", default=None, metavar="ENCODER",
                    help="answer /v1/embeddings with this encoder (e.g. all-minilm-l6-v2) instead of MODEL")
@@ -51,6 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number")
     if args.max_len is not None and args.max_len < 2:
         raise ConfigError("--max-len must be at least 2")
+    if args.prefix_cache_mb < 0:
+        raise ConfigError("--prefix-cache-mb must be 0 (off) or a positive number of megabytes")
     resolve(args.model)  # an unknown name or missing file fails here, before the server starts
     embeddings = None
     if args.embedding_model is not None:
@@ -74,7 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     app = create_app(lambda: load_model(args), api_key=api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_len=args.max_len, log_prompts=args.log_prompts,
-                     model_name=args.model_name, on_load_error=on_load_error, embeddings=embeddings)
+                     model_name=args.model_name, on_load_error=on_load_error, embeddings=embeddings,
+                     prefix_cache_mb=args.prefix_cache_mb)
     # uvicorn's own access log is off: the server writes one structured line per request instead.
     # On SIGTERM or Ctrl-C, Server ends the requests in flight first, so the process exits within a second.
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",

@@ -5,7 +5,8 @@ its last token. The worker loops:
 
     admit waiting requests into free slots
     -> prefill: at most ``prefill_chunk`` prompt tokens (more when nothing decodes) of joining requests,
-       after copying any prompt prefix another request already holds (a shared system prompt)
+       after copying the longest prompt prefix that the prefix cache (``prefix_cache.py``: blocks left by
+       finished and running requests) or another running request already holds (a shared system prompt)
     -> decode: one token for every request past its prefill, all rows in one forward pass
     -> embeddings: at most ``prefill_chunk`` tokens of waiting embedding inputs
 
@@ -33,6 +34,7 @@ from scratchlm.generate import Sequence
 from scratchlm.model import KVCache
 from scratchlm.serve.events import Event, GenerationJob, QueueFullError, Ticket, TokenLogprob, token_logprob
 from scratchlm.serve.metrics import ServerMetrics
+from scratchlm.serve.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
 
 __all__ = ["Engine", "Event", "GenerationJob", "QueueFullError", "Ticket", "TokenLogprob", "cache_rows"]
 log = logging.getLogger("scratchlm.serve")
@@ -53,6 +55,7 @@ class _Active:
         self.generated = 0  # tokens sampled, an end-of-sequence token included
         self.held: list[TokenLogprob] = []  # logprobs of tokens whose text is not released yet
         self.prompt_lp: list[TokenLogprob] = []
+        self.cached = 0  # prompt tokens copied from the prefix cache or another request instead of computed
         self.arrived = time.perf_counter()
         self.last_token_at = 0.0
 
@@ -112,7 +115,9 @@ class Engine:
     """Runs generation and embedding jobs for many clients in one batch, on one worker thread."""
 
     def __init__(self, llm, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
-                 prefill_chunk: int = 128, metrics: ServerMetrics | None = None):
+                 prefill_chunk: int = 128, metrics: ServerMetrics | None = None,
+                 prefix_cache_mb: float = DEFAULT_BUDGET_MB):
+        """``prefix_cache_mb``: memory for the keys and values of past prompts (0: only running requests share)."""
         self.llm, self.model = llm, llm.model
         cfg = self.model.config
         self.max_len = min(max_len or DEFAULT_MAX_LEN, cfg.context_length)
@@ -121,6 +126,8 @@ class Engine:
         param = next(self.model.parameters())
         self.device = param.device
         self.cache = KVCache(cfg, max_batch, self.max_len, dtype=param.dtype, device=param.device)
+        self.prefix_cache = PrefixCache(cfg, prefix_cache_mb, dtype=self.cache.k.dtype, device=param.device) \
+            if prefix_cache_mb else None
         self.slots: list[_Active | None] = [None] * max_batch
         self._waiting: deque[_Active] = deque()
         self._embeds: deque[_EmbedJob] = deque()
@@ -231,8 +238,14 @@ class Engine:
         if self._embeds:
             self._embed_some()
 
-    def _release(self, active: _Active) -> None:
-        self.slots[active.slot] = None
+    def _release(self, active: _Active, keep: bool = True) -> None:
+        """Free the request's slot; with ``keep``, its tokens' keys and values stay in the prefix cache first
+        (a multi-turn chat's next prompt starts with this prompt and its reply)."""
+        slot = active.slot
+        if keep and self.prefix_cache is not None and active.done > 0:
+            fed = (active.job.prompt_ids + active.seq.output_ids)[: int(self.cache.lengths[slot])]
+            self.prefix_cache.store(fed, self.cache.k[:, slot], self.cache.v[:, slot])
+        self.slots[slot] = None
         self.cache.lengths[active.slot] = 0  # an idle row sits at position 0 so it never outgrows its buffer
 
     def _emit(self, active: _Active, event: Event) -> None:
@@ -277,21 +290,30 @@ class Engine:
         self._prefill_run(run)
 
     def _reuse_prefix(self, active: _Active) -> None:
-        """Copy the keys and values of the longest prompt prefix that another request already holds (a shared
-        system prompt, the same conversation so far) instead of computing them again: prefix caching as in
-        vLLM, where the live rows are the only store. Positions below a request's ``done`` never change."""
+        """Copy the keys and values of the longest prompt prefix already computed (a shared system prompt, the
+        same conversation so far) instead of computing them again: from the prefix cache (whole blocks of
+        earlier and running requests), or token by token from another running request when that one shares
+        more. At least the last prompt token is always computed: its logits give the first new token.
+        Positions below a request's ``done`` never change, so a running request's rows are safe to copy."""
         prompt, best, donor = active.job.prompt_ids, 0, None
         for other in self.slots:
             if other is not None and other is not active and other.done > 0:
                 n = shared_prefix(prompt, other.job.prompt_ids[: other.done], limit=len(prompt) - 1)
                 if n > best:
                     best, donor = n, other
-        if donor is None:
+        chain = self.prefix_cache.match(prompt) if self.prefix_cache is not None else []
+        from_cache = min(len(chain) * self.prefix_cache.block_size, len(prompt) - 1) if chain else 0
+        slot = active.slot
+        if from_cache > best:
+            best = from_cache
+            self.prefix_cache.load(chain, self.cache.k[:, slot], self.cache.v[:, slot], best)
+        elif donor is not None:
+            for kv in (self.cache.k, self.cache.v):
+                kv[:, slot, :, :best] = kv[:, donor.slot, :, :best]
+        if best == 0:
             return
-        for kv in (self.cache.k, self.cache.v):
-            kv[:, active.slot, :, :best] = kv[:, donor.slot, :, :best]
-        self.cache.lengths[active.slot] = best
-        active.done = best
+        self.cache.lengths[slot] = best
+        active.done = active.cached = best
         self.metrics.record(self.metrics.reused_tokens.inc, best)
 
     def _prefill_run(self, group: list[tuple[_Active, int]]) -> None:
@@ -315,6 +337,9 @@ class Engine:
                     if p + 1 < len(prompt):
                         active.prompt_lp.append(token_logprob(logprobs[j], prompt[p + 1], top))
             active.done += n
+            if self.prefix_cache is not None:  # running requests share their finished blocks at once
+                self.prefix_cache.store(prompt[: active.done], self.cache.k[:, active.slot],
+                                        self.cache.v[:, active.slot])
             if not active.prefilling:
                 self.metrics.record(self.metrics.prompt_tokens.inc, len(prompt))
                 self._first_token(active, self.model.logits(hidden[row, n - 1]).float())
@@ -325,7 +350,7 @@ class Engine:
         prompt_lp = [first, *active.prompt_lp] if active.job.prompt_logprobs else None
         if active.job.max_tokens == 0:  # scoring only
             self._emit(active, Event(active.job.index, prompt_logprobs=prompt_lp, finish_reason="length",
-                                     prompt_tokens=len(active.job.prompt_ids)))
+                                     prompt_tokens=len(active.job.prompt_ids), cached_tokens=active.cached))
             self._release(active)
             return
         self._accept(active, logits, prompt_lp)
@@ -393,6 +418,7 @@ class Engine:
         if seq.finished:
             event.finish_reason = seq.finish_reason
             event.prompt_tokens, event.completion_tokens = len(job.prompt_ids), active.generated
+            event.cached_tokens = active.cached
             m.record(m.completion_tokens.inc, active.generated)
             self._release(active)
         self._emit(active, event)
@@ -436,7 +462,7 @@ class Engine:
         for active in self.slots:
             if active is not None:
                 self._emit(active, Event(active.job.index, finish_reason="error", error=message))
-                self._release(active)
+                self._release(active, keep=False)  # the failed step may have left its rows half written
         while self._embeds:
             job = self._embeds.popleft()
             try:

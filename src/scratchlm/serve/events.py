@@ -31,6 +31,7 @@ class GenerationJob:
     params: SamplingParams
     max_tokens: int
     index: int = 0  # the choice index in the response
+    adapter: int = 0  # which LoRA adapter decodes it (serve/adapters.py): 0 is the base model
     logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k best alternatives
     prompt_logprobs: bool = False  # also score every prompt token after the first
 
@@ -46,6 +47,7 @@ class Event:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused, not computed (with the last event)
     error: str | None = None
 
 
