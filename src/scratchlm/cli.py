@@ -101,6 +101,7 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.finetune.cli",
     "scratchlm.encoder_cli",
     "scratchlm.rag.cli",
+    "scratchlm.compress.cli",
 ]
 
 

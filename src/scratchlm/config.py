@@ -42,6 +42,9 @@ class ModelConfig:
     n_heads: int
     n_kv_heads: int | None = None  # None means n_heads (plain multi-head attention)
     d_ff: int | None = None  # None means 4 * d_model (gelu) or Llama's 8/3 rule rounded to 256 (swiglu)
+    # None means d_model // n_heads. Set apart from it only when heads were removed (scratchlm.compress's
+    # structured pruning): the heads keep their width, so n_heads * head_dim < d_model (HF Llama's head_dim).
+    head_dim: int | None = None
     positions: str = "rope"
     norm: str = "rmsnorm"
     mlp: str = "swiglu"
@@ -79,8 +82,12 @@ class ModelConfig:
             raise bad(f"gelu_approximate must be one of {GELU_APPROXIMATIONS}, got {self.gelu_approximate!r}")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             raise bad(f"type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}")
-        if self.d_model % self.n_heads:
-            raise bad(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise bad(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        elif not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise bad(f"head_dim must be a positive integer, got {self.head_dim!r}")
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
             raise bad(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.positions == "rope" and self.head_dim % 2:
@@ -91,12 +98,17 @@ class ModelConfig:
             raise bad("norm_eps and rope_theta must be positive")
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def default_head_dim(self) -> bool:
+        """Whether the heads tile d_model (head_dim == d_model / n_heads), as in every unpruned model."""
+        return self.head_dim * self.n_heads == self.d_model
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict; ``ModelConfig.from_dict`` reads it back."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict; ``ModelConfig.from_dict`` reads it back. ``head_dim`` appears only when it is not
+        d_model / n_heads, so that the files of unpruned models stay as they were."""
+        data = dataclasses.asdict(self)
+        if self.default_head_dim:
+            del data["head_dim"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
@@ -107,7 +119,10 @@ class ModelConfig:
         return cls(**data)
 
     def replace(self, **changes) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). A head_dim that followed from d_model / n_heads
+        follows them again when they change."""
+        if "head_dim" not in changes and {"d_model", "n_heads"} & set(changes) and self.default_head_dim:
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
 

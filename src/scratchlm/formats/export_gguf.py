@@ -134,6 +134,9 @@ def _add_metadata(writer, llm, arch: str, gguf_type: str) -> None:
     if arch == "llama":
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_rope_dimension_count(cfg.head_dim)
+        if not cfg.default_head_dim:  # heads removed by structured pruning: llama.cpp's n_embd_head_k/v
+            writer.add_key_length(cfg.head_dim)
+            writer.add_value_length(cfg.head_dim)
         writer.add_rope_freq_base(cfg.rope_theta)
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
     else:

@@ -37,14 +37,13 @@ def config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
         if rope_type != "default":
             raise UnsupportedError(f"RoPE scaling {rope_type!r} is not supported")
         heads = hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-            raise UnsupportedError("Llama with head_dim != hidden_size / num_attention_heads is not supported")
+        head_dim = hf.get("head_dim") or None  # a structured-pruned model's heads need not tile hidden_size
         if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
             raise UnsupportedError("Llama with attention_bias != mlp_bias is not supported")
         return ModelConfig(
             name=name, vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
             d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
+            n_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"], head_dim=head_dim,
             positions="rope", norm="rmsnorm", mlp="swiglu", bias=bool(hf.get("attention_bias", False)),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0),
