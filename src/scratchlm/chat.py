@@ -31,13 +31,20 @@ def validate_messages(messages: list[dict]) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ConfigError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and "tool_calls" not in m):
             raise ConfigError(f"message {i} must be a dict with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise ConfigError(f"message {i} has unknown role {m['role']!r}; allowed: {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
+        # An assistant turn that only calls tools has content null (OpenAI's and LangChain's shape).
+        if not isinstance(m.get("content"), str) and not (m["role"] == "assistant" and m.get("content") is None):
             raise ConfigError(f"message {i} content must be a string")
     return messages
+
+
+def has_tool_turns(messages: list[dict]) -> bool:
+    """Whether a conversation holds tool calls, tool results or null contents, which plain templates cannot
+    render as they are."""
+    return any(m.get("tool_calls") or m.get("role") == "tool" or m.get("content") is None for m in messages)
 
 
 @lru_cache(maxsize=16)
@@ -70,11 +77,21 @@ class ChatTemplate:
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-        """The conversation as the model saw it in training, ending with the assistant's turn opened."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tool_format: str = "generic",
+               **extra) -> str:
+        """The conversation as the model saw it in training, ending with the assistant's turn opened. Tool calls
+        and tool results go to a template that knows tools as they are; for any other template they are written
+        into the contents in ``tool_format`` (``scratchlm.tools.history_as_text``)."""
         from jinja2 import TemplateError
 
         validate_messages(messages)
+        if has_tool_turns(messages):
+            from scratchlm.tools import history_as_text, template_knows_tools
+
+            if template_knows_tools(self.source):  # the template writes the calls: give it strings, not nulls
+                messages = [dict(m, content=m.get("content") or "") for m in messages]
+            else:
+                messages = history_as_text(messages, tool_format)
         try:
             return _compile(self.source).render(
                 messages=messages, add_generation_prompt=add_generation_prompt,

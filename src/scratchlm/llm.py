@@ -280,9 +280,23 @@ class LLM:
         result = self.complete(prompt, **sampling)
         return [c.text for c in result] if isinstance(result, list) else result.text
 
-    def chat(self, messages: str | list, **sampling) -> str | list[str]:
+    def chat(self, messages: str | list, tools: list | None = None, tool_choice=None,
+             parallel_tool_calls: bool | None = None, tool_format: str = "generic", **sampling) -> str | list | dict:
         """The assistant's reply to one conversation (a list of ``{"role", "content"}`` dicts, or a string as
-        one user message), or a list of replies to a list of conversations (batched)."""
+        one user message), or a list of replies to a list of conversations (batched).
+
+        With ``tools`` (Python functions, ``scratchlm.tools.Tool`` objects or OpenAI tool dicts) the reply is an
+        OpenAI assistant message dict, ``{"role": "assistant", "content": str | None, "tool_calls": [...]}``, with
+        ``tool_choice`` ("auto", "none", "required", a tool's name, or OpenAI's forms) and ``parallel_tool_calls``
+        as in OpenAI's API; the calls' arguments always match the tools' schemas (docs/tools.md).
+        """
+        if tools is not None or tool_choice is not None:
+            from scratchlm.tools import chat_with_tools
+
+            if not (isinstance(messages, str) or _is_messages(messages)):
+                raise ConfigError("chat with tools takes one conversation, not a batch")
+            return chat_with_tools(self, _conversation(messages), tools or [], tool_choice, parallel_tool_calls,
+                                   tool_format, **sampling)
         if isinstance(messages, str) or _is_messages(messages):
             return self.complete(_conversation(messages), **sampling).text
         if not isinstance(messages, list) or not messages:
