@@ -99,6 +99,7 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.quant.cli",
     "scratchlm.eval.cli",
     "scratchlm.finetune.cli",
+    "scratchlm.align.cli",
     "scratchlm.encoder_cli",
     "scratchlm.rag.cli",
     "scratchlm.compress.cli",
