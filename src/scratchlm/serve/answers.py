@@ -22,6 +22,9 @@ from scratchlm.serve.schemas import (
     now,
     usage,
 )
+from scratchlm.serve.tool_calls import tool_plan
+from scratchlm.tool_stream import ToolStream
+from scratchlm.tools import parse_reply
 
 
 class _Choice:
@@ -33,6 +36,7 @@ class _Choice:
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.started = False
+        self.tool_stream = None  # a ToolStream when the request may call tools
 
 
 class Answer:
@@ -53,6 +57,10 @@ class Answer:
                              for it, p in zip(items or [None] * len(prompts), prompts)
                              ] if not self.chat and (self.echo or self.want_logprobs) else []
         self.choices = {i: _Choice() for i in range(len(prompts) * body.n)}
+        # With tools the reply is scratchlm.tools' generic JSON: read back into content or tool_calls.
+        self.tools = self.chat and tool_plan(body) is not None
+        for c in self.choices.values() if self.tools else ():
+            c.tool_stream = ToolStream()
         self.error: str | None = None
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -119,8 +127,13 @@ class Answer:
             offset = 0 if self.echo else len(self._prompt_text(i))
             block = self._logprobs(i, c.logprobs, c.prompt_logprobs if self.echo else None, offset)
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                                "logprobs": block, "finish_reason": c.finish_reason})
+                message, finish = {"role": "assistant", "content": text, "refusal": None}, c.finish_reason
+                if self.tools:
+                    message["content"], calls = parse_reply(text)
+                    if calls:
+                        message["tool_calls"] = calls
+                        finish = "tool_calls" if finish == "stop" else finish
+                choices.append({"index": i, "message": message, "logprobs": block, "finish_reason": finish})
             else:
                 choices.append({"index": i, "text": self._echo(i) + text, "logprobs": block,
                                 "finish_reason": c.finish_reason})
@@ -146,6 +159,8 @@ class Answer:
         first = not c.started
         c.started = True
         chunks = []
+        if self.chat and self.tools:
+            return self._tool_chunks(event, c)
         if self.chat:
             if event.text or event.logprobs:
                 block = self._logprobs(event.index, event.logprobs, None, 0)
@@ -162,6 +177,22 @@ class Answer:
         block = self._logprobs(event.index, event.logprobs, prompt_entries, offset)
         return [self._chunk([{"index": event.index, "text": echo + event.text, "logprobs": block,
                               "finish_reason": event.finish_reason}])]
+
+    def _tool_chunks(self, event: Event, c: _Choice) -> list[dict]:
+        """OpenAI's tool-call deltas (or content deltas for an answer) from the generic reply's growing text."""
+        deltas = c.tool_stream.feed(event.text) if event.text else []
+        block = self._logprobs(event.index, event.logprobs, None, 0) if event.logprobs else None
+        if block is not None and not deltas:
+            deltas = [{}]
+        chunks = [self._chunk([{"index": event.index, "delta": d, "logprobs": block if k == 0 else None,
+                                "finish_reason": None}]) for k, d in enumerate(deltas)]
+        if event.finish_reason:
+            finish = event.finish_reason
+            if finish == "stop" and c.tool_stream.ids:
+                finish = "tool_calls"
+            chunks.append(self._chunk([{"index": event.index, "delta": {}, "logprobs": None,
+                                        "finish_reason": finish}]))
+        return chunks
 
     def usage_chunk(self) -> dict:
         chunk = self._chunk([])

@@ -76,16 +76,30 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
                 raise ApiError(400, f"messages[{i}]: only text content parts are supported", param="messages")
             content = "\n".join(part.text for part in m.content)
         else:
-            content = m.content or ""
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+            content = m.content if m.content is not None or m.tool_calls else ""
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        # Tool calls and the answers to them (scratchlm.tools renders them for templates that do not know tools).
+        message.update({k: v for k, v in (("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id),
+                                          ("name", m.name)) if v is not None and m.role in ("assistant", "tool")})
+        messages.append(message)
     return messages
 
 
 def encode_chat(llm, body: ChatCompletionRequest) -> list[int]:
+    from scratchlm.serve.tool_calls import chat_prompt, check_fits_budget, reply_schema, tool_plan
+
+    plan = tool_plan(body)
     try:
-        ids = llm.encode_chat(chat_messages(body))
+        text = chat_prompt(llm, chat_messages(body), plan)
+        ids = llm.tokenizer.encode(text, allowed_special="all")
     except ScratchLMError as exc:
         raise ApiError(400, str(exc), param="messages") from None
+    fmt = body.response_format
+    schema = reply_schema(body, plan) if plan is not None else (
+        fmt.json_schema.get("schema") if fmt is not None and fmt.type == "json_schema" and fmt.json_schema else None)
+    if schema is not None:
+        check_fits_budget(schema, body.max_completion_tokens or body.max_tokens, llm.tokenizer,
+                          "tools" if plan is not None else "response_format")
     return encode_prompts(llm, [ids], "messages")[0]
 
 
@@ -127,6 +141,15 @@ def request_constraint(body: SamplingRequest):
     """The structured-output constraint of a request (``response_format`` or the ``grammar`` extension), compiled
     (and cached by its source) before any job starts; None for plain text."""
     fmt = getattr(body, "response_format", None)
+    if isinstance(body, ChatCompletionRequest):
+        from scratchlm.serve.tool_calls import reply_constraint, tool_plan
+
+        plan = tool_plan(body)
+        if plan is not None:  # the whole reply: calls, or an answer shaped by response_format
+            if body.grammar is not None:
+                raise ApiError(400, "tools and grammar together are not supported: shape the answer with "
+                               "response_format", param="grammar")
+            return reply_constraint(body, plan)
     if body.grammar is None and (fmt is None or fmt.type == "text"):
         return None
     from scratchlm.structured import make_constraint

@@ -85,6 +85,8 @@ class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant turn's calls (OpenAI's shape)")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
 
 
 class ResponseFormat(Strict):
@@ -102,9 +104,11 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
-    functions: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="only 'none' or 'auto' (no tools)")
+    tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call (docs/tools.md)")
+    functions: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty (use tools)")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="none, auto, required, a function "
+                                                     "{type, function: {name}} or allowed_tools")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per reply")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
     modalities: list[str] | None = Field(None, description="only ['text']")
     audio: dict[str, Any] | None = Field(None, description="not supported")
@@ -127,8 +131,7 @@ def unsupported(body: SamplingRequest) -> str | None:
         checks += [("suffix", bool(body.suffix)), ("best_of", body.best_of not in (None, 1, body.n))]
     if isinstance(body, ChatCompletionRequest):
         checks += [
-            ("tools", bool(body.tools)), ("functions", bool(body.functions)),
-            ("tool_choice", body.tool_choice not in (None, "none", "auto")),
+            ("functions", bool(body.functions)),
             ("modalities", body.modalities not in (None, ["text"])), ("audio", body.audio is not None),
         ]
     for name, bad in checks:
