@@ -110,6 +110,10 @@ def test_structured_removes_the_least_active_channels():
     sums = {f"blocks.{i}.mlp.down_proj": torch.arange(d_ff, dtype=torch.float32).flip(0) for i in range(2)}
     plan = plan_structured(llm.config, sums, 10, mlp=0.25)
     assert plan.channels[0] == list(range(d_ff - round(0.25 * d_ff)))  # the largest sums are the first channels
+    # A width that was a multiple of 64 stays one (int4 groups divide it): 256 - 30% = 179 -> 192.
+    config = llm.config.replace(d_ff=256)
+    sums = {f"blocks.{i}.mlp.down_proj": torch.rand(256) for i in range(2)}
+    assert plan_structured(config, sums, 10, mlp=0.3).config.d_ff == 192
 
 
 def test_structured_pruned_model_exports_to_hf_and_gguf(tmp_path):

@@ -341,6 +341,8 @@ def run_distill(opts: DistillOptions, say=print):
     targets = TeacherTargets(teacher.model, o["top_k"], o["teacher_cache"], identity)
 
     def loss_fn(forward, x, y):
+        if o["alpha"] == 0:  # cross-entropy only: the same run without the teacher (a baseline), no teacher pass
+            return lm_loss(forward(x), y)
         return distillation_loss(forward(x), y, **targets(x), temperature=o["temperature"], alpha=o["alpha"])
 
     from scratchlm.formats.checkpoint import save_model_dir

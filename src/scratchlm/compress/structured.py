@@ -29,6 +29,8 @@ from scratchlm.config import ModelConfig
 from scratchlm.errors import ConfigError, UnsupportedError
 from scratchlm.model import Transformer, build_model
 
+CHANNEL_MULTIPLE = 64
+
 
 @dataclass
 class StructuredPlan:
@@ -80,6 +82,9 @@ def plan_structured(config: ModelConfig, stats: Mapping[str, torch.Tensor], toke
                                "GPT-2-style model can lose MLP channels only: drop --heads")
     n_groups = config.n_kv_heads - round(heads * config.n_kv_heads)
     n_channels = config.d_ff - round(mlp * config.d_ff)
+    if mlp and config.d_ff % CHANNEL_MULTIPLE == 0:
+        # Keep the width a multiple of 64, as the original was: int4 groups (32, 64, 128) and matrix tiles divide it.
+        n_channels = max(CHANNEL_MULTIPLE, CHANNEL_MULTIPLE * round(n_channels / CHANNEL_MULTIPLE))
     if n_groups < 1 or n_channels < 1:
         raise ConfigError(f"nothing would be left: {config.n_kv_heads} key/value head groups and {config.d_ff} MLP "
                           "channels per layer; remove a smaller fraction")
