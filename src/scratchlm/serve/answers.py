@@ -45,7 +45,7 @@ class Answer:
     def __init__(self, state, kind: str, body, prompts: list[list[int]], items: list | None):
         self.kind, self.body, self.prompts = kind, body, prompts
         self.tokenizer = state.llm.tokenizer
-        self.model = state.model_name
+        self.model = body.model  # the base model's name or an adapter's (checked by the route)
         self.id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         self.created = now()
         self.chat = isinstance(body, ChatCompletionRequest)

@@ -2,7 +2,7 @@
 
     GET  /health               liveness and readiness (never needs the key)
     GET  /metrics              Prometheus text
-    GET  /v1/models            the served model
+    GET  /v1/models            the served model and its LoRA adapters (a request's ``model`` picks one)
     POST /v1/completions       text completion (stream: server-sent events ending in "data: [DONE]")
     POST /v1/chat/completions  chat completion (same streaming)
     POST /v1/embeddings        the encoder's sentence embeddings with --embedding-model (serve/embeddings.py),
@@ -59,9 +59,11 @@ class ServerState:
     """The model, its engine, and the settings the routes need."""
 
     def __init__(self, load: Callable[[], object], engine_options: dict, model_name: str | None,
-                 on_load_error: Callable[[BaseException], None] | None = None):
+                 on_load_error: Callable[[BaseException], None] | None = None, adapters: dict | None = None):
         self.load, self.engine_options, self.model_name = load, engine_options, model_name
         self.on_load_error = on_load_error
+        self.adapter_dirs = adapters or {}  # name -> LoRA adapter directory, served beside the base
+        self.adapters = None  # their ServedAdapters once loaded
         self.metrics = ServerMetrics()
         self.llm = None
         self.engine: Engine | None = None
@@ -81,8 +83,13 @@ class ServerState:
         try:
             llm = self.load()
             self.model_name = self.model_name or llm.name
+            if self.adapter_dirs:
+                from scratchlm.serve.adapters import ServedAdapters
+
+                self.adapters = ServedAdapters(llm.model, self.adapter_dirs, self.model_name)
+                log.info("LoRA adapters: %s", ", ".join(self.adapters.names[1:]))
             self.llm = llm
-            self.engine = Engine(llm, metrics=self.metrics, **self.engine_options).start()
+            self.engine = Engine(llm, metrics=self.metrics, adapters=self.adapters, **self.engine_options).start()
             log.info("model %s ready (max batch %d, max queue %d, %d tokens per slot)", self.model_name,
                      self.engine.max_batch, self.engine.max_queue, self.engine.max_len)
         except BaseException as exc:  # reported by /health; the CLI exits
@@ -90,6 +97,18 @@ class ServerState:
             log.error("loading the model failed: %s", self.load_error)
             if self.on_load_error is not None:
                 self.on_load_error(exc)
+
+    def model_names(self) -> list[str]:
+        return self.adapters.names if self.adapters is not None else [self.model_name]
+
+    def adapter_index(self, name: str) -> int:
+        """A request's ``model``: 0 for the base, i for adapter i; 404 with the served names otherwise."""
+        index = self.adapters.index(name) if self.adapters is not None else (0 if name == self.model_name else None)
+        if index is None:
+            served = ", ".join(repr(n) for n in self.model_names())
+            raise J.ApiError(404, f"The model '{name}' does not exist; this server serves {served}", param="model",
+                             code="model_not_found")
+        return index
 
     def ready(self) -> Engine:
         if self.engine is None:
@@ -104,14 +123,16 @@ class ServerState:
 def create_app(model, *, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
                max_len: int | None = None, prefill_chunk: int = 128, log_prompts: bool = False,
                model_name: str | None = None, on_load_error: Callable[[BaseException], None] | None = None,
-               embeddings: EmbeddingService | None = None, prefix_cache_mb: float = DEFAULT_BUDGET_MB) -> FastAPI:
+               embeddings: EmbeddingService | None = None, prefix_cache_mb: float = DEFAULT_BUDGET_MB,
+               adapters: dict | None = None) -> FastAPI:
     """The server app. ``model`` is an ``LLM`` or a function that loads one (called in a thread at start);
     ``embeddings``, an encoder that answers /v1/embeddings instead of the language model; ``prefix_cache_mb``,
-    memory for the keys and values of earlier prompts (0: off)."""
+    memory for the keys and values of earlier prompts (0: off); ``adapters``, {name: LoRA adapter directory}
+    served beside the base model, each request applying the one its ``model`` names (serve/adapters.py)."""
     load = model if callable(model) and not hasattr(model, "tokenizer") else (lambda: model)
     state = ServerState(load, dict(max_batch=max_batch, max_queue=max_queue, max_len=max_len,
                                    prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb), model_name,
-                        on_load_error)
+                        on_load_error, adapters)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -195,23 +216,26 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def list_models():
         state.ready()
         encoder = app.state.embeddings.card() if app.state.embeddings is not None else None
-        return {"object": "list", "data": [_model_card(state)] + ([encoder] if encoder else [])}
+        cards = [_model_card(state, name) for name in state.model_names()]
+        return {"object": "list", "data": cards + ([encoder] if encoder else [])}
 
     @app.get("/v1/models/{model}")
     async def get_model(model: str):
         state.ready()
         if app.state.embeddings is not None and model == app.state.embeddings.name and app.state.embeddings.card():
             return app.state.embeddings.card()
-        J.validate_model(model, state.model_name)
-        return _model_card(state)
+        state.adapter_index(model)
+        return _model_card(state, model)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         engine = state.ready()
-        J.validate_model(body.model, state.model_name)
+        adapter = state.adapter_index(body.model)
         items = J.prompt_list(body.prompt, "prompt")
         prompts = await run_in_threadpool(J.encode_prompts, state.llm, items, "prompt")
         jobs = J.generation_jobs(body, prompts, engine.max_len, engine.max_batch + engine.max_queue)
+        for job in jobs:
+            job.adapter = adapter
         _note(request, body, prompts, items)
         answer = Answer(state, "text_completion", body, prompts, items)
         return await _respond(request, engine, jobs, answer)
@@ -219,9 +243,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         engine = state.ready()
-        J.validate_model(body.model, state.model_name)
+        adapter = state.adapter_index(body.model)
         prompt = await run_in_threadpool(J.encode_chat, state.llm, body)
         jobs = J.generation_jobs(body, [prompt], engine.max_len, engine.max_batch + engine.max_queue)
+        for job in jobs:
+            job.adapter = adapter
         _note(request, body, [prompt], J.chat_messages(body))
         answer = Answer(state, "chat.completion", body, [prompt], None)
         return await _respond(request, engine, jobs, answer)
@@ -233,7 +259,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             request.state.log.update(model=body.model, prompt_tokens=tokens, inputs=len(answer["data"]))
             return answer
         engine = state.ready()
-        J.validate_model(body.model, state.model_name)
+        adapter = state.adapter_index(body.model)
         inputs = await run_in_threadpool(J.embedding_inputs, state.llm, body, engine.max_len)
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
@@ -242,7 +268,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 
         try:
-            ticket = engine.embed(inputs, sink)
+            ticket = engine.embed(inputs, sink, adapter)
         except QueueFullError as exc:
             raise J.ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded") from None
         try:
@@ -253,7 +279,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise J.ApiError(500, str(result), type="server_error")
         tokens = sum(len(x) for x in inputs)
         request.state.log.update(model=body.model, prompt_tokens=tokens, inputs=len(inputs))
-        return {"object": "list", "model": state.model_name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        return {"object": "list", "model": body.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                 "data": [embedding_item(i, v, body.encoding_format) for i, v in enumerate(result)]}
 
     @app.get("/", include_in_schema=False)
@@ -263,11 +289,15 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
-def _model_card(state: ServerState) -> dict:
+def _model_card(state: ServerState, name: str) -> dict:
+    """An OpenAI model object; an adapter's names its base in ``parent`` and its directory in ``root``, as vLLM's."""
     cfg = state.llm.model.config
-    return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "scratchlm",
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "scratchlm",
             "context_length": state.engine.max_len, "max_model_len": state.engine.max_len,
             "embedding_dimensions": cfg.d_model}
+    if name != state.model_name:
+        card.update(parent=state.model_name, root=str(state.adapters.sources[name]))
+    return card
 
 
 def _note(request: Request, body, prompts: list[list[int]], prompt_for_log) -> None:

@@ -33,7 +33,11 @@ def register(subparsers) -> None:
     p.add_argument("--log-prompts", action="store_true", help="include prompts in the access log")
     p.add_argument("--embedding-model", default=None, metavar="ENCODER",
                    help="answer /v1/embeddings with this encoder (e.g. all-minilm-l6-v2) instead of MODEL")
-    add_engine_flags(p)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter (PEFT directory, as finetune writes) beside the base model under NAME; "
+                        "repeatable; requests choose with their model field and are batched together. A bare DIR is "
+                        "merged into the base at load instead")
+    add_engine_flags(p, adapter=False)
     p.set_defaults(func=cmd_serve)
 
 
@@ -41,13 +45,14 @@ def load_model(args: argparse.Namespace):
     """The one place the server loads its model (flags that change loading belong here)."""
     from scratchlm.llm import LLM
 
-    return LLM.load(args.model, **engine_kwargs(args))
+    return LLM.load(args.model, **{**engine_kwargs(args), "adapter": args.merged_adapter})
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from scratchlm.hub import resolve
+    from scratchlm.serve.adapters import parse_adapter_specs
     from scratchlm.serve.app import create_app
     from scratchlm.serve.background import GRACEFUL_SHUTDOWN_S, Server
 
@@ -59,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.prefix_cache_mb < 0:
         raise ConfigError("--prefix-cache-mb must be 0 (off) or a positive number of megabytes")
     resolve(args.model)  # an unknown name or missing file fails here, before the server starts
+    adapters, args.merged_adapter = parse_adapter_specs(args.adapter)
     embeddings = None
     if args.embedding_model is not None:
         from scratchlm.encoder import Encoder
@@ -82,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(lambda: load_model(args), api_key=api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_len=args.max_len, log_prompts=args.log_prompts,
                      model_name=args.model_name, on_load_error=on_load_error, embeddings=embeddings,
-                     prefix_cache_mb=args.prefix_cache_mb)
+                     prefix_cache_mb=args.prefix_cache_mb, adapters=adapters)
     # uvicorn's own access log is off: the server writes one structured line per request instead.
     # On SIGTERM or Ctrl-C, Server ends the requests in flight first, so the process exits within a second.
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",

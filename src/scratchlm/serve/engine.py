@@ -70,6 +70,7 @@ class _EmbedJob:
     ticket: Ticket
     vectors: list[torch.Tensor | None] = field(default_factory=list)
     next: int = 0
+    adapter: int = 0
 
 
 def shared_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
@@ -116,12 +117,14 @@ class Engine:
 
     def __init__(self, llm, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
                  prefill_chunk: int = 128, metrics: ServerMetrics | None = None,
-                 prefix_cache_mb: float = DEFAULT_BUDGET_MB):
-        """``prefix_cache_mb``: memory for the keys and values of past prompts (0: only running requests share)."""
+                 prefix_cache_mb: float = DEFAULT_BUDGET_MB, adapters=None):
+        """``prefix_cache_mb``: memory for the keys and values of past prompts (0: only running requests share);
+        ``adapters``: the ``serve.adapters.ServedAdapters`` attached to the model (a job's ``adapter`` indexes them)."""
         self.llm, self.model = llm, llm.model
         cfg = self.model.config
         self.max_len = min(max_len or DEFAULT_MAX_LEN, cfg.context_length)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.adapters = adapters
         self.metrics = metrics or ServerMetrics()
         param = next(self.model.parameters())
         self.device = param.device
@@ -165,13 +168,15 @@ class Engine:
             self._cond.notify()
         return ticket
 
-    def embed(self, inputs: list[list[int]], sink: Callable[[list[torch.Tensor] | Exception], None]) -> Ticket:
-        """Queue token lists to embed; ``sink`` receives one unit vector per input (or an exception)."""
+    def embed(self, inputs: list[list[int]], sink: Callable[[list[torch.Tensor] | Exception], None],
+              adapter: int = 0) -> Ticket:
+        """Queue token lists to embed (with the base model or adapter ``adapter``); ``sink`` receives one unit vector
+        per input (or an exception)."""
         ticket = Ticket(sink)
         with self._cond:
             if len(self._embeds) >= self.max_queue:
                 raise QueueFullError("the server is busy (embedding queue full): retry later")
-            self._embeds.append(_EmbedJob(inputs, ticket, [None] * len(inputs)))
+            self._embeds.append(_EmbedJob(inputs, ticket, [None] * len(inputs), adapter=adapter))
             self._cond.notify()
         return ticket
 
@@ -244,7 +249,7 @@ class Engine:
         slot = active.slot
         if keep and self.prefix_cache is not None and active.done > 0:
             fed = (active.job.prompt_ids + active.seq.output_ids)[: int(self.cache.lengths[slot])]
-            self.prefix_cache.store(fed, self.cache.k[:, slot], self.cache.v[:, slot])
+            self.prefix_cache.store(fed, self.cache.k[:, slot], self.cache.v[:, slot], active.job.adapter)
         self.slots[slot] = None
         self.cache.lengths[active.slot] = 0  # an idle row sits at position 0 so it never outgrows its buffer
 
@@ -268,7 +273,7 @@ class Engine:
             if active.done == 0 and not active.job.prompt_logprobs:
                 self._reuse_prefix(active)
                 if active.done == 0 and any(shared_prefix(active.job.prompt_ids, f.job.prompt_ids) >= MIN_SHARED
-                                            for f in fresh):
+                                            and f.job.adapter == active.job.adapter for f in fresh):
                     continue  # wait one step, then copy the prefix that this step computes
             if active.done == 0:
                 fresh.append(active)
@@ -295,13 +300,13 @@ class Engine:
         earlier and running requests), or token by token from another running request when that one shares
         more. At least the last prompt token is always computed: its logits give the first new token.
         Positions below a request's ``done`` never change, so a running request's rows are safe to copy."""
-        prompt, best, donor = active.job.prompt_ids, 0, None
-        for other in self.slots:
-            if other is not None and other is not active and other.done > 0:
+        prompt, best, donor, adapter = active.job.prompt_ids, 0, None, active.job.adapter
+        for other in self.slots:  # keys and values depend on the adapter too: only a row of the same one
+            if other is not None and other is not active and other.done > 0 and other.job.adapter == adapter:
                 n = shared_prefix(prompt, other.job.prompt_ids[: other.done], limit=len(prompt) - 1)
                 if n > best:
                     best, donor = n, other
-        chain = self.prefix_cache.match(prompt) if self.prefix_cache is not None else []
+        chain = self.prefix_cache.match(prompt, adapter) if self.prefix_cache is not None else []
         from_cache = min(len(chain) * self.prefix_cache.block_size, len(prompt) - 1) if chain else 0
         slot = active.slot
         if from_cache > best:
@@ -324,6 +329,7 @@ class Engine:
             ids[row, :n] = torch.tensor(active.job.prompt_ids[active.done: active.done + n])
         lengths = torch.tensor([n for _, n in group], device=self.device)
         view = cache_rows(self.cache, first, first + len(group))
+        self._select([active.job.adapter for active, _ in group])
         hidden = self.model.hidden_states(ids, view, input_lengths=lengths)  # (rows, width, C)
         for row, (active, n) in enumerate(group):
             prompt = active.job.prompt_ids
@@ -339,7 +345,7 @@ class Engine:
             active.done += n
             if self.prefix_cache is not None:  # running requests share their finished blocks at once
                 self.prefix_cache.store(prompt[: active.done], self.cache.k[:, active.slot],
-                                        self.cache.v[:, active.slot])
+                                        self.cache.v[:, active.slot], active.job.adapter)
             if not active.prefilling:
                 self.metrics.record(self.metrics.prompt_tokens.inc, len(prompt))
                 self._first_token(active, self.model.logits(hidden[row, n - 1]).float())
@@ -361,15 +367,19 @@ class Engine:
         so nothing is copied); idle and still-prefilling rows get a dummy token whose cache write lands at
         their own length, a position that later real tokens overwrite, and keep their length."""
         rows = max(a.slot for a in self.slots if a is not None) + 1
-        decoder = getattr(self.model, "decoder", None)  # the compiled step (scratchlm.compiled), when attached
+        # The compiled step (scratchlm.compiled), when attached; its graphs know nothing of per-row adapters.
+        decoder = getattr(self.model, "decoder", None) if self.adapters is None else None
         if decoder is not None:
             view = static_window(self.cache, rows, self.max_batch)
             rows = view.lengths.shape[0]
         else:
             view = cache_rows(self.cache, 0, rows)
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        adapter_ids = [0] * rows  # idle and prefilling rows: the base (their dummy token's output is dropped)
         for active in decoding:
             tokens[active.slot, 0] = active.next_token
+            adapter_ids[active.slot] = active.job.adapter
+        self._select(adapter_ids)
         saved = view.lengths.clone()
         busy = torch.zeros(rows, dtype=torch.bool, device=self.device)
         busy[[a.slot for a in decoding]] = True
@@ -388,6 +398,11 @@ class Engine:
                 self._accept(active, logits[row])
             else:
                 self._release(active)
+
+    def _select(self, adapter_ids: list[int]) -> None:
+        """Tell the adapted layers which adapter each row of the next forward pass applies."""
+        if self.adapters is not None:
+            self.adapters.select(adapter_ids)
 
     def _accept(self, active: _Active, logits: torch.Tensor, prompt_lp: list | None = None) -> None:
         """Sample the next token from ``logits`` [V], record it, and tell the client what it released."""
@@ -444,6 +459,7 @@ class Engine:
         ids = torch.zeros(len(batch), max(sizes), dtype=torch.long, device=self.device)
         for row, i in enumerate(batch):
             ids[row, : sizes[row]] = torch.tensor(job.inputs[i])
+        self._select([job.adapter] * len(batch))
         hidden = self.model.hidden_states(ids).float()  # (B, T, C)
         real = (torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]).float()  # (B, T)
         mean = (hidden * real[..., None]).sum(1) / lengths[:, None]

@@ -1,0 +1,264 @@
+"""Many LoRA adapters on one base model, in one batch: every row of a forward pass applies its own adapter.
+
+A request names a model; the server maps it to an adapter index (0 is the base) and the engine tells the model,
+before each forward pass, which index each row uses (``ServedAdapters.select``). Each adapted layer then adds
+
+    y[b] = base(x[b]) + x[b] @ A_t[ids[b]] @ B[ids[b]]          A_t [N, in, R], B [N, R, out]
+
+where row n of ``A_t`` and ``B`` holds adapter n's factors (its ``alpha / r`` folded into B) padded with zeros up
+to the largest rank R: a gathered, batched matrix product as in Punica's BGMV kernel (Chen et al. 2023) and
+S-LoRA (Sheng et al. 2023). Nothing is merged into the base weights and nothing is swapped between steps, so
+requests for different adapters and for the base decode together; the base's row is all zeros (its update is
+exactly 0). Zero padding makes adapters of different ranks, ranks that differ per module (PEFT's
+``rank_pattern``) and adapters that leave some modules alone share one tensor per layer.
+
+The base layer can be anything with ``in_features``/``out_features`` (float, int8, int4): the update is added to
+its output. When quantization fused q/k/v (and gate/up) into one product, each part's B fills its own columns
+of the fused output, so a fused layer carries the parts' updates side by side.
+
+Adapters are PEFT directories as ``scratchlm finetune`` writes them; one made for another base is refused with
+the reason (different shapes, or base weights that differ from the ones it recorded).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scratchlm.errors import ConfigError, ModelFileError
+from scratchlm.finetune import peft
+from scratchlm.finetune.lora import TARGETS
+
+
+class RowSelection:
+    """Which adapter each row of the next forward pass applies; shared by every ``MultiLoRALinear``."""
+
+    def __init__(self, device=None) -> None:
+        self.device = device
+        self.ids: torch.Tensor | None = None
+        self.active = False  # some row uses an adapter (else the layers skip the update)
+        self.version = 0  # bumped when ``ids`` change: layers re-gather their factors only then
+
+
+class MultiLoRALinear(nn.Module):
+    """``base`` plus, per row, the update of the adapter that row selected (see the module docstring)."""
+
+    def __init__(self, base: nn.Module, selection: RowSelection, a_t: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.base, self.selection = base, selection
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("a_t", a_t)  # (N, in, R)
+        self.register_buffer("b", b)  # (N, R, out), scaling included
+        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        sel = self.selection
+        if not sel.active:
+            return y
+        if self._gathered is None or self._gathered[0] != sel.version:
+            self._gathered = (sel.version, self.a_t[sel.ids], self.b[sel.ids])  # (B, in, R), (B, R, out)
+        _, a, b = self._gathered
+        return y.baddbmm_(torch.bmm(x.to(a.dtype), a), b) if y.dtype == a.dtype else \
+            y + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.a_t.shape[0] - 1}, max_rank={self.a_t.shape[2]}"
+
+
+def _part_sizes(config) -> dict[str, int]:
+    kv = config.n_kv_heads * config.head_dim
+    return {"q": config.n_heads * config.head_dim, "k": kv, "v": kv, "o": config.d_model,
+            "gate": config.d_ff, "up": config.d_ff, "down": config.d_model}
+
+
+def _in_size(config, short: str) -> int:
+    return {"o": config.n_heads * config.head_dim, "down": config.d_ff}.get(short, config.d_model)
+
+
+def _layer_points(block: nn.Module, config) -> list[tuple[str, list[tuple[str, int]]]]:
+    """(module path inside a block, [(short target, first output column)]) for every layer an adapter can
+    touch: fused q/k/v and gate/up count as one layer with several parts."""
+    sizes = _part_sizes(config)
+    points = []
+    if getattr(block.attn, "qkv_proj", None) is not None:
+        points.append(("attn.qkv_proj", [("q", 0), ("k", sizes["q"]), ("v", sizes["q"] + sizes["k"])]))
+    else:
+        points += [(TARGETS[s], [(s, 0)]) for s in ("q", "k", "v")]
+    points.append((TARGETS["o"], [("o", 0)]))
+    if getattr(block.mlp, "gate_up_proj", None) is not None:
+        points.append(("mlp.gate_up_proj", [("gate", 0), ("up", sizes["gate"])]))
+    else:
+        points += [(TARGETS[s], [(s, 0)]) for s in ("gate", "up") if hasattr(block.mlp, TARGETS[s].split(".")[1])]
+    points.append((TARGETS["down"], [("down", 0)]))
+    return points
+
+
+# ---- is this adapter for this base? --------------------------------------------------------------------------
+def _sample(model: nn.Module, name: str, positions: torch.Tensor) -> torch.Tensor:
+    """Weights of canonical tensor ``name`` at flat ``positions``, whatever the layer became (quantized, fused)."""
+    cfg = model.config
+    path = name.rsplit(".", 1)[0]
+    parent, _, leaf = path.rpartition(".")
+    module, rows = model.get_submodule(parent)._modules.get(leaf), None
+    if module is None:  # q/k/v or gate/up fused into one quantized layer: that part's rows of it
+        short = leaf.removesuffix("_proj")
+        block = model.get_submodule(parent.rpartition(".")[0])
+        point, offset = next((p, o) for p, parts in _layer_points(block, cfg) for s, o in parts if s == short)
+        module, rows = block.get_submodule(point), (offset, offset + _part_sizes(cfg)[short])
+    if isinstance(module, MultiLoRALinear):
+        module = module.base
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        weight = module.weight.detach().float()
+    elif hasattr(module, "dequantized"):  # int8 / int4 linear layers
+        weight = module.dequantized(torch.float32)
+    else:  # a quantized embedding: look up only the rows the positions fall in
+        width = module.embedding_dim
+        return module(positions // width).float()[torch.arange(len(positions)), positions % width]
+    if rows is not None:
+        weight = weight[rows[0]: rows[1]]
+    return weight.reshape(-1)[positions]
+
+
+def check_base(saved: dict, model: nn.Module, adapter_dir: Path) -> None:
+    """Raise a ModelFileError unless ``model`` is the base the adapter recorded (``peft.check_same_base``, for a
+    base that may be quantized or fused)."""
+    now = peft.architecture(model.config)
+    diffs = [f"{k} {saved['architecture'].get(k)!r} vs {v!r}" for k, v in now.items()
+             if saved["architecture"].get(k) != v]
+    if diffs:
+        raise ModelFileError(f"adapter {adapter_dir} was made for a different base model ({'; '.join(diffs)} in the "
+                             "adapter vs this model): serve it with the model it was trained from")
+    ref, current = [], []
+    for pattern in peft.SAMPLE_TENSORS:
+        name = pattern.format(last=model.config.n_layers - 1)
+        if name not in saved["sample"]:
+            continue
+        numel = math.prod(_shape(model.config, name))
+        positions = torch.randint(0, numel, (peft.SAMPLE_SIZE,), generator=torch.Generator().manual_seed(0))
+        ref += saved["sample"][name]
+        current += _sample(model, name, positions).tolist()
+    if not ref:
+        return
+    ref_t, now_t = torch.tensor(ref), torch.tensor(current)
+    distance = ((now_t - ref_t).norm() / ref_t.norm().clamp(min=1e-12)).item()
+    if distance > peft.SAME_BASE_TOLERANCE:
+        raise ModelFileError(f"adapter {adapter_dir} was made for a different base model: the base weights it "
+                             f"recorded differ from this model's by {distance:.0%} (same-model copies differ by "
+                             f"under {peft.SAME_BASE_TOLERANCE:.0%}); serve it with the model it was trained from")
+
+
+def _shape(config, name: str) -> tuple[int, int]:
+    if name.startswith("tok_embeddings"):
+        return config.vocab_size, config.d_model
+    short = next(s for s, p in TARGETS.items() if f".{p}." in name)
+    return _part_sizes(config)[short], _in_size(config, short)
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+def _read(model: nn.Module, directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{canonical module: (A [r, in], scaled B [out, r])} of one adapter, checked against ``model``."""
+    cfg = model.config
+    peft.check_peft_layout(cfg)
+    config, pairs, fingerprint = peft.read_adapter(directory)
+    if fingerprint is not None:
+        check_base(fingerprint, model, directory)
+    alpha, rslora = float(config.get("lora_alpha", 8)), bool(config.get("use_rslora", False))
+    out = {}
+    for name, (a, b) in pairs.items():
+        index, short = int(name.split(".")[1]), next(s for s, p in TARGETS.items() if name.endswith(p))
+        expected = (_part_sizes(cfg)[short], _in_size(cfg, short))
+        rank = a.shape[0]
+        if index >= cfg.n_layers or a.ndim != 2 or b.ndim != 2 or b.shape[1] != rank or \
+                (b.shape[0], a.shape[1]) != expected:
+            raise ModelFileError(
+                f"adapter {directory} was made for a different base model: {peft.hf_module_name(name)} has A "
+                f"{list(a.shape)} and B {list(b.shape)}, this model's layer is {list(expected)} in "
+                f"{cfg.n_layers} layers")
+        scaling = alpha / (math.sqrt(rank) if rslora else rank)  # each module's own rank (rank_pattern)
+        out[name] = (a.float(), b.float() * scaling)
+    return out
+
+
+class ServedAdapters:
+    """The adapters a server applies per request, attached to its base model as ``MultiLoRALinear`` layers.
+
+    ``names[0]`` is the base model's name; adapter ``i`` is ``names[i]``.
+    """
+
+    def __init__(self, model: nn.Module, adapters: dict[str, str | Path], base_name: str):
+        self.names = [base_name, *adapters]
+        self.sources = {name: Path(path) for name, path in adapters.items()}
+        if base_name in adapters:
+            raise ConfigError(f"adapter name {base_name!r} is the base model's name: choose another")
+        factors = [_read(model, Path(path)) for path in adapters.values()]
+        weight = next(p for p in model.parameters() if p.is_floating_point())
+        dtype, device = weight.dtype, weight.device
+        self.selection = RowSelection(device)
+        n = len(self.names)
+        for i, block in enumerate(model.blocks):
+            for path, parts in _layer_points(block, model.config):
+                found = [[(f[f"blocks.{i}.{TARGETS[s]}"], offset) for s, offset in parts
+                          if f"blocks.{i}.{TARGETS[s]}" in f] for f in factors]
+                if not any(found):
+                    continue
+                base = block.get_submodule(path)
+                rank = max(sum(a.shape[0] for (a, _), _ in f) for f in found)
+                a_t = torch.zeros(n, base.in_features, rank)
+                b = torch.zeros(n, rank, base.out_features)
+                for j, f in enumerate(found, start=1):
+                    r0 = 0
+                    for (a, scaled_b), offset in f:  # each part: its own rank columns, its own output columns
+                        r = a.shape[0]
+                        a_t[j, :, r0: r0 + r] = a.T
+                        b[j, r0: r0 + r, offset: offset + scaled_b.shape[0]] = scaled_b.T
+                        r0 += r
+                parent, _, attr = path.rpartition(".")
+                layer = MultiLoRALinear(base, self.selection, a_t.to(device, dtype), b.to(device, dtype))
+                setattr(block.get_submodule(parent), attr, layer)
+
+    def index(self, name: str) -> int | None:
+        """The adapter index of a served model name (0 for the base), None when it is not served."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            return None
+
+    def select(self, ids: list[int]) -> None:
+        """Rows of the next forward pass apply these adapters (a list as long as its batch)."""
+        sel = self.selection
+        active = any(ids)
+        if active and (sel.ids is None or sel.ids.tolist() != ids):
+            sel.ids = torch.tensor(ids, device=sel.device)
+            sel.version += 1
+        sel.active = active
+
+
+def parse_adapter_specs(values: list[str]) -> tuple[dict[str, str], str | None]:
+    """``--adapter`` values -> ({name: directory} served beside the base, one directory merged into it or None).
+
+    ``NAME=DIR`` serves an adapter under NAME; a bare ``DIR`` is merged into the base at load, as in
+    ``generate`` and ``chat``.
+    """
+    served: dict[str, str] = {}
+    merged = None
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or Path(value).exists():
+            if merged is not None:
+                raise ConfigError("only one --adapter DIR can be merged into the base; serve the others side by "
+                                  "side as --adapter NAME=DIR")
+            merged = value
+            continue
+        if not name or not directory:
+            raise ConfigError(f"--adapter {value!r}: write NAME=DIR (a name for clients, a LoRA adapter directory)")
+        if name in served:
+            raise ConfigError(f"--adapter: the name {name!r} is given twice")
+        if not peft.is_adapter_dir(directory):
+            raise ConfigError(f"--adapter {value}: {directory} is not a LoRA adapter directory "
+                              f"({peft.CONFIG_FILE} is missing)")
+        served[name] = directory
+    return served, merged
