@@ -10,11 +10,15 @@ from scratchlm.cli_options import add_engine_flags, add_model_argument, engine_k
 from scratchlm.errors import ConfigError, ScratchLMError
 
 API_KEY_ENV = "SCRATCHLM_API_KEY"
+TEST_MODEL = "test-model"  # serve/test_model.py's name, written here so that parsing never imports torch
 DEFAULT_BUDGET_MB = 256.0  # prefix_cache.DEFAULT_BUDGET_MB, written here so that parsing never imports torch (tested)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a chat page")
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a chat page",
+                              description="Serve a model over an OpenAI-compatible HTTP API with a chat page. MODEL "
+                              f"{TEST_MODEL!r} is a tiny built-in stand-in that loads no file, starts at once and "
+                              "always gives the same reply: for developing and testing clients.")
     add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -45,6 +49,10 @@ def load_model(args: argparse.Namespace):
     """The one place the server loads its model (flags that change loading belong here)."""
     from scratchlm.llm import LLM
 
+    if args.model == TEST_MODEL:
+        from scratchlm.serve.test_model import build_test_model
+
+        return build_test_model()
     return LLM.load(args.model, **{**engine_kwargs(args), "adapter": args.merged_adapter})
 
 
@@ -63,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--max-len must be at least 2")
     if args.prefix_cache_mb < 0:
         raise ConfigError("--prefix-cache-mb must be 0 (off) or a positive number of megabytes")
-    resolve(args.model)  # an unknown name or missing file fails here, before the server starts
+    if args.model != TEST_MODEL:
+        resolve(args.model)  # an unknown name or missing file fails here, before the server starts
     adapters, args.merged_adapter = parse_adapter_specs(args.adapter)
     embeddings = None
     if args.embedding_model is not None:
