@@ -1,16 +1,19 @@
 """Many LoRA adapters on one base model, in one batch: every row of a forward pass applies its own adapter.
 
 A request names a model; the server maps it to an adapter index (0 is the base) and the engine tells the model,
-before each forward pass, which index each row uses (``ServedAdapters.select``). Each adapted layer then adds
+before each forward pass, which index each row uses (``ServedAdapters.select``). Each adapted layer holds every
+adapter's factors side by side, A_cat = [A_1^T | A_2^T | ...] [in, R] and B_cat = [B_1; B_2; ...] [R, out] (each
+``alpha / r`` folded into its B), and computes
 
-    y[b] = base(x[b]) + x[b] @ A_t[ids[b]] @ B[ids[b]]          A_t [N, in, R], B [N, R, out]
+    y = base(x) + ((x @ A_cat) * mask) @ B_cat          mask[b, c] = 1 where column c belongs to row b's adapter
 
-where row n of ``A_t`` and ``B`` holds adapter n's factors (its ``alpha / r`` folded into B) padded with zeros up
-to the largest rank R: a gathered, batched matrix product as in Punica's BGMV kernel (Chen et al. 2023) and
-S-LoRA (Sheng et al. 2023). Nothing is merged into the base weights and nothing is swapped between steps, so
-requests for different adapters and for the base decode together; the base's row is all zeros (its update is
-exactly 0). Zero padding makes adapters of different ranks, ranks that differ per module (PEFT's
-``rank_pattern``) and adapters that leave some modules alone share one tensor per layer.
+so each row gets exactly its own adapter's update x A_i^T B_i^T: the other adapters' columns are multiplied by
+0, and a base row's update is exactly 0. This is what Punica's BGMV kernel (Chen et al. 2023) and S-LoRA
+(Sheng et al. 2023) compute per row, written as two ordinary matrix products: nothing is merged into the base
+weights and nothing is swapped between steps, so requests for different adapters and for the base decode in one
+batch, and each step reads every adapter's factors once (gathering per-row copies would read them once per row).
+Adapters of different ranks, ranks that differ per module (PEFT's ``rank_pattern``) and adapters that leave some
+modules alone just own more, fewer or no columns.
 
 The base layer can be anything with ``in_features``/``out_features`` (float, int8, int4): the update is added to
 its output. When quantization fused q/k/v (and gate/up) into one product, each part's B fills its own columns
@@ -40,33 +43,35 @@ class RowSelection:
         self.device = device
         self.ids: torch.Tensor | None = None
         self.active = False  # some row uses an adapter (else the layers skip the update)
-        self.version = 0  # bumped when ``ids`` change: layers re-gather their factors only then
+        self.version = 0  # bumped when ``ids`` change: layers rebuild their masks only then
 
 
 class MultiLoRALinear(nn.Module):
     """``base`` plus, per row, the update of the adapter that row selected (see the module docstring)."""
 
-    def __init__(self, base: nn.Module, selection: RowSelection, a_t: torch.Tensor, b: torch.Tensor):
+    def __init__(self, base: nn.Module, selection: RowSelection, a: torch.Tensor, b: torch.Tensor,
+                 owner: torch.Tensor):
         super().__init__()
         self.base, self.selection = base, selection
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_buffer("a_t", a_t)  # (N, in, R)
-        self.register_buffer("b", b)  # (N, R, out), scaling included
-        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.register_buffer("a", a)  # (in, R): every adapter's A, transposed, side by side
+        self.register_buffer("b", b)  # (R, out): every adapter's scaled B, stacked
+        self.register_buffer("owner", owner)  # (R,): the adapter index each rank column belongs to
+        self._mask: tuple[int, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         sel = self.selection
         if not sel.active:
             return y
-        if self._gathered is None or self._gathered[0] != sel.version:
-            self._gathered = (sel.version, self.a_t[sel.ids], self.b[sel.ids])  # (B, in, R), (B, R, out)
-        _, a, b = self._gathered
-        return y.baddbmm_(torch.bmm(x.to(a.dtype), a), b) if y.dtype == a.dtype else \
-            y + torch.bmm(torch.bmm(x.to(a.dtype), a), b).to(y.dtype)
+        if self._mask is None or self._mask[0] != sel.version:
+            self._mask = (sel.version, (sel.ids[:, None, None] == self.owner).to(self.a.dtype))  # (B, 1, R)
+        h = (x.to(self.a.dtype) @ self.a) * self._mask[1]  # (B, T, R): each row keeps its adapter's columns
+        update = h @ self.b  # (B, T, out)
+        return y.add_(update) if y.dtype == update.dtype else y + update.to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"adapters={self.a_t.shape[0] - 1}, max_rank={self.a_t.shape[2]}"
+        return f"adapters={int(self.owner.max())}, total_rank={self.a.shape[1]}"
 
 
 def _part_sizes(config) -> dict[str, int]:
@@ -198,26 +203,25 @@ class ServedAdapters:
         weight = next(p for p in model.parameters() if p.is_floating_point())
         dtype, device = weight.dtype, weight.device
         self.selection = RowSelection(device)
-        n = len(self.names)
         for i, block in enumerate(model.blocks):
             for path, parts in _layer_points(block, model.config):
-                found = [[(f[f"blocks.{i}.{TARGETS[s]}"], offset) for s, offset in parts
-                          if f"blocks.{i}.{TARGETS[s]}" in f] for f in factors]
-                if not any(found):
-                    continue
                 base = block.get_submodule(path)
-                rank = max(sum(a.shape[0] for (a, _), _ in f) for f in found)
-                a_t = torch.zeros(n, base.in_features, rank)
-                b = torch.zeros(n, rank, base.out_features)
-                for j, f in enumerate(found, start=1):
-                    r0 = 0
-                    for (a, scaled_b), offset in f:  # each part: its own rank columns, its own output columns
-                        r = a.shape[0]
-                        a_t[j, :, r0: r0 + r] = a.T
-                        b[j, r0: r0 + r, offset: offset + scaled_b.shape[0]] = scaled_b.T
-                        r0 += r
+                a_cols, b_rows, owner = [], [], []
+                for j, f in enumerate(factors, start=1):
+                    for short, offset in parts:  # each part: its own rank columns, its own output columns
+                        if f"blocks.{i}.{TARGETS[short]}" not in f:
+                            continue
+                        a, scaled_b = f[f"blocks.{i}.{TARGETS[short]}"]
+                        rows = torch.zeros(a.shape[0], base.out_features)
+                        rows[:, offset: offset + scaled_b.shape[0]] = scaled_b.T
+                        a_cols.append(a.T)
+                        b_rows.append(rows)
+                        owner += [j] * a.shape[0]
+                if not owner:
+                    continue
                 parent, _, attr = path.rpartition(".")
-                layer = MultiLoRALinear(base, self.selection, a_t.to(device, dtype), b.to(device, dtype))
+                layer = MultiLoRALinear(base, self.selection, torch.cat(a_cols, 1).to(device, dtype),
+                                        torch.cat(b_rows).to(device, dtype), torch.tensor(owner, device=device))
                 setattr(block.get_submodule(parent), attr, layer)
 
     def index(self, name: str) -> int | None:
