@@ -17,11 +17,13 @@ import sys
 
 from scratchlm.cli_options import (  # noqa: F401  (add_sampling_flags and sampling_kwargs: public helpers)
     add_constraint_flags,
+    add_decoding_flags,
     add_engine_flags,
     add_model_argument,
     add_progress_flag,
     add_sampling_flags,
     constraint_kwargs,
+    decoding_kwargs,
     engine_kwargs,
     sampling_kwargs,
     show_progress,
@@ -73,20 +75,34 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    import time
+
+    from scratchlm.generate import DecodeStats
+
     structured = constraint_kwargs(args)  # compiled before the slow load: a bad schema fails at once
+    decoding = decoding_kwargs(args)
     llm = load_llm(args)
-    for chunk in llm.stream(args.prompt, **sampling_kwargs(args), **structured):
+    stats, started = DecodeStats(), time.perf_counter()
+    for chunk in llm.stream(args.prompt, **sampling_kwargs(args), **structured, **decoding, stats=stats):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if args.verbose:
+        print(f"{stats.summary()}; {stats.generated / (time.perf_counter() - started):.1f} tokens/s", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from scratchlm.chat_session import ChatSession
+    from scratchlm.generate import DecodeStats
 
     structured = constraint_kwargs(args)
+    decoding = decoding_kwargs(args)
     llm = load_llm(args)
-    ChatSession(llm, system=args.system, sampling={**sampling_kwargs(args), **structured}).run(sys.stdin, sys.stdout)
+    stats = DecodeStats()
+    sampling = {**sampling_kwargs(args), **structured, **decoding, "stats": stats}
+    ChatSession(llm, system=args.system, sampling=sampling).run(sys.stdin, sys.stdout)
+    if args.verbose:
+        print(stats.summary(), file=sys.stderr)
 
 
 # Modules whose `register(subparsers)` adds more subcommands (training, serving, quantization, ...).
@@ -132,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(p)
     add_sampling_flags(p)
     add_constraint_flags(p)
+    add_decoding_flags(p)
     add_progress_flag(p)
     p.set_defaults(func=cmd_generate)
 
@@ -141,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(p)
     add_sampling_flags(p)
     add_constraint_flags(p)
+    add_decoding_flags(p)
     add_progress_flag(p)
     p.set_defaults(func=cmd_chat)
 

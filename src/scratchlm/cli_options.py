@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16")
 QUANT_MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # keep equal to quant.quantize.DEFAULT_GROUP_SIZE (tests/test_cli_options.py checks)
+MAX_DRAFT_TOKENS = 32  # keep equal to speculative.MAX_DRAFT_TOKENS (tests/test_speculative.py checks)
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -143,6 +144,42 @@ def constraint_kwargs(args: argparse.Namespace) -> dict:
     if getattr(args, "regex", None) is not None:
         kwargs["regex"] = args.regex
     return {"grammar": make_constraint(**kwargs)} if kwargs else {}
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding and context shift (generate, chat, serve; docs/decoding.md)."""
+    g = p.add_argument_group("decoding (docs/decoding.md)")
+    g.add_argument("--draft", metavar="MODEL", default=None,
+                   help="speculative decoding: 'ngram' (prompt lookup: copies from the prompt and the text so far) "
+                        "or a draft model with the same tokenizer (name, .gguf or directory); same output")
+    g.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="most tokens drafted per step, 1-32 (default 8 for ngram, 5 for a model); fewer, or none, "
+                        "while drafts are rarely accepted")
+    g.add_argument("--context-shift", nargs="?", const="recompute", default=None, choices=("recompute", "rotate"),
+                   help="go on past the context window: drop the oldest half of the tokens after --keep and "
+                        "recompute the cache (default) or rotate the cached keys (faster, approximate)")
+    g.add_argument("--keep", type=int, default=None, metavar="N",
+                   help="tokens at the start kept by a context shift (implies --context-shift; default 0)")
+    g.add_argument("--verbose", action="store_true",
+                   help="print tokens/s, forward passes, drafted and accepted tokens and shifts on stderr")
+
+
+def decoding_kwargs(args: argparse.Namespace) -> dict:
+    """``LLM`` keyword arguments from the decoding flags that were given (their ranges checked here, before a
+    model loads)."""
+    from scratchlm.errors import ConfigError
+
+    k = getattr(args, "draft_tokens", None)
+    if k is not None and not 1 <= k <= MAX_DRAFT_TOKENS:
+        raise ConfigError(f"--draft-tokens {k} is out of range: give an integer from 1 to {MAX_DRAFT_TOKENS} "
+                          "(the most tokens drafted per step)")
+    if k is not None and getattr(args, "draft", None) is None:
+        raise ConfigError("--draft-tokens needs a drafter: add --draft ngram or --draft MODEL")
+    if (getattr(args, "keep", None) or 0) < 0:
+        raise ConfigError(f"--keep {args.keep} must be 0 or more (tokens kept at the start by a context shift)")
+    given = dict(draft=getattr(args, "draft", None), draft_tokens=getattr(args, "draft_tokens", None),
+                 context_shift=getattr(args, "context_shift", None), keep=getattr(args, "keep", None))
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def add_progress_flag(p: argparse.ArgumentParser) -> None:

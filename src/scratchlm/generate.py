@@ -3,6 +3,11 @@
     prompts -> right-padded batch -> prefill (fills the KV cache, logits of each prompt's last token)
             -> repeat: sample one token per row -> feed those tokens back (one position each) -> ...
 
+With a drafter (``draft="ngram"`` or a draft model, ``scratchlm.speculative``) a step feeds each row's last
+token followed by up to K drafted ones, checks them in order against the logits of that one forward pass, keeps
+the accepted ones and cuts the KV cache back to them. With ``ContextShift`` a row that fills the cache drops the
+oldest half of its tokens after the first ``keep`` and goes on (``shift_context``).
+
 Every row carries a ``Sequence``: its sampling settings and random generator, the text released so far,
 and the stop logic (EOS token, stop strings, token budget). Text is released incrementally and never
 splits a UTF-8 character or shows the beginning of a stop string that may still complete.
@@ -15,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from scratchlm.errors import ContextLengthError
-from scratchlm.model import KVCache, Transformer
-from scratchlm.sampling import SamplingParams, make_generator, sample_token
+from scratchlm.errors import ConfigError, ContextLengthError
+from scratchlm.model import KVCache, Transformer, apply_rope
+from scratchlm.sampling import SamplingParams, apply_penalties, filter_logits, make_generator, sample_token
 
 
 @dataclass
@@ -28,13 +33,70 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    forwards: int = 0  # forward passes of the model that produced tokens for this prompt (prefill included)
+    drafted: int = 0  # tokens proposed by a drafter (speculative decoding)
+    accepted: int = 0  # drafted tokens the model kept
+    shifts: int = 0  # context shifts
+
+
+@dataclass(frozen=True)
+class ContextShift:
+    """Go on past the context window: keep the first ``keep`` tokens, drop the oldest half of the rest.
+
+    ``mode="recompute"`` (default) prefills the shifted tokens again, so the cache is exactly what a fresh
+    forward pass over them gives; ``"rotate"`` moves the cached keys and values and turns the keys back by the
+    dropped distance (RoPE composes: R(p - d) k = R(-d) R(p) k), as llama.cpp does: no forward pass, but the
+    kept tokens' deeper-layer states still saw the dropped ones. Models with learned positions recompute."""
+
+    keep: int = 0
+    mode: str = "recompute"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0:
+            raise ConfigError(f"keep={self.keep!r} must be an integer >= 0 (prompt tokens kept by a context shift)")
+        if self.mode not in ("recompute", "rotate"):
+            raise ConfigError(f"unknown context shift mode {self.mode!r}: choose recompute or rotate")
+
+
+@dataclass
+class DecodeStats:
+    """Totals over the prompts of one call: tokens, forward passes, drafted and accepted tokens, shifts."""
+
+    generated: int = 0
+    forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    shifts: int = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.generated += seq.generated
+        self.forwards += seq.forwards
+        self.drafted += seq.drafted
+        self.accepted += seq.accepted
+        self.shifts += seq.shifts
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated / self.forwards if self.forwards else 0.0
+
+    def summary(self) -> str:
+        line = f"{self.generated} tokens in {self.forwards} forward passes ({self.tokens_per_forward:.2f} per pass)"
+        if self.drafted:
+            line += f"; drafted {self.drafted}, accepted {self.accepted} ({100 * self.acceptance_rate:.0f}%)"
+        if self.shifts:
+            line += f"; {self.shifts} context shift{'s' if self.shifts > 1 else ''}"
+        return line
 
 
 class Sequence:
     """One prompt being completed, and everything needed to decide its next token and when it ends."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, eos_ids: set[int],
-                 vocab_size: int, context_length: int):
+                 vocab_size: int, context_length: int, context_shift: bool = False):
         if not prompt_ids:
             raise ContextLengthError("the prompt is empty: give at least one token")
         if len(prompt_ids) >= context_length:
@@ -44,7 +106,9 @@ class Sequence:
             )
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.budget = min(params.max_new_tokens, context_length - len(prompt_ids))
+        # A context shift makes room as generation goes on: then only max_new_tokens limits the output.
+        self.budget = params.max_new_tokens if context_shift else min(params.max_new_tokens,
+                                                                      context_length - len(prompt_ids))
         self.eos_ids = set() if params.ignore_eos else eos_ids
         self.generator = None if params.greedy else make_generator(params.seed)
         self.decoder = tokenizer.stream_decoder()
@@ -52,6 +116,8 @@ class Sequence:
         self.text = ""
         self._held = ""  # released text waiting because it could be the start of a stop string
         self.finish_reason: str | None = None
+        self.generated = 0  # tokens chosen, an end-of-sequence token included
+        self.forwards = self.drafted = self.accepted = self.shifts = 0
         self._penalised = params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
         # Structured output: a per-sequence position in the constraint, which masks the logits (structured/).
         self.constraint = params.constraint.start(tokenizer, eos_ids) if params.constraint is not None else None
@@ -71,8 +137,18 @@ class Sequence:
             return sample_token(logits, self.params, self.generator)
         return sample_token(logits, self.params, self.generator, self._context, self._counts)
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution [V] that ``next_token`` samples from (masks, penalties, temperature and filters
+        applied): what speculative sampling checks drafted tokens against."""
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
+        if self._penalised:
+            logits = apply_penalties(logits.float(), self.params, self._context, self._counts)
+        return filter_logits(logits.float(), self.params).softmax(-1)
+
     def push(self, token_id: int) -> str:
         """Record a generated token; returns the text it releases (may be empty)."""
+        self.generated += 1
         self.output_ids.append(token_id)
         if self._penalised:
             self._context = torch.cat([self._context, torch.tensor([token_id])])
@@ -112,7 +188,8 @@ class Sequence:
         return chunk
 
     def completion(self) -> Completion:
-        return Completion(self.text, self.output_ids, self.finish_reason or "length", len(self.prompt_ids))
+        return Completion(self.text, self.output_ids, self.finish_reason or "length", len(self.prompt_ids),
+                          self.forwards, self.drafted, self.accepted, self.shifts)
 
 
 def _longest_stop_prefix_suffix(text: str, stops: tuple[str, ...]) -> int:
@@ -148,27 +225,180 @@ def decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache) -> tor
     return model.logits(model.hidden_states(tokens, cache)[:, -1]).float()
 
 
-def stream_sequences(model: Transformer, sequences: list[Sequence]) -> Iterator[tuple[int, str]]:
-    """Complete every sequence; yields ``(row, text)`` as each row releases text, until all are done."""
+def shift_context(model: Transformer, cache: KVCache, row: int, window: list[int], shift: ContextShift) -> list[int]:
+    """Make room in a full cache row: keep its first ``shift.keep`` tokens, drop the oldest half of the rest.
+
+    ``window`` lists the tokens the row caches (``cache.lengths[row]`` of them); returns the tokens it caches
+    afterwards. Positions are cache indices, so the kept tail moves down by the dropped count.
+    """
+    n = len(window)
+    keep = min(shift.keep, n)
+    drop = (n - keep) // 2
+    if drop < 1:
+        raise ContextLengthError(f"a context shift keeping {shift.keep} tokens frees nothing in a window of {n} "
+                                 "tokens: give a smaller keep")
+    kept = window[:keep] + window[keep + drop:]
+    if shift.mode == "rotate" and model.config.positions == "rope":
+        with torch.inference_mode():
+            for kv in (cache.k, cache.v):
+                kv[:, row, :, keep: n - drop] = kv[:, row, :, keep + drop: n].clone()
+            cos, signed_sin = model.rope(cache.k.device)
+            # Rotating by -drop: cos is even, sin odd, so the signed sine table of position drop, negated.
+            keys = cache.k[:, row, :, keep: n - drop]
+            cache.k[:, row, :, keep: n - drop] = apply_rope(keys.float(), cos[drop], -signed_sin[drop]).to(keys.dtype)
+        cache.lengths[row] = n - drop
+    else:  # recompute: the cache is exactly a fresh prefill of the kept tokens
+        cache.lengths[row] = 0
+        with torch.inference_mode():
+            model.hidden_states(torch.tensor([kept], device=cache.k.device), cache,
+                                rows=torch.tensor([row], device=cache.k.device))
+    return kept
+
+
+def make_drafter(draft, model: Transformer, batch_size: int, max_len: int):
+    """A drafter from ``draft``: ``"ngram"`` (prompt lookup) or a draft ``Transformer`` with the same vocabulary."""
+    from scratchlm import speculative
+
+    if draft == "ngram":
+        return speculative.NgramDrafter()
+    if isinstance(draft, torch.nn.Module):
+        return speculative.ModelDrafter(draft, batch_size, max_len, speculative.weight_bytes(model))
+    raise ConfigError(f"unknown draft {draft!r}: give 'ngram' or a draft model")
+
+
+def stream_sequences(model: Transformer, sequences: list[Sequence], draft=None, draft_tokens: int | None = None,
+                     shift: ContextShift | None = None, stats: DecodeStats | None = None) -> Iterator[tuple[int, str]]:
+    """Complete every sequence; yields ``(row, text)`` as each row releases text, until all are done.
+
+    ``draft``: None (one token per step), ``"ngram"`` or a draft model (speculative decoding, at most
+    ``draft_tokens`` drafted per step, fewer when they are rarely accepted). ``shift``: go on past a full cache
+    (``ContextShift``). ``stats``: a ``DecodeStats`` that receives the totals when generation ends.
+    """
+    from scratchlm import speculative
+
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    max_len = max(len(s.prompt_ids) + s.budget for s in sequences)
+    k_max = 0
+    if draft is not None:
+        speculative.check_draft_tokens(draft_tokens)
+        k_max = draft_tokens or speculative.DEFAULT_DRAFT_TOKENS["ngram" if draft == "ngram" else "model"]
+    # Drafted tokens past a row's budget are never kept, but a verification pass writes them to the cache.
+    max_len = min(max(len(s.prompt_ids) + s.budget for s in sequences) + k_max, model.config.context_length)
     decoder = getattr(model, "decoder", None)  # a compiled decode step (scratchlm.compiled), when attached
     if decoder is not None:
         max_len = decoder.cache_length(max_len)
+    if shift is not None and shift.keep > max_len // 2:
+        raise ConfigError(f"keep={shift.keep} is more than half of the {max_len}-token window: a context shift "
+                          f"must free room; keep at most {max_len // 2} tokens")
     cache = KVCache(model.config, len(sequences), max_len=max_len, dtype=dtype, device=device)
-    logits = prefill(model, [s.prompt_ids for s in sequences], cache)
-    tokens = torch.zeros(len(sequences), 1, dtype=torch.long, device=device)
-    while True:
+    drafter = make_drafter(draft, model, len(sequences), max_len) if draft is not None else None
+    policies = [speculative.DraftLength(k_max, drafter.draft_cost) for _ in sequences] if drafter else []
+    # The tokens each row caches, when a drafter or a context shift needs them.
+    windows = [list(s.prompt_ids) for s in sequences] if drafter is not None or shift is not None else None
+    try:
+        logits = prefill(model, [s.prompt_ids for s in sequences], cache)
+        last = [0] * len(sequences)  # each row's newest token: chosen, not yet fed to the model
         for row, seq in enumerate(sequences):
-            if seq.finished:
-                cache.lengths[row] = 0  # a finished row idles at position 0 so it never outgrows its buffer
+            seq.forwards += 1
+            last[row] = seq.next_token(logits[row])
+            text = seq.push(last[row])
+            if text:
+                yield row, text
+        tokens = torch.zeros(len(sequences), 1, dtype=torch.long, device=device)
+        while True:
+            live = [row for row, seq in enumerate(sequences) if not seq.finished]
+            if not live:
+                return
+            if shift is not None:
+                for row in live:
+                    if len(windows[row]) + 1 > max_len:
+                        windows[row] = shift_context(model, cache, row, windows[row], shift)
+                        sequences[row].shifts += 1
+            drafts = _draft(drafter, policies, sequences, live, windows, last, max_len) if drafter else {}
+            if drafts:
+                yield from _verify_step(model, cache, sequences, live, drafts, policies, windows, last)
                 continue
-            token = seq.next_token(logits[row])
-            tokens[row, 0] = token
+            for row, seq in enumerate(sequences):
+                if seq.finished:
+                    cache.lengths[row] = 0  # a finished row idles at position 0 so it never outgrows its buffer
+                tokens[row, 0] = last[row]
+            logits = decoder(tokens, cache) if decoder is not None else decode_step(model, tokens, cache)
+            for row in live:
+                seq = sequences[row]
+                seq.forwards += 1
+                if windows is not None:
+                    windows[row].append(last[row])
+                last[row] = seq.next_token(logits[row])
+                text = seq.push(last[row])
+                if text:
+                    yield row, text
+    finally:
+        if stats is not None:
+            for seq in sequences:
+                stats.add(seq)
+
+
+def _draft(drafter, policies, sequences, live, windows, last, max_len) -> dict[int, tuple[list[int], list | None]]:
+    """Drafts for the rows whose draft length policy asks for some: {row: (tokens, q per token or None)}."""
+    rows, ks = [], []
+    for row in live:
+        seq = sequences[row]
+        # Room: the cache holds the window, the last token and the drafts; tokens past the budget are wasted.
+        room = min(max_len - len(windows[row]) - 1, seq.budget - len(seq.output_ids) - 1)
+        k = policies[row].choose(room)
+        if k > 0:
+            rows.append(row)
+            ks.append(k)
+    if not rows:
+        return {}
+    histories = [sequences[r].prompt_ids + sequences[r].output_ids for r in rows]
+    proposals = drafter.draft(rows, histories, [windows[r] + [last[r]] for r in rows], ks,
+                              [sequences[r] for r in rows])
+    return {row: (tokens[:k], qs) for row, k, (tokens, qs) in zip(rows, ks, proposals) if tokens}
+
+
+def _verify_step(model, cache, sequences, live, drafts, policies, windows, last) -> Iterator[tuple[int, str]]:
+    """One forward pass over each row's last token and its drafted tokens; keep what verification accepts."""
+    from scratchlm.speculative import verify_token
+
+    device = cache.k.device
+    width = 1 + max(len(tokens) for tokens, _ in drafts.values())
+    ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
+    lengths = torch.ones(len(sequences), dtype=torch.long, device=device)
+    for row, seq in enumerate(sequences):
+        if seq.finished:
+            cache.lengths[row] = 0
+            continue
+        fed = [last[row], *drafts.get(row, ((), None))[0]]
+        ids[row, : len(fed)] = torch.tensor(fed)
+        lengths[row] = len(fed)
+    start = cache.lengths.clone()
+    with torch.inference_mode():
+        logits = model.logits(model.hidden_states(ids, cache, input_lengths=lengths)).float()  # (B, width, V)
+    for row in live:
+        seq = sequences[row]
+        tokens, qs = drafts.get(row, ((), None))
+        seq.forwards += 1
+        seq.drafted += len(tokens)
+        fed, accepted = last[row], 0
+        for i in range(len(tokens) + 1):
+            if i < len(tokens):
+                token, ok = verify_token(seq, logits[row, i], tokens[i], qs[i] if qs else None)
+            else:  # every draft token was accepted: the last position gives one more token for free
+                token, ok = seq.next_token(logits[row, i]), False
+            accepted += ok
+            last[row] = token
             text = seq.push(token)
             if text:
                 yield row, text
-        if all(s.finished for s in sequences):
-            return
-        logits = decoder(tokens, cache) if decoder is not None else decode_step(model, tokens, cache)
+            if not ok or seq.finished:
+                break
+        seq.accepted += accepted
+        if tokens:
+            policies[row].update(len(tokens), accepted)
+        # Roll the cache back to the tokens kept: the fed token and the accepted drafts. Rejected drafts' keys
+        # and values stay in the buffer beyond the row's length, where nothing reads them before they are
+        # overwritten.
+        cache.lengths[row] = start[row] + 1 + accepted
+        windows[row].append(fed)
+        windows[row].extend(tokens[:accepted])

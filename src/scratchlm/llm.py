@@ -21,12 +21,14 @@ from scratchlm.chat import ChatTemplate
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ConfigError, ModelFileError
 from scratchlm.files import read_json
-from scratchlm.generate import Completion, Sequence, stream_sequences
+from scratchlm.generate import Completion, ContextShift, Sequence, stream_sequences
 from scratchlm.model import Transformer, build_model
 from scratchlm.sampling import SamplingParams, with_defaults
 from scratchlm.tokenizer import Tokenizer
 
 STRUCTURED_KEYWORDS = ("grammar", "json_schema", "regex", "response_format")
+# How to decode rather than what to sample (docs/decoding.md): speculative decoding and context shift.
+DECODING_KEYWORDS = ("draft", "draft_tokens", "context_shift", "keep", "stats")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -254,11 +256,55 @@ class LLM:
             return prompt
         raise ConfigError("a prompt must be a string, a list of chat messages, or a list of token ids")
 
-    def sequences(self, prompts: list, params: SamplingParams) -> list[Sequence]:
+    def sequences(self, prompts: list, params: SamplingParams, context_shift: bool = False) -> list[Sequence]:
         """One ``Sequence`` per prompt (text, messages or token ids), checked against the context window."""
         cfg = self.config
         return [Sequence(self._prompt_ids(p), params, self.tokenizer, self.eos_ids, cfg.vocab_size,
-                         cfg.context_length) for p in prompts]
+                         cfg.context_length, context_shift) for p in prompts]
+
+    def draft_model(self, draft) -> str | Transformer:
+        """What ``draft=`` names, checked: ``"ngram"`` (prompt lookup), or the model of a draft ``LLM`` (given, or
+        loaded from a name or path once and kept) whose tokenizer is this model's."""
+        if draft == "ngram":
+            return "ngram"
+        if isinstance(draft, LLM):
+            other, name = draft, draft.name
+        elif isinstance(draft, (str, os.PathLike)):
+            loaded = self.__dict__.setdefault("_drafts", {})
+            if str(draft) not in loaded:
+                loaded[str(draft)] = LLM.load(draft)
+            other, name = loaded[str(draft)], str(draft)
+        else:
+            raise ConfigError(f"draft must be 'ngram', a model name or path, or an LLM, not {type(draft).__name__}")
+        from scratchlm.speculative import check_same_vocabulary
+
+        check_same_vocabulary(self, other, name)
+        return other.model
+
+    def _decoding(self, options: dict) -> dict:
+        """``stream_sequences`` keyword arguments from the decoding options (``DECODING_KEYWORDS``) of a call:
+        ``draft`` ("ngram", a model name or path, or an LLM) and ``draft_tokens`` (K, at most drafted per step);
+        ``context_shift`` (True, "recompute" or "rotate") and ``keep`` (tokens kept at the start, implies a
+        shift); ``stats``, a ``DecodeStats`` to fill."""
+        from scratchlm.speculative import check_draft_tokens
+
+        run = {"stats": options.get("stats")}
+        draft, draft_tokens = options.get("draft"), options.get("draft_tokens")
+        check_draft_tokens(draft_tokens)
+        if draft is not None:
+            run.update(draft=self.draft_model(draft), draft_tokens=draft_tokens)
+        elif draft_tokens is not None:
+            raise ConfigError("draft_tokens needs a drafter: add draft='ngram' or a draft model")
+        shift, keep = options.get("context_shift"), options.get("keep")
+        if shift or keep is not None:
+            mode = shift if isinstance(shift, str) else "recompute"
+            run["shift"] = ContextShift(0 if keep is None else keep, mode)
+        return run
+
+    def _start(self, prompts: list, sampling: dict) -> tuple[list[Sequence], dict]:
+        options = {k: sampling.pop(k) for k in DECODING_KEYWORDS if k in sampling}
+        run = self._decoding(options)
+        return self.sequences(prompts, self.sampling(**sampling), context_shift="shift" in run), run
 
     # One rule for generate, complete, chat and stream (and the server's ``prompt``): a string, a list of token
     # ids, or (for chat) a list of message dicts is ONE prompt; a list of those is a batch, answered as a list.
@@ -266,11 +312,13 @@ class LLM:
         """Complete one prompt (a Completion) or a batch of prompts together (a list, one Completion each).
 
         A prompt is a text, a list of token ids, or a conversation (a list of message dicts); different
-        lengths in one batch are fine.
+        lengths in one batch are fine. Besides the sampling options: ``draft="ngram"`` or a draft model (name,
+        path or LLM) with ``draft_tokens=K`` for speculative decoding, ``context_shift=True`` and ``keep=N`` to
+        go on past the context window, ``stats=DecodeStats()`` to receive counts (docs/decoding.md).
         """
         prompts, batch = _one_or_batch(prompt)
-        seqs = self.sequences(prompts, self.sampling(**sampling))
-        for _ in stream_sequences(self.model, seqs):
+        seqs, run = self._start(prompts, sampling)
+        for _ in stream_sequences(self.model, seqs, **run):
             pass
         results = [s.completion() for s in seqs]
         return results if batch else results[0]
@@ -308,8 +356,8 @@ class LLM:
         """Yield the continuation of one prompt (text, token ids or messages) chunk by chunk as it is made; for a
         batch (a list of prompts), yield ``(index, chunk)`` pairs as each prompt releases text."""
         prompts, batch = _one_or_batch(prompt)
-        seqs = self.sequences(prompts, self.sampling(**sampling))
-        for row, text in stream_sequences(self.model, seqs):
+        seqs, run = self._start(prompts, sampling)
+        for row, text in stream_sequences(self.model, seqs, **run):
             yield (row, text) if batch else text
 
     def __repr__(self) -> str:
