@@ -256,9 +256,12 @@ def shift_context(model: Transformer, cache: KVCache, row: int, window: list[int
 
 
 def make_drafter(draft, model: Transformer, batch_size: int, max_len: int):
-    """A drafter from ``draft``: ``"ngram"`` (prompt lookup) or a draft ``Transformer`` with the same vocabulary."""
+    """A drafter from ``draft``: ``"ngram"`` (prompt lookup), a draft ``Transformer`` with the same vocabulary, or
+    an object with the drafters' ``draft`` method (``speculative.NgramDrafter`` shows it)."""
     from scratchlm import speculative
 
+    if hasattr(draft, "draft") and hasattr(draft, "draft_cost"):
+        return draft
     if draft == "ngram":
         return speculative.NgramDrafter()
     if isinstance(draft, torch.nn.Module):
@@ -267,11 +270,13 @@ def make_drafter(draft, model: Transformer, batch_size: int, max_len: int):
 
 
 def stream_sequences(model: Transformer, sequences: list[Sequence], draft=None, draft_tokens: int | None = None,
-                     shift: ContextShift | None = None, stats: DecodeStats | None = None) -> Iterator[tuple[int, str]]:
+                     shift: ContextShift | None = None, stats: DecodeStats | None = None,
+                     adaptive: bool = True) -> Iterator[tuple[int, str]]:
     """Complete every sequence; yields ``(row, text)`` as each row releases text, until all are done.
 
     ``draft``: None (one token per step), ``"ngram"`` or a draft model (speculative decoding, at most
-    ``draft_tokens`` drafted per step, fewer when they are rarely accepted). ``shift``: go on past a full cache
+    ``draft_tokens`` drafted per step, fewer when they are rarely accepted, unless ``adaptive=False``: then
+    always ``draft_tokens`` when the drafter has them). ``shift``: go on past a full cache
     (``ContextShift``). ``stats``: a ``DecodeStats`` that receives the totals when generation ends.
     """
     from scratchlm import speculative
@@ -292,7 +297,8 @@ def stream_sequences(model: Transformer, sequences: list[Sequence], draft=None, 
                           f"must free room; keep at most {max_len // 2} tokens")
     cache = KVCache(model.config, len(sequences), max_len=max_len, dtype=dtype, device=device)
     drafter = make_drafter(draft, model, len(sequences), max_len) if draft is not None else None
-    policies = [speculative.DraftLength(k_max, drafter.draft_cost) for _ in sequences] if drafter else []
+    policies = [speculative.DraftLength(k_max, drafter.draft_cost, adaptive=adaptive) for _ in sequences] \
+        if drafter else []
     # The tokens each row caches, when a drafter or a context shift needs them.
     windows = [list(s.prompt_ids) for s in sequences] if drafter is not None or shift is not None else None
     try:

@@ -67,13 +67,15 @@ class DraftLength:
     """
 
     def __init__(self, max_k: int, draft_cost: float = 0.0, verify_cost: float = VERIFY_COST_PER_TOKEN,
-                 prior: float = 0.6, decay: float = 0.8):
-        self.max_k, self.draft_cost, self.verify_cost = max_k, draft_cost, verify_cost
+                 prior: float = 0.6, decay: float = 0.8, adaptive: bool = True):
+        self.max_k, self.draft_cost, self.verify_cost, self.adaptive = max_k, draft_cost, verify_cost, adaptive
         self.accept, self.decay = prior, decay
         self._off_steps = 0
 
     def choose(self, room: int) -> int:
         """How many tokens to draft now (0: decode plainly), at most ``room``."""
+        if not self.adaptive:
+            return max(0, min(self.max_k, room))
         best_k, best = 0, 1.0
         for k in range(1, min(self.max_k, room) + 1):
             value = expected_tokens(self.accept, k) / (1.0 + (self.verify_cost + self.draft_cost) * k)
