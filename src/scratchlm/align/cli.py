@@ -25,6 +25,8 @@ SUBCOMMANDS: list[str] = [
     "scratchlm.align.cli:add_reward",
     "scratchlm.align.cli:add_score",
     "scratchlm.align.cli:add_dpo",
+    "scratchlm.align.rl_cli:add_ppo",
+    "scratchlm.align.rl_cli:add_grpo",
 ]
 
 
