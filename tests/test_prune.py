@@ -198,3 +198,13 @@ def test_magnitude_needs_no_calibration_and_prunes_in_place():
     report = prune_model(llm.model, "magnitude", 0.25)
     assert [r.name for r in report][:2] == ["blocks.0.attn.q_proj", "blocks.0.attn.k_proj"]
     assert all(abs(r.sparsity - 0.25) < 0.01 for r in report)
+
+
+def test_head_dim_is_written_only_when_heads_do_not_tile_d_model():
+    config = tiny_llm().config
+    assert config.head_dim == 16 and "head_dim" not in config.to_dict()  # unpruned files stay as they were
+    assert config.replace(d_model=128).head_dim == 32  # a derived head size follows d_model and n_heads
+    pruned = config.replace(n_heads=2, n_kv_heads=1, head_dim=16)
+    assert pruned.to_dict()["head_dim"] == 16 and type(pruned).from_dict(pruned.to_dict()) == pruned
+    with pytest.raises(ConfigError, match="head_dim must be a positive integer"):
+        config.replace(head_dim=0)
