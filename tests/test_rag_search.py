@@ -13,7 +13,7 @@ from rag_helpers import HashedBagOfWords
 from scratchlm.cli import main
 from scratchlm.rag.answer import NOT_FOUND, Answer, ask, build_messages
 from scratchlm.rag.ingest import ingest
-from scratchlm.rag.search import Hit, reciprocal_rank_fusion, relevance, search
+from scratchlm.rag.search import Hit, reciprocal_rank_fusion, relevance, search, zscore_fusion
 from scratchlm.rag.store import open_store
 from scratchlm.rag.summarize import summarize_text
 
@@ -94,6 +94,33 @@ def test_reciprocal_rank_fusion_follows_the_formula():
     assert scores[1] == pytest.approx(1 / 62 + 0.5 / 61)
     assert scores[4] == pytest.approx(0.5 / 62) and scores[3] == pytest.approx(1 / 61)
     assert max(scores, key=scores.get) == 1
+
+
+def test_zscore_fusion_follows_the_formula():
+    dense = [(1, 0.9), (2, 0.8), (3, 0.7)]
+    keyword = [(4, 12.0), (1, 3.0)]
+    fused = zscore_fusion([dense, keyword], [1.0, 0.5])
+    zd = {1: 1.224744871391589, 2: 0.0, 3: -1.224744871391589}  # (x - mean) / population sd of [.9, .8, .7]
+    zk = {4: 1.0, 1: -1.0}
+    assert set(fused) == {1, 2, 3, 4}
+    for item in fused:  # a missing id counts as its list's lowest z-score
+        assert fused[item] == pytest.approx(zd.get(item, min(zd.values())) + 0.5 * zk.get(item, -1.0))
+    # A rare name: one chunk far above the rest of a 40-deep BM25 list, absent from the dense list, beats the
+    # chunks that both lists rank moderately; rank fusion loses it (the rare-name questions of benchmarks/rag.py).
+    dense40 = [(i, 0.6 - 0.005 * i) for i in range(1, 41)]
+    keyword40 = [(99, 40.0)] + [(i, 2.0 - 0.01 * i) for i in range(1, 40)]
+    z = zscore_fusion([dense40, keyword40], [1.0, 1.0])
+    assert max(z, key=z.get) == 99
+    rrf = reciprocal_rank_fusion([[i for i, _ in dense40], [i for i, _ in keyword40]], [1.0, 1.0])
+    assert max(rrf, key=rrf.get) == 1
+    assert zscore_fusion([dense, keyword], [1.0, 0.0]).keys() == {1, 2, 3}
+
+
+def test_rrf_fusion_is_still_available(store, encoder):
+    hits = search(store, encoder, "ZX-4021 wifi router reboot", k=3, fusion="rrf")
+    assert hits and all(h.score < 2 / 60 for h in hits)  # an RRF score is at most sum(w / (60 + 1))
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        search(store, encoder, "router", fusion="borda")
 
 
 def test_hybrid_weights_shift_the_balance(store, encoder):

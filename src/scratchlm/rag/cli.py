@@ -122,7 +122,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     store, embedder = open_for(args, create=False)
     with store:
         hits = search(store, embedder, args.query, k=args.k, mode=args.mode, where=parse_where(args.where),
-                      weights=(args.dense_weight, args.keyword_weight), rerank=_rerank_model(args), warn=_warn)
+                      weights=(args.dense_weight, args.keyword_weight), fusion=args.fusion,
+                      rerank=_rerank_model(args), warn=_warn)
     if args.json:
         print(json.dumps([h.to_json() for h in hits], ensure_ascii=False, indent=1))
         return
@@ -186,7 +187,7 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
 def _retrieval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=5, help="passages to return (default 5)")
     p.add_argument("--mode", default="hybrid", choices=["dense", "keyword", "hybrid"],
-                   help="dense (meaning), keyword (BM25, exact words) or hybrid (both, fused by rank; default)")
+                   help="dense (meaning), keyword (BM25, exact words) or hybrid (both, scores fused; default)")
     p.add_argument("--where", default=None, metavar="source=GLOB", help="only documents whose path matches GLOB")
     p.add_argument("--rerank", action="store_true",
                    help="rescore the top 20 by how likely the chat model (--model) finds the query after each "
@@ -224,9 +225,11 @@ def register(subparsers) -> None:
     _store_arg(p)
     p.add_argument("query")
     _retrieval_args(p)
-    p.add_argument("--dense-weight", type=float, default=1.0, help="hybrid: weight of the dense ranking (default 1)")
+    p.add_argument("--dense-weight", type=float, default=1.0, help="hybrid: weight of the dense scores (default 1)")
     p.add_argument("--keyword-weight", type=float, default=1.0,
-                   help="hybrid: weight of the keyword ranking (default 1)")
+                   help="hybrid: weight of the keyword scores (default 1)")
+    p.add_argument("--fusion", default="zscore", choices=["zscore", "rrf"],
+                   help="hybrid: standardised scores mixed by weight (zscore, default) or reciprocal rank fusion")
     p.add_argument("--json", action="store_true", help="print the hits as JSON (source, page, span, score, text)")
     add_progress_flag(p)
     p.set_defaults(func=cmd_search)

@@ -1,12 +1,19 @@
-"""Retrieval: dense (cosine), keyword (BM25) and hybrid (reciprocal rank fusion), with optional reranking.
+"""Retrieval: dense (cosine), keyword (BM25) and hybrid (fused), with optional reranking.
 
     hits = search(store, encoder, "who killed Polonius?", k=5)                  # hybrid
     hits = search(store, encoder, "ERR_4021", mode="keyword", where="*.md")
 
-Hybrid search asks both indexes for ``candidates`` hits and fuses their ranks with reciprocal rank fusion
-(Cormack, Clarke & Buettcher 2009): ``score(d) = sum_m w_m / (rrf_k + rank_m(d))`` with ranks from 1 and
-``rrf_k = 60`` as in the paper. Ranks, not scores, are fused, because a cosine and a BM25 score live on
-different scales. ``weights=(dense, keyword)`` shifts the balance.
+Hybrid search asks both indexes for ``candidates`` hits and fuses them. A cosine and a BM25 score live on
+different scales, so each list's scores are first standardised over that list (z-scores: minus the list's mean,
+over its standard deviation), then mixed with ``weights=(dense, keyword)`` (equal by default); a chunk that one
+list did not return gets that list's lowest z-score. Standardising keeps how far a hit stands out: a rare name
+puts one chunk several deviations above the rest of the BM25 list while cosine similarities sit close together,
+and that is what ranking by position throws away. Bruch, Gai & Ingber 2023 ("An analysis of fusion functions for
+hybrid retrieval") found such score fusion better than rank fusion in and out of domain. Measured here
+(benchmarks/rag.py, 72 questions over twelve plays): recall@5 0.81 z-score fused, 0.69 with reciprocal rank fusion,
+0.82 BM25 alone, 0.26 dense alone. Reciprocal rank fusion (Cormack, Clarke & Buettcher 2009:
+``score(d) = sum_m w_m / (rrf_k + rank_m(d))``, ranks from 1, ``rrf_k = 60``) stays available as
+``fusion="rrf"``.
 
 Reranking (``rerank=llm``) rescores the fused top candidates with the chat model: how likely the question is
 after the passage, the mean log-probability of its tokens (UPR, Sachan et al. 2022, "Improving Passage Retrieval
@@ -28,6 +35,7 @@ import torch
 from scratchlm.rag.store import Embedder, Store
 
 MODES = ("dense", "keyword", "hybrid")
+FUSIONS = ("zscore", "rrf")
 RRF_K = 60
 
 
@@ -42,7 +50,7 @@ class Hit:
     end: int
     heading: str
     text: str
-    score: float  # the ranking score of the mode: cosine, BM25, fused RRF, or rerank probability
+    score: float  # the ranking score of the mode: cosine, BM25, the fused score, or the rerank score
     dense_score: float | None = None  # cosine similarity, when the dense index returned it
     keyword_score: float | None = None  # BM25, when the keyword index returned it
 
@@ -95,14 +103,36 @@ def reciprocal_rank_fusion(rankings: list[list[int]], weights: list[float], rrf_
     return scores
 
 
+def zscore_fusion(lists: list[list[tuple[int, float]]], weights: list[float]) -> dict[int, float]:
+    """Fused scores of the ids in several ``(id, score)`` lists: each list's scores standardised over the list,
+    mixed by ``weights``; an id missing from a list counts as that list's lowest standardised score."""
+    fused: dict[int, float] = {}
+    parts = []
+    for hits, weight in zip(lists, weights):
+        if weight == 0 or not hits:  # a list weighted 0 takes no part (its items are not candidates either)
+            continue
+        values = torch.tensor([score for _, score in hits], dtype=torch.float64)
+        spread = float(values.std(unbiased=False)) if len(hits) > 1 else 0.0
+        z = (values - values.mean()) / (spread or 1.0)
+        parts.append((dict(zip((i for i, _ in hits), z.tolist())), float(z.min()), weight))
+    for scores, _, _ in parts:
+        fused.update(dict.fromkeys(scores, 0.0))
+    for item in fused:
+        fused[item] = sum(w * scores.get(item, floor) for scores, floor, w in parts)
+    return fused
+
+
 def search(store: Store, embedder: Embedder, query: str, k: int = 5, mode: str = "hybrid",
-           where: str | None = None, weights: tuple[float, float] = (1.0, 1.0), rrf_k: int = RRF_K,
-           candidates: int | None = None, rerank=None, rerank_top: int = 20,
+           where: str | None = None, weights: tuple[float, float] = (1.0, 1.0), fusion: str = "zscore",
+           rrf_k: int = RRF_K, candidates: int | None = None, rerank=None, rerank_top: int = 20,
            warn: Callable[[str], None] | None = None) -> list[Hit]:
     """The ``k`` best chunks for ``query``: ``mode`` dense, keyword or hybrid; ``where`` a glob on the source
-    path; ``weights`` (dense, keyword) for hybrid; ``rerank`` an ``LLM`` that rescores the top ``rerank_top``."""
+    path; ``weights`` (dense, keyword) and ``fusion`` (``zscore`` or ``rrf``) for hybrid; ``rerank`` an ``LLM``
+    that rescores the top ``rerank_top``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
     if k < 1:
         raise ValueError("k must be at least 1")
     pool = max(k, rerank_top if rerank is not None else 0)
@@ -118,6 +148,9 @@ def search(store: Store, embedder: Embedder, query: str, k: int = 5, mode: str =
         ranked = dense
     elif mode == "keyword":
         ranked = keyword
+    elif fusion == "zscore":
+        fused = zscore_fusion([dense, keyword], list(weights))
+        ranked = sorted(fused.items(), key=lambda item: (-item[1], item[0]))
     else:
         fused = reciprocal_rank_fusion([[i for i, _ in dense], [i for i, _ in keyword]], list(weights), rrf_k)
         ranked = sorted(fused.items(), key=lambda item: (-item[1], item[0]))
