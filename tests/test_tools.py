@@ -150,13 +150,12 @@ def test_output_schema_keeps_each_tools_refs():
                                                                                         "ship_to": {"street": "a"}}}})
 
 
-@pytest.mark.parametrize("choice,parallel", [("auto", True), ("required", False), ("lookup", True),
-                                             ("required", True)])
+@pytest.mark.parametrize("choice,parallel", [("auto", True), ("required", False), ("lookup", True)])
 def test_constrained_replies_are_valid_calls(choice, parallel):
     llm = tiny_llm(context_length=2048)
     schemas = {t.name: t.schema for t in SHORT}
     complete = 0
-    for seed in range(3):
+    for seed in range(2):
         message = llm.chat("Which color?", tools=SHORT, tool_choice=choice, parallel_tool_calls=parallel,
                            max_new_tokens=400, temperature=1.0, seed=seed)
         calls = message.get("tool_calls", [])

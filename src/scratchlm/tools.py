@@ -80,10 +80,9 @@ class Tool:
         "strict"}}`` (the bare inner ``function`` object is accepted too)."""
         if not isinstance(spec, dict):
             raise ToolError(f"tools[{index}] must be an object like {{'type': 'function', 'function': {{...}}}}")
-        if "function" in spec:
-            if spec.get("type", "function") != "function":
-                raise ToolError(f"tools[{index}] has type {spec.get('type')!r}: only 'function' tools exist here")
-            spec = spec["function"]
+        if spec.get("type", "function") != "function":
+            raise ToolError(f"tools[{index}] has type {spec.get('type')!r}: only 'function' tools exist here")
+        spec = spec.get("function", spec)
         if not isinstance(spec, dict) or not spec.get("name"):
             raise ToolError(f"tools[{index}] has no function name: give {{'function': {{'name': ...}}}}")
         return cls(spec["name"], spec.get("description") or "", spec.get("parameters"), bool(spec.get("strict")))
