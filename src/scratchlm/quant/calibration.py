@@ -133,9 +133,32 @@ def capture_inputs(module: nn.Module, names: Sequence[str],
             h.remove()
 
 
+@torch.no_grad()
+def inputs_of(block: nn.Module, inputs: BlockInputs, name: str, fn: Callable[[torch.Tensor], None]) -> None:
+    """Feed every batch of ``inputs`` to ``block`` and call ``fn(x)`` with what its submodule ``name`` receives;
+    the rest of the block is skipped (the layers after ``name`` are not needed to know its input)."""
+    def hook(_module, args):
+        fn(args[0].detach())
+        raise _Stop
+
+    handle = block.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        for x in inputs.hidden:
+            b = x.shape[0]
+            rope = None if inputs.rope is None else tuple(t[:b] for t in inputs.rope)
+            try:
+                block(x, rope, None, inputs.positions[:b], inputs.mask)
+            except _Stop:
+                continue
+            raise RuntimeError(f"{name} was not called in the block's forward")
+    finally:
+        handle.remove()
+
+
 def block_linears(block: nn.Module) -> list[list[str]]:
-    """The linear layers of a transformer block by the order their inputs arise (``true-sequential`` GPTQ):
-    q/k/v read the attention input, o the attention output, gate/up the MLP input, down the MLP's product."""
+    """The linear layers of a transformer block by the order their inputs arise (``true-sequential`` GPTQ),
+    in groups that read the same input: q/k/v the attention input, o the attention output, gate/up the MLP
+    input, down the MLP's product."""
     groups = [["attn.q_proj", "attn.k_proj", "attn.v_proj"], ["attn.o_proj"],
               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     present = []

@@ -20,6 +20,11 @@ For speed, ``Int4Linear`` repacks it once into the layout of PyTorch's CPU kerne
 float weights never exist in memory). That kernel computes ``(q - 8) * scale + zero`` per group, so its
 ``zero`` is our ``min + 8 * scale``. Where the kernel is missing, the layer dequantizes and calls
 ``F.linear`` (correct, slower, and said once).
+
+``group_size="channel"`` keeps one step and minimum per output row (``scales``/``mins`` [N, 1]); the kernel
+then gets that row's pair repeated for every 32 columns, which is the same matrix, exactly. ``bits=3``
+(``quantize_int4(..., bits=3)``, GPTQ) uses the codes 0..7 of the same container: the file format and the
+kernel do not change, only the grid is coarser (3-bit weights take 4 bits of storage here).
 """
 
 from __future__ import annotations
@@ -32,12 +37,23 @@ from scratchlm.errors import ConfigError
 from scratchlm.quant.kernels import int4_kernel_available, kernel_fits
 
 GROUP_SIZES = (32, 64, 128)
+CHANNEL = "channel"  # one step and minimum per output row
+BITS = (4, 3)
+KERNEL_GROUP = 32  # the kernel's group for a per-channel layer (its pair repeated): any K the kernel packs
 
 
-def check_group_size(group_size: int, in_features: int | None = None, name: str = "weight") -> None:
+def group_width(group_size: int | str, in_features: int) -> int:
+    """Input columns per group: ``group_size``, or every column for ``"channel"``."""
+    return in_features if group_size == CHANNEL else group_size
+
+
+def check_group_size(group_size: int | str, in_features: int | None = None, name: str = "weight") -> None:
     """Raise a ConfigError unless ``group_size`` is allowed and divides ``in_features``."""
+    if group_size == CHANNEL:
+        return
     if group_size not in GROUP_SIZES:
-        raise ConfigError(f"unsupported int4 group size {group_size}; choose one of {', '.join(map(str, GROUP_SIZES))}")
+        raise ConfigError(f"unsupported int4 group size {group_size}; choose one of "
+                          f"{', '.join(map(str, GROUP_SIZES))} or {CHANNEL}")
     if in_features is not None and in_features % group_size:
         fits = [g for g in GROUP_SIZES if in_features % g == 0]
         hint = f"choose {' or '.join(map(str, fits))}" if fits else "this layer cannot be quantized to int4"
@@ -45,31 +61,24 @@ def check_group_size(group_size: int, in_features: int | None = None, name: str 
                           f"{name}: {hint}")
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = 64, refine_steps: int = 6,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize a float matrix [N, K] to 4-bit codes: returns ``(qweight, scales, mins)`` (portable format).
+def fit_grid(w: torch.Tensor, bits: int = 4, refine_steps: int = 6
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grid of each group of ``w`` [..., group]: ``(scales, mins, codes)``, codes in 0..2**bits - 1.
 
     The grid starts at each group's [min, max] and is then refined (``refine_steps`` rounds): with the codes
     fixed, the least-squares line ``w ~ q * scale + min`` through the group gives a better scale and minimum,
-    and the codes are rounded again; each group keeps the grid with the smallest squared error. An outlier
-    then no longer stretches the grid for the other 31-127 weights, and weights that were already on a
-    4-bit grid land back on it. Measured on SmolLM2's Q4_1 weights requantized in groups of 64 (1,024
-    held-out tokens): perplexity 121 with min/max alone, 112 refined, against 74 in float32.
+    and the codes are rounded again; each group keeps the grid with the smallest squared error.
     """
-    n, k = weight.shape
-    check_group_size(group_size, k)
-    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    top = 2**bits - 1
+    w = w.detach().float()
     tiny = torch.finfo(torch.float32).tiny
     lo = w.amin(dim=-1)
-    scales = ((w.amax(dim=-1) - lo) / 15).clamp(min=tiny)  # a constant group: any step works (q = 0)
-
-    def codes(scales: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-        return torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15)
+    scales = ((w.amax(dim=-1) - lo) / top).clamp(min=tiny)  # a constant group: any step works (q = 0)
 
     def sq_error(q: torch.Tensor, scales: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         return (q * scales[..., None] + lo[..., None] - w).square().sum(dim=-1)
 
-    q = codes(scales, lo)
+    q = round_to_grid(w, scales[..., None], lo[..., None], bits)
     best = sq_error(q, scales, lo)
     for _ in range(refine_steps):
         q_mean, w_mean = q.mean(dim=-1), w.mean(dim=-1)
@@ -77,15 +86,43 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 64, refine_steps: int 
         cov = ((q - q_mean[..., None]) * (w - w_mean[..., None])).mean(dim=-1)
         new_scales = torch.where(var > 0, cov / var.clamp(min=tiny), scales).clamp(min=tiny)
         new_lo = torch.where(var > 0, w_mean - new_scales * q_mean, lo)
-        new_q = codes(new_scales, new_lo)
+        new_q = round_to_grid(w, new_scales[..., None], new_lo[..., None], bits)
         err = sq_error(new_q, new_scales, new_lo)
         better = err < best
         scales, lo = torch.where(better, new_scales, scales), torch.where(better, new_lo, lo)
         best = torch.minimum(err, best)
         q = torch.where(better[..., None], new_q, q)
-    q = q.to(torch.uint8).reshape(n, k)
-    qweight = q[:, 0::2] | (q[:, 1::2] << 4)
-    return qweight.contiguous(), scales.contiguous(), lo.contiguous()
+    return scales, lo, q
+
+
+def round_to_grid(w: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """The nearest codes (as floats, 0..2**bits - 1) of ``w`` on the grid ``q * scale + min`` (broadcast)."""
+    return torch.round((w - mins) / scales).clamp(0, 2**bits - 1)
+
+
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (0..15) -> the packed uint8 [N, K/2] of the portable format."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int | str = 64, refine_steps: int = 6, bits: int = 4,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize a float matrix [N, K] to 4-bit codes: returns ``(qweight, scales, mins)`` (portable format).
+
+    Round to nearest on a per-group grid (``fit_grid``): an outlier no longer stretches the grid for the
+    other 31-127 weights, and weights that were already on a 4-bit grid land back on it. Measured on
+    SmolLM2's Q4_1 weights requantized in groups of 64 (1,024 held-out tokens): perplexity 121 with min/max
+    alone, 112 refined, against 74 in float32. ``group_size`` may be ``"channel"`` (scales [N, 1]);
+    ``bits=3`` uses codes 0..7.
+    """
+    n, k = weight.shape
+    check_group_size(group_size, k)
+    if bits not in BITS:
+        raise ConfigError(f"unsupported bit width {bits}; choose one of {', '.join(map(str, BITS))}")
+    g = group_width(group_size, k)
+    scales, lo, q = fit_grid(weight.reshape(n, k // g, g), bits, refine_steps)
+    return pack_codes(q.reshape(n, k)), scales.contiguous(), lo.contiguous()
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
@@ -98,7 +135,8 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     """The float matrix [N, K] that the portable int4 tensors stand for: ``q * scale + min`` per group."""
     q = unpack_int4(qweight).float()
     n, k = q.shape
-    w = q.reshape(n, k // group_size, group_size) * scales[..., None] + mins[..., None]
+    g = group_width(group_size, k)
+    w = q.reshape(n, k // g, g) * scales[..., None] + mins[..., None]
     return w.reshape(n, k).to(dtype)
 
 
@@ -115,6 +153,26 @@ def pack_for_kernel(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     zeros = mins + 8 * scales  # the kernel's dequantization is (q - 8) * scale + zero
     scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous().to(dtype)
     return packed, scales_and_zeros
+
+
+def kernel_grid(scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's ``scales_and_zeros`` [G, N, 2] -> portable float32 ``(scales, mins)`` [N, G]."""
+    sz = scales_and_zeros.float()
+    scales, zeros = sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()
+    return scales, zeros - 8 * scales
+
+
+def stored_grid(scales: torch.Tensor, mins: torch.Tensor, out_features: int, in_features: int,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(scales, mins)`` that an ``Int4Linear`` built from these computes with: the kernel keeps the step
+    and ``min + 8 * step`` in bfloat16, so where it is used they are rounded exactly as ``pack_for_kernel``
+    and ``portable`` round them; the fallback keeps them as they are. (Quantization-aware training uses this
+    to train with the very weights the quantized layer will hold.)"""
+    device = torch.device(device)
+    if not (device.type == "cpu" and kernel_fits(out_features, in_features) and int4_kernel_available()):
+        return scales, mins
+    zeros = mins + 8 * scales
+    return kernel_grid(torch.stack([scales.t(), zeros.t()], dim=-1).to(KERNEL_DTYPE))
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
@@ -146,7 +204,11 @@ class Int4Linear(nn.Module):
         self.compute_dtype = dtype
         n, k = self.out_features, self.in_features
         self.use_kernel = qweight.device.type == "cpu" and kernel_fits(n, k) and int4_kernel_available()
+        # a per-channel layer is a group-32 layer whose groups of a row share one pair: the same matrix
+        self.kernel_group = KERNEL_GROUP if group_size == CHANNEL else group_size
         if self.use_kernel:
+            if group_size == CHANNEL:
+                scales, mins = (t.expand(n, k // KERNEL_GROUP) for t in (scales, mins))
             packed, sz = pack_for_kernel(qweight, scales, mins)
             self.register_buffer("packed", packed)
             self.register_buffer("scales_and_zeros", sz)
@@ -157,10 +219,11 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 64, dtype: torch.dtype | None = None) -> Int4Linear:
-        """Quantize an ``nn.Linear``; computes in ``dtype`` (default: the layer's own)."""
+    def from_linear(cls, linear: nn.Linear, group_size: int | str = 64, dtype: torch.dtype | None = None,
+                    bits: int = 4) -> Int4Linear:
+        """Quantize an ``nn.Linear`` (round to nearest); computes in ``dtype`` (default: the layer's own)."""
         dtype = dtype or linear.weight.dtype
-        return cls(*quantize_int4(linear.weight, group_size), group_size, linear.bias, dtype)
+        return cls(*quantize_int4(linear.weight, group_size, bits=bits), group_size, linear.bias, dtype)
 
     def portable(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(qweight, scales, mins)`` in the portable format, recovered exactly from whatever is stored."""
@@ -168,12 +231,13 @@ class Int4Linear(nn.Module):
             return self.qweight, self.scales, self.mins
         # The kernel's layout depends on the CPU (its block width follows the vector unit), so instead of
         # decoding it, run it on the identity with scale 1 and zero 8: the product is then exactly q.
-        n, k, g = self.out_features, self.in_features, self.group_size
+        n, k, g = self.out_features, self.in_features, self.kernel_group
         unit = torch.stack([torch.ones(k // g, n), torch.full((k // g, n), 8.0)], dim=-1).to(KERNEL_DTYPE)
         q = int4_linear(torch.eye(k), self.packed, unit, g).t().round().to(torch.uint8)  # [N, K], exact in bf16
         sz = self.scales_and_zeros.float()
-        scales, zeros = sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous()  # [N, K/g]
-        return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scales, zeros - 8 * scales
+        if self.group_size == CHANNEL:
+            sz = sz[:1]  # every group of a row holds the same pair
+        return pack_codes(q), *kernel_grid(sz)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [N, K] this layer computes with (the reference for tests)."""
@@ -181,7 +245,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel:
-            return int4_linear(x, self.packed, self.scales_and_zeros, self.group_size, self.bias)
+            return int4_linear(x, self.packed, self.scales_and_zeros, self.kernel_group, self.bias)
         w = dequantize_int4(self.qweight, self.scales, self.mins, self.group_size, x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -22,7 +22,7 @@ from torch import nn
 from scratchlm.config import ModelConfig
 from scratchlm.errors import ConfigError, ModelFileError
 from scratchlm.quant.embedding import QuantEmbedding
-from scratchlm.quant.int4 import GROUP_SIZES, Int4Linear, check_group_size
+from scratchlm.quant.int4 import BITS, CHANNEL, GROUP_SIZES, Int4Linear, check_group_size
 from scratchlm.quant.int8 import Int8Linear
 
 MODES = ("int8", "int4")
@@ -40,14 +40,18 @@ def quantization_of(model: nn.Module) -> dict | None:
     return info
 
 
-def check_options(mode: str, group_size: int | None) -> int | None:
-    """Validate a mode and group size; returns the group size to use (None for int8)."""
+def check_options(mode: str, group_size: int | str | None, bits: int = 4) -> int | str | None:
+    """Validate a mode, group size and bit width; returns the group size to use (None for int8)."""
     if mode not in MODES:
         raise ConfigError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "int8":
         if group_size is not None:
             raise ConfigError("int8 uses one scale per output channel: --group-size applies to int4 only")
+        if bits != 4:  # 4 is the default, i.e. not given
+            raise ConfigError("int8 has 8 bits: --bits applies to int4 only (4 or 3)")
         return None
+    if bits not in BITS:
+        raise ConfigError(f"unsupported bit width {bits} for int4; choose one of {', '.join(map(str, BITS))}")
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     check_group_size(group_size)
     return group_size
@@ -60,11 +64,14 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def quantize_model(model: nn.Module, mode: str = "int4", group_size: int | None = None,
-                   embeddings: bool = True, progress: bool = False) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str = "int4", group_size: int | str | None = None,
+                   embeddings: bool = True, progress: bool = False, bits: int = 4,
+                   int4_layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
     """Quantize ``model``'s linear layers (and its token embedding, when ``embeddings``) in place.
 
-    ``mode`` is "int8" (per output channel) or "int4" (group-wise, ``group_size`` 32, 64 or 128, default 32).
+    ``mode`` is "int8" (per output channel) or "int4" (group-wise, ``group_size`` 32, 64, 128 or "channel",
+    default 32; ``bits=3`` puts 3-bit codes in the int4 container). Round to nearest, except the layers named
+    in ``int4_layers``, whose portable int4 tensors were computed elsewhere (GPTQ, ``quant.gptq``).
     The LM head and the token embedding are int8 in both modes: in int4 the head alone cost SmolLM2 +11%
     perplexity (measured), and it is what llama.cpp's Q4 files do too (their embedding table is Q8_0).
     ``progress``: a bar on stderr, one step per layer. Returns the model.
@@ -75,7 +82,7 @@ def quantize_model(model: nn.Module, mode: str = "int4", group_size: int | None 
         info = quantization_of(model)
         raise ConfigError(f"this model is already quantized ({info['mode']}); quantizing twice would only add "
                           "error: load the float model and quantize that")
-    group_size = check_options(mode, group_size)
+    group_size = check_options(mode, group_size, bits)
     dtype = _float_dtype(model)
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if mode == "int4":  # check every layer before changing any
@@ -92,10 +99,13 @@ def quantize_model(model: nn.Module, mode: str = "int4", group_size: int | None 
                 new = Int8Linear(q.qweight, q.scales, None, dtype)
             elif mode == "int8" or name == "lm_head":
                 new = Int8Linear.from_linear(m, dtype)
+            elif int4_layers and name in int4_layers:
+                new = Int4Linear(*int4_layers[name], group_size, m.bias, dtype)
             else:
-                new = Int4Linear.from_linear(m, group_size, dtype)
+                new = Int4Linear.from_linear(m, group_size, dtype, bits)
             model.set_submodule(name, new)
-    model.quantization = {"mode": mode, "group_size": group_size, "embeddings": bool(embeddings)}
+    model.quantization = {"mode": mode, "group_size": group_size, "embeddings": bool(embeddings),
+                          **({"bits": bits} if mode == "int4" and bits != 4 else {})}
     return fuse_projections(model)
 
 
@@ -225,7 +235,7 @@ def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torc
     from scratchlm.model import Transformer
 
     mode, group_size = info.get("mode"), info.get("group_size")
-    if mode not in MODES or (mode == "int4" and group_size not in GROUP_SIZES):
+    if mode not in MODES or (mode == "int4" and group_size not in (*GROUP_SIZES, CHANNEL)):
         raise ModelFileError(f"{source}: unknown quantization {info!r}")
     if isinstance(tensors, dict):
         tensors = dict(tensors)
@@ -273,7 +283,7 @@ def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torc
         raise ModelFileError(f"{source}: tensors do not match the architecture (missing {left[:3]}, "
                              f"unexpected {sorted(set(floats) - expected)[:3]})")
     model.quantization = {"mode": mode, "group_size": group_size, "embeddings": info.get("embeddings", True),
-                          **{k: info[k] for k in ("int8_layers", "source") if k in info}}
+                          **{k: info[k] for k in ("int8_layers", "source", "bits", "method") if k in info}}
     return fuse_projections(model).eval()
 
 
