@@ -14,6 +14,16 @@ one after the other (a closed loop), every request a different question, greedy,
 The peer is the same server with batching switched off (`--max-batch 1`), at 16 clients: what continuous
 batching buys over serving one request at a time. Targets (issue 4): throughput at 16 clients >= 4x the
 single-client rate, p95 TTFT at 16 clients < 2 s. The machine is shared: the load average is recorded.
+
+`--part prefix` (issue 14): prefix caching. TTFT of a chat request whose ~1,000-token system prompt an earlier
+request already sent (warm) against one whose system prompt is new (cold: its first line differs), alternating,
+and the same warm request on a server with `--prefix-cache-mb 0` (target: warm <= 0.2x cold); then a 10-turn chat
+(each turn resends the history with the model's replies): prompt tokens sent, and tokens actually prefilled
+(prompt minus `usage.prompt_tokens_details.cached_tokens`) with and without the cache.
+
+`--part adapters` (issue 14): four random rank-8 LoRA adapters on every projection of SmolLM2 (made here, written
+as `scratchlm finetune` writes them), served together with `--adapter NAME=DIR`; 16 clients, client i asking
+adapter i mod 4, against the base alone at 16 clients (target: >= 0.8x its aggregate tokens/s).
 On a loaded machine run it with OMP_WAIT_POLICY=PASSIVE (recorded in the table header): OpenMP threads that
 spin while waiting collapse a 2-thread server when other processes take the cores.
 """
@@ -47,10 +57,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "scratchlm.cli", "--threads", str(threads), "serve", model, "--port", str(port),
-           "--max-batch", str(max_batch), "--max-queue", "256"]
+           "--max-batch", str(max_batch), "--max-queue", "256", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -67,8 +77,9 @@ def start_server(model: str, max_batch: int, threads: int) -> tuple[subprocess.P
     raise SystemExit("the server did not become ready")
 
 
-async def one_request(client: httpx.AsyncClient, model: str, question: str, tokens: int) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": tokens,
+async def one_request(client: httpx.AsyncClient, model: str, question: str | list[dict], tokens: int) -> dict:
+    messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
+    body = {"model": model, "messages": messages, "max_tokens": tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     first = None
@@ -83,23 +94,27 @@ async def one_request(client: httpx.AsyncClient, model: str, question: str, toke
                 first = time.perf_counter()
             usage = chunk.get("usage") or usage
     done = time.perf_counter()
-    return {"ttft": first - sent, "tokens": usage["completion_tokens"], "sent": sent, "done": done}
+    return {"ttft": first - sent, "tokens": usage["completion_tokens"], "sent": sent, "done": done,
+            "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)}
 
 
-async def run_level(url: str, model: str, clients: int, per_client: int, tokens: int) -> dict:
+async def run_level(url: str, model: str | list[str], clients: int, per_client: int, tokens: int) -> dict:
+    """``clients`` closed-loop clients; with a list of models, client i asks model i mod len(list)."""
     counter = iter(range(10**6))
+    models = [model] if isinstance(model, str) else model
 
-    async def client_loop(client):
+    async def client_loop(client, c):
         results = []
         for _ in range(per_client):
             i = next(counter)
             question = f"Write a short paragraph about {TOPICS[i % len(TOPICS)]} (request {i})."
-            results.append(await one_request(client, model, question, tokens))
+            results.append(await one_request(client, models[c % len(models)], question, tokens))
         return results
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        per = await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        per = await asyncio.gather(*(client_loop(client, c) for c in range(clients)))
     results = [r for rs in per for r in rs]
     wall = max(r["done"] for r in results) - min(r["sent"] for r in results)
     ttfts = sorted(r["ttft"] for r in results)
@@ -116,9 +131,10 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def measure(model: str, max_batch: int, levels: list[tuple[int, int]], tokens: int, threads: int) -> list[dict]:
-    proc, url = start_server(model, max_batch, threads)
-    served = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+def measure(model: str, max_batch: int, levels: list[tuple[int, int]], tokens: int, threads: int,
+            extra: tuple[str, ...] = (), models: list[str] | None = None) -> list[dict]:
+    proc, url = start_server(model, max_batch, threads, *extra)
+    served = models or httpx.get(url + "/v1/models").json()["data"][0]["id"]
     try:
         asyncio.run(run_level(url, served, 1, 1, 8))  # warm-up
         return [asyncio.run(run_level(url, served, c, n, tokens)) for c, n in levels]
@@ -135,7 +151,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the --max-batch 1 peer")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    parser.add_argument("--part", choices=("batching", "prefix", "adapters", "all"), default="all",
+                        help="what to measure (default all)")
     args = parser.parse_args()
+    tables = []
+    if args.part in ("batching", "all"):
+        tables.append(batching_part(args))
+    if args.part in ("prefix", "all"):
+        from serve_cache import prefix_part
+
+        tables.append(prefix_part(args))
+    if args.part in ("adapters", "all"):
+        from serve_cache import adapters_part
+
+        tables.append(adapters_part(args))
+    print("\n" + "\n".join(tables))
+    if args.record:
+        append_results("\n" + "\n".join(tables))
+
+
+def batching_part(args) -> str:
     levels = [(1, 3), (4, 2), (16, 2)]  # (clients, requests per client)
     rows: dict[tuple[str, int], list[dict]] = {}
     for repeat in range(args.repeats):
@@ -148,10 +183,7 @@ def main() -> None:
                 rows.setdefault(("max-batch 1", r["clients"]), []).append(r)
                 print(f"[{repeat + 1}/{args.repeats}] max-batch 1 16 clients: {r['tok_s']:6.1f} tok/s, "
                       f"TTFT p50 {r['ttft_p50']:.2f} s p95 {r['ttft_p95']:.2f} s, load {r['load']:.1f}", flush=True)
-    table = report(rows, args)
-    print("\n" + table)
-    if args.record:
-        append_results("\n" + table)
+    return report(rows, args)
 
 
 def report(rows: dict, args) -> str:

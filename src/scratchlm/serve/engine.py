@@ -5,8 +5,8 @@ its last token. The worker loops:
 
     admit waiting requests into free slots
     -> prefill: at most ``prefill_chunk`` prompt tokens (more when nothing decodes) of joining requests,
-       after copying the longest prompt prefix that the prefix cache (``prefix_cache.py``: blocks left by
-       finished and running requests) or another running request already holds (a shared system prompt)
+       after copying the longest prompt prefix that the prefix cache (``prefix_cache.py``: the prompt blocks of
+       earlier and running requests) or another running request already holds (a shared system prompt)
     -> decode: one token for every request past its prefill, all rows in one forward pass
     -> embeddings: at most ``prefill_chunk`` tokens of waiting embedding inputs
 
@@ -243,14 +243,8 @@ class Engine:
         if self._embeds:
             self._embed_some()
 
-    def _release(self, active: _Active, keep: bool = True) -> None:
-        """Free the request's slot; with ``keep``, its tokens' keys and values stay in the prefix cache first
-        (a multi-turn chat's next prompt starts with this prompt and its reply)."""
-        slot = active.slot
-        if keep and self.prefix_cache is not None and active.done > 0:
-            fed = (active.job.prompt_ids + active.seq.output_ids)[: int(self.cache.lengths[slot])]
-            self.prefix_cache.store(fed, self.cache.k[:, slot], self.cache.v[:, slot], active.job.adapter)
-        self.slots[slot] = None
+    def _release(self, active: _Active) -> None:
+        self.slots[active.slot] = None
         self.cache.lengths[active.slot] = 0  # an idle row sits at position 0 so it never outgrows its buffer
 
     def _emit(self, active: _Active, event: Event) -> None:
@@ -343,7 +337,11 @@ class Engine:
                     if p + 1 < len(prompt):
                         active.prompt_lp.append(token_logprob(logprobs[j], prompt[p + 1], top))
             active.done += n
-            if self.prefix_cache is not None:  # running requests share their finished blocks at once
+            # The prompt's finished blocks go to the prefix cache at once, for running and later requests. Only
+            # prompts: a reply's keys and values come from decode steps, whose arithmetic differs from a prefill's
+            # in the last bits (one query against many), and a later request must get exactly what it would get
+            # with the cache off; prefill is exact across chunk boundaries, so a reused prefix changes nothing.
+            if self.prefix_cache is not None:
                 self.prefix_cache.store(prompt[: active.done], self.cache.k[:, active.slot],
                                         self.cache.v[:, active.slot], active.job.adapter)
             if not active.prefilling:
@@ -478,7 +476,7 @@ class Engine:
         for active in self.slots:
             if active is not None:
                 self._emit(active, Event(active.job.index, finish_reason="error", error=message))
-                self._release(active, keep=False)  # the failed step may have left its rows half written
+                self._release(active)
         while self._embeds:
             job = self._embeds.popleft()
             try:
