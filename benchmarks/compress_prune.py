@@ -114,8 +114,13 @@ def train_run(teacher: str, student: str, data: Path, out: Path, args, alpha: fl
     result = run_distill(DistillOptions(
         teacher=teacher, student=student, data=data, out=out, alpha=alpha, temperature=args.temperature,
         max_steps=args.steps, batch_size=args.batch_size, context_length=args.seq_len, lr=args.lr,
-        eval_interval=args.steps, seed=0, force=True, progress=False), say=lambda *a: None)
+        eval_interval=args.steps, eval_batches=args.eval_batches, seed=0, force=True, progress=False),
+        say=lambda *a: None)
     return result.best_val_loss
+
+
+def val_text(args) -> str:
+    return f"held-out 10%, {args.eval_batches} x {args.batch_size} x {args.seq_len} tokens"
 
 
 def lr_text(args) -> str:
@@ -165,7 +170,7 @@ def part_minitron(args) -> str:
     import json
 
     scratch_config.write_text(json.dumps(cfg))
-    teacher_loss = _teacher_val_loss(work, data, args)
+    teacher_loss = _val_loss(MODEL, data, args)
     pruned_loss = _val_loss(str(work / "pruned"), data, args)
     print(f"teacher val loss {teacher_loss:.3f}; pruned, before distillation {pruned_loss:.3f}")
     timings = {}
@@ -194,7 +199,7 @@ def part_minitron(args) -> str:
             f"{pruned.params_after / 1e6:.1f}M of {pruned.params_before / 1e6:.1f}M parameters ({share:.1%}). "
             f"Budget: {args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} tokens, lr {lr_text(args)}, "
             f"distillation T={args.temperature:g}, alpha={args.alpha:g}.\n\n"
-            "| model | validation loss (held-out 10%) | training time |\n|---|---|---|\n"
+            f"| model | validation loss ({val_text(args)}) | training time |\n|---|---|---|\n"
             f"| teacher (unpruned) | {teacher_loss:.3f} | |\n"
             f"| pruned, not trained | {pruned_loss:.3f} | |\n"
             + "".join(f"| {name} | {loss:.3f} | {timings[name]:.0f} s |\n" for name, loss in losses.items())
@@ -207,7 +212,7 @@ def _eval_batches(data: Path, tokenizer, args):
     from scratchlm.train.data import eval_batches, prepare_dataset
 
     prepared = prepare_dataset(data, tokenizer, data.parent / "eval_data", 0.1, progress=False)
-    return eval_batches(prepared.val(), args.batch_size, args.seq_len, 20)
+    return eval_batches(prepared.val(), args.batch_size, args.seq_len, args.eval_batches)
 
 
 def _val_loss(path: str, data: Path, args) -> float:
@@ -217,10 +222,6 @@ def _val_loss(path: str, data: Path, args) -> float:
 
     llm = LLM.load(path, dequantize=True, compile=False)
     return evaluate(llm.model, _eval_batches(data, llm.tokenizer, args), TrainConfig(), Dist())
-
-
-def _teacher_val_loss(work: Path, data: Path, args) -> float:
-    return _val_loss(MODEL, data, args)
 
 
 # ---- part 3: distillation alone, 1/4 of the layers ---------------------------------------------------------
@@ -257,7 +258,7 @@ def part_depth(args) -> str:
     return (f"Student: {len(keep)} of the teacher's {n} layers (every fourth, {keep}), the embeddings and final norm, "
             f"both runs from these same weights. Budget: {args.steps} steps x {args.batch_size} x {args.seq_len} = "
             f"{tokens:,} tokens, lr {lr_text(args)}; with the teacher T={args.temperature:g}, alpha={args.alpha:g}.\n\n"
-            "| student | validation loss (held-out 10%) | training time |\n|---|---|---|\n"
+            f"| student | validation loss ({val_text(args)}) | training time |\n|---|---|---|\n"
             f"| before training | {start_loss:.3f} | |\n"
             + "".join(f"| {name} | {loss:.3f} | {timings[name]:.0f} s |\n" for name, loss in losses.items())
             + f"\nWith the teacher below without it: {'met' if met else 'NOT met'}.")
@@ -271,6 +272,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (calibration, eval, training)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity")
     parser.add_argument("--plot", default="benchmarks/results/prune_sparsity.png")
+    parser.add_argument("--eval-batches", type=int, default=20, help="validation batches (spread over the 10%%)")
     parser.add_argument("--heads", type=float, default=1 / 3)
     parser.add_argument("--mlp", type=float, default=0.45)
     parser.add_argument("--steps", type=int, default=40)
