@@ -118,7 +118,7 @@ def test_structured_removes_the_least_active_channels():
 
 def test_structured_pruned_model_exports_to_hf_and_gguf(tmp_path):
     """The smaller model (head_dim no longer d_model / n_heads) is a model like any other: transformers loads
-    its HF export to the same logits, and its GGUF file reads back exactly."""
+    its HF export and its GGUF file to the same logits, and our loader reads the GGUF back exactly."""
     transformers = pytest.importorskip("transformers")
     from scratchlm.formats.export_gguf import export_gguf
     from scratchlm.formats.export_hf import export_hf
@@ -143,6 +143,10 @@ def test_structured_pruned_model_exports_to_hf_and_gguf(tmp_path):
     assert (back.config.n_heads, back.config.head_dim, back.config.d_ff) == (
         small.config.n_heads, small.config.head_dim, small.config.d_ff)
     torch.testing.assert_close(logits(back, ids), logits(small, ids), atol=1e-5, rtol=1e-5)
+    from_gguf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="small.gguf",
+                                                                  local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_gguf(torch.tensor([ids])).logits[0], logits(small, ids), atol=1e-4, rtol=1e-4)
 
 
 def test_prune_command_writes_a_loadable_model_and_a_per_layer_report(tmp_path, calibration, capsys):
