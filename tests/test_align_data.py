@@ -117,3 +117,21 @@ def test_batches_resume_where_they_stopped_and_carry_the_cached_reference(llm):
         index = next(i for i, p in enumerate(pairs) if x[row, : len(p.prompt + p.chosen) - 1].tolist()
                      == (p.prompt + p.chosen)[:-1])
         assert batch.ref_logps[row] == ref[index, 0] and batch.ref_logps[row + 7] == ref[index, 1]
+
+
+def test_the_demonstration_set_is_seeded_held_out_and_checkable():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "make_preferences.py"
+    spec = importlib.util.spec_from_file_location("make_preferences", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    train, test = gen.make(0)
+    assert (train, test) == gen.make(0) and train != gen.make(1)[0]
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    for row in train + test:
+        assert gen.follows_style(row["chosen"]) and not gen.follows_style(row["rejected"])
+        assert row["chosen"] == f"{gen.OPENER} {row['rejected']}"
+        to_preference(row, "demo")
+    assert gen.follows_style(' "Ahoy! Paris.') and not gen.follows_style("Paris. Ahoy!")
