@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_lora_flags(p)
     add_training_flags(p)
     add_data_flags(p)
+    add_transfer_flags(p)
     add_run_flags(p)
     p.set_defaults(func=cmd_finetune)
 
@@ -87,6 +88,32 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
                    help="longer examples are cut (default) or dropped; the counts are reported")
 
 
+def add_transfer_flags(p: argparse.ArgumentParser) -> None:
+    """--task, --labels, --optimizer and the transfer-learning controls of ``finetune`` (finetune/freeze.py)."""
+    g = p.add_argument_group("task and transfer learning")
+    g.add_argument("--task", choices=["lm", "classify"], default=None,
+                   help="lm: chat data, learn the assistant's tokens (default); classify: {\"text\", \"label\"} "
+                        "data and a classification head on the last token")
+    g.add_argument("--labels", default=None, help="classify: the class names in order, comma-separated")
+    g.add_argument("--optimizer", choices=["adamw", "sgd", "rmsprop", "adafactor"], default=None,
+                   help="torch's optimizer to use (default adamw)")
+    g.add_argument("--momentum", type=float, default=None, help="SGD's and RMSprop's momentum (default 0.9)")
+    g.add_argument("--freeze-layers", type=int, default=None,
+                   help="keep the embeddings and the first N blocks frozen (default 0)")
+    g.add_argument("--unfreeze-every", type=int, default=None,
+                   help="gradual unfreezing: train the top first, one more block every N steps (default off)")
+    g.add_argument("--layer-lr-decay", type=float, default=None,
+                   help="discriminative rates: each layer group learns at this times the rate of the group above "
+                        "(default 1; ULMFiT: 0.38)")
+
+
+def transfer_kwargs(args: argparse.Namespace) -> dict:
+    """The options of ``add_transfer_flags`` under their ``FinetuneOptions`` names."""
+    return dict(task=args.task, labels=args.labels, optimizer=args.optimizer, momentum=args.momentum,
+                freeze_layers=args.freeze_layers, unfreeze_every=args.unfreeze_every,
+                layer_lr_decay=args.layer_lr_decay)
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """--resume, --force and --no-progress of a training run."""
     g = p.add_argument_group("run")
@@ -114,7 +141,7 @@ def training_kwargs(args: argparse.Namespace) -> dict:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from scratchlm.finetune.run import FinetuneOptions, run_finetune
 
-    run_finetune(FinetuneOptions(**training_kwargs(args)))
+    run_finetune(FinetuneOptions(**training_kwargs(args), **transfer_kwargs(args)))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

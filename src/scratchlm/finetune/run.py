@@ -44,7 +44,8 @@ DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
 # number of steps depend on the method, the model and the data, and are settled once those are loaded.
 DEFAULTS = dict(method="lora", rank=8, alpha=16.0, dropout=0.0, targets=DEFAULT_TARGETS, batch_size=8,
                 grad_accum_steps=1, weight_decay=0.0, too_long="truncate", val_fraction=0.1, dtype="float32",
-                activation_checkpointing=False, seed=0)
+                activation_checkpointing=False, seed=0, task="lm", labels=None, optimizer="adamw", momentum=0.9,
+                freeze_layers=0, unfreeze_every=None, layer_lr_decay=1.0)
 # Options that may differ when a run is resumed (see train/record.py): how long it trains, how often it evaluates.
 CHANGEABLE = ("max_steps", "epochs", "eval_interval")
 
@@ -78,6 +79,13 @@ class FinetuneOptions:
     dtype: str | None = None  # "float32" or "bfloat16"
     activation_checkpointing: bool | None = None
     seed: int | None = None  # 0
+    task: str | None = None  # "lm" (default: chat data, the assistant's tokens) or "classify" (finetune/classify.py)
+    labels: str | list[str] | None = None  # classify: the class names, "a,b,c"
+    optimizer: str | None = None  # adamw (default), sgd, rmsprop, adafactor (train/optim.py)
+    momentum: float | None = None  # SGD's and RMSprop's, 0.9
+    freeze_layers: int | None = None  # the first N blocks and the embeddings stay frozen (finetune/freeze.py)
+    unfreeze_every: int | None = None  # gradual unfreezing: one more block from the top every K steps
+    layer_lr_decay: float | None = None  # discriminative rates: each layer group x this below the one above
     resume: bool = False
     force: bool = False  # replace a previous run in ``out``
     progress: bool = True
@@ -129,6 +137,15 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
         raise ConfigError(f"--epochs must be positive, got {o['epochs']}")
     if o["method"] != "full":
         LoraSettings(o["rank"], o["alpha"], o["dropout"])
+    if o.get("task") == "classify":  # {"text", "label"} data and a classification head
+        from scratchlm.finetune.classify import run_classify
+
+        if not opts.resume:
+            clear_out_dir(out, opts.force, "fine-tuning")
+            out.mkdir(parents=True, exist_ok=True)
+        return run_classify(o, out, resume_dir, opts.progress, say)
+    if o.get("task") not in (None, "lm"):
+        raise ConfigError(f"unknown task {o['task']!r}; choose lm or classify")
     for path in (o["data"], o["val_data"]):
         if path is not None:  # malformed lines, unknown roles, missing assistant turns: before loading
             for number, record in read_jsonl(path):
@@ -175,6 +192,13 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
             quantize_base(model)
         apply_lora(model, settings, seed=o["seed"])
         trainable = lora_parameter_names(model)
+    from scratchlm.finetune.freeze import TransferControls
+
+    controls = TransferControls(model.config.n_layers, o.get("freeze_layers") or 0, o.get("unfreeze_every"),
+                                o.get("layer_lr_decay") or 1.0)
+    if controls.active:
+        trainable = controls.trainable(trainable or [n for n, p in model.named_parameters() if p.requires_grad])
+        say(f"transfer learning: {controls.describe()}")
     _describe_memory(model, n_base, say)
 
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
@@ -210,7 +234,9 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
     reporter = TrainingReport(out, progress=opts.progress, print_fn=None)
     result = train(model, config, batches, val, trainable=trainable, out_dir=out, save_model=save_model,
                    resume_from=resume_dir, reporter=reporter,
-                   load_model=load_model if settings is not None else None, loss_fn=sft_loss)
+                   load_model=load_model if settings is not None else None, loss_fn=sft_loss,
+                   lr_scale=controls.lr_scale if controls.layer_lr_decay != 1.0 else None,
+                   before_step=controls.before_step(model, trainable) if trainable is not None else None)
     best = f"; best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     say(f"done: {result.step} steps in {result.elapsed:.0f} s{best}")
     final = out / ("best" if val is not None else "last")
@@ -280,7 +306,8 @@ def _train_config(o: dict, batches_per_epoch: int) -> TrainConfig:
     return TrainConfig(max_steps=steps, batch_size=o["batch_size"], grad_accum_steps=o["grad_accum_steps"], lr=lr,
                        min_lr=lr / 10, warmup_steps=min(warmup, steps), weight_decay=o["weight_decay"],
                        eval_interval=eval_interval, eval_batches=1, dtype=o["dtype"], seed=o["seed"],
-                       activation_checkpointing=o["activation_checkpointing"])
+                       activation_checkpointing=o["activation_checkpointing"],
+                       optimizer=o.get("optimizer") or "adamw", momentum=o.get("momentum") or 0.9)
 
 
 def _legacy_record(out: Path) -> dict:

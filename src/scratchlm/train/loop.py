@@ -64,6 +64,8 @@ class TrainConfig:
     early_stopping: int | None = None  # stop after this many evaluations without a better val loss
     seed: int = 1337
     fused_optimizer: bool | None = None  # None: fused AdamW where the device supports it
+    optimizer: str = "adamw"  # or sgd, rmsprop, adafactor (optim.OPTIMIZERS)
+    momentum: float = 0.9  # SGD's and RMSprop's
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_batches"):
@@ -141,7 +143,9 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
           save_model: Callable[[Path], None] | None = None, resume_from: str | Path | None = None,
           dist: Dist | None = None, reporter=None, load_model: Callable[[Path], None] | None = None,
           loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-          evaluate_fn: Callable[[nn.Module, Sequence[Batch]], dict] | None = None) -> TrainResult:
+          evaluate_fn: Callable[[nn.Module, Sequence[Batch]], dict] | None = None,
+          lr_scale: Callable[[str], float] | None = None, before_step: Callable[[int], None] | None = None
+          ) -> TrainResult:
     """Train ``model`` for ``config.max_steps`` optimizer steps (counting steps already done when resuming).
 
     Args:
@@ -161,6 +165,9 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
         evaluate_fn: ``evaluate_fn(model, val_batches)`` -> ``{"val_loss": ..., other metrics}``, instead of the
             mean cross-entropy (alignment's losses and preference accuracy); the other metrics go into the
             evaluation record.
+        lr_scale: each trained parameter's multiple of the learning rate, by name (discriminative rates).
+        before_step: called with the step number before each step (gradual unfreezing sets ``requires_grad``
+            there; a parameter without a gradient is left untouched by the optimizer).
     """
     dist = dist or Dist()
     if out_dir is not None and save_model is None:
@@ -176,7 +183,7 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
             p.requires_grad_(n in trainable)
     params = [(n, p) for p, n in names.items() if p.requires_grad]
     optimizer = make_optimizer(params, config.lr, config.weight_decay, (config.beta1, config.beta2),
-                               config.fused_optimizer)
+                               config.fused_optimizer, config.optimizer, config.momentum, lr_scale)
     model.gradient_checkpointing = config.activation_checkpointing
     model.train()
     forward = torch.compile(model) if config.compile else model
@@ -212,7 +219,9 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
         t0 = time.perf_counter()
         lr = lr_at(step, config.lr, config.min_lr, config.warmup_steps, decay_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        if before_step is not None:
+            before_step(step)
 
         loss_sum, tokens = torch.zeros((), device=device), 0
         for micro in range(config.grad_accum_steps):

@@ -1,8 +1,12 @@
 """The optimizer and the learning-rate schedule.
 
-AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only: decaying norm gains and biases
-pulls them towards zero for no benefit (nanoGPT, GPT-3 paper appendix B). The learning rate warms up
-linearly, then follows a cosine down to ``min_lr`` (Loshchilov & Hutter 2017, SGDR; as in nanoGPT).
+AdamW (Loshchilov & Hutter 2019) by default, or SGD with (Nesterov-free) momentum, RMSprop or Adafactor
+(Shazeer & Stern 2018: factored second moments, the memory-light choice of T5), all of them torch's own
+implementations. Weight decay applies to matrices only: decaying norm gains and biases pulls them towards zero
+for no benefit (nanoGPT, GPT-3 paper appendix B). The learning rate warms up linearly, then follows a cosine
+down to ``min_lr`` (Loshchilov & Hutter 2017, SGDR; as in nanoGPT). Parameters may train at different rates:
+``lr_scale(name)`` puts each in a group whose ``lr_scale`` multiplies the schedule's rate (discriminative
+fine-tuning, ``finetune/freeze.py``).
 
 Optimizer state is saved as plain tensors named ``<parameter name>::<state key>`` (safetensors), never
 pickled, and loaded back by parameter name.
@@ -11,32 +15,50 @@ pickled, and loaded back by parameter name.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from scratchlm.errors import TrainingError
+from scratchlm.errors import ConfigError, TrainingError
+
+OPTIMIZERS = ("adamw", "sgd", "rmsprop", "adafactor")
 
 
 def make_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
-                   betas: tuple[float, float], fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW over the given parameters: weight decay on tensors of 2+ dimensions only.
+                   betas: tuple[float, float], fused: bool | None = None, name: str = "adamw",
+                   momentum: float = 0.9, lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over the given parameters: weight decay on tensors of 2+ dimensions only.
 
     Args:
         named_params: (name, parameter) pairs to train; frozen ones (requires_grad False) are skipped.
         fused: use PyTorch's fused AdamW kernel (one kernel for all parameters); None picks it when
             every parameter is on a device that supports it (CPU and CUDA do in torch >= 2.4).
+        name: adamw (``betas``), sgd or rmsprop (``momentum``), adafactor (its own decay schedule; ``betas``
+            and ``momentum`` do not apply).
+        lr_scale: each parameter's multiple of the learning rate (by name); parameters with the same multiple
+            share a group, whose ``lr_scale`` the training loop applies at every step.
     """
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     params = [(n, p) for n, p in named_params if p.requires_grad]
     if not params:
         raise TrainingError("no trainable parameters: at least one parameter must have requires_grad=True")
-    decay = [p for _, p in params if p.dim() >= 2]
-    no_decay = [p for _, p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for n, p in params:
+        scale = 1.0 if lr_scale is None else float(lr_scale(n))
+        groups.setdefault((scale, p.dim() >= 2), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale,
+                     "lr": lr * scale} for (scale, decay), ps in groups.items()]
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(param_groups, lr=lr, momentum=momentum)
+    if name == "adafactor":
+        return torch.optim.Adafactor(param_groups, lr=lr)
     if fused is None:
         fused = all(p.device.type in ("cpu", "cuda") for _, p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
