@@ -292,6 +292,7 @@ def demo_dpo(args) -> str:
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", choices=["dpo"], default=None, help="run a demonstration instead of the benchmark")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 12; demo 60)")
@@ -305,7 +306,6 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global THREADS
     THREADS = args.threads
     if args.worker:
         args.steps = args.steps or 12
