@@ -178,3 +178,11 @@ def test_peft_reads_the_dpo_adapter(tmp_path, data):
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
         theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "run" / "last").eval()(x).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_a_new_run_over_an_old_one_never_reuses_its_reference_cache(base_dir, data, tmp_path):
+    run_dpo(options(base_dir, data, tmp_path / "run", max_steps=1, val_fraction=0.0), say=quiet)
+    other = tmp_path / "other.jsonl"  # as many pairs, other answers: the old cache would fit their shapes
+    other.write_text("".join(json.dumps({**r, "chosen": r["chosen"] + " Yes."}) + "\n" for r in ROWS))
+    run_dpo(options(base_dir, other, tmp_path / "run", max_steps=1, val_fraction=0.0, force=True), say=quiet)
+    assert steps(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)

@@ -206,9 +206,6 @@ class PairTargets:
 
         return PairTargets(move(self.targets), move(self.lengths), move(self.ref_logps))
 
-    def numel(self) -> int:
-        return self.targets.numel()
-
 
 def collate_pairs(pairs: list[PreferencePair], pad_id: int, shift: bool = True,
                   ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, PairTargets]:

@@ -132,21 +132,31 @@ def reference_logps(model: torch.nn.Module, pairs: list, batch_size: int, pad_id
 
 
 def _cached_reference(out: Path, model, train_pairs, val_pairs, o: dict, pad_id: int, say, progress: bool):
-    """The reference log-probabilities of the training and validation pairs: read from ``OUT`` (a resumed run)
-    or computed now and written there."""
-    from safetensors.torch import load_file, save
+    """The reference log-probabilities of the training and validation pairs: read from ``OUT`` when they were
+    computed for this very model, data and settings (a resumed run), else computed now and written there."""
+    import json
 
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from scratchlm.align.run import data_fingerprints
+
+    key = json.dumps({**{k: o[k] for k in ("model", "max_length", "too_long", "val_fraction", "seed", "dtype")},
+                      **data_fingerprints(o)}, sort_keys=True, default=str)
     path = out / REFERENCE_FILE
     if path.is_file():
-        cached = load_file(path)
-        if cached["train"].shape[0] == len(train_pairs) and cached["val"].shape[0] == len(val_pairs):
-            return cached["train"], cached["val"]
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                cached = {name: f.get_tensor(name) for name in f.keys()}
+                if cached["train"].shape[0] == len(train_pairs) and cached["val"].shape[0] == len(val_pairs):
+                    return cached["train"], cached["val"]
     start = time.perf_counter()
     ref_train = reference_logps(model, train_pairs, o["batch_size"], pad_id, o["dtype"], progress)
     ref_val = reference_logps(model, val_pairs, o["batch_size"], pad_id, o["dtype"], progress)
     say(f"reference log-probabilities of {len(train_pairs) + len(val_pairs)} pairs in "
         f"{time.perf_counter() - start:.1f} s (adapter off; cached in {path})")
-    atomic_write_bytes(path, save({"train": ref_train.contiguous(), "val": ref_val.contiguous()}))
+    atomic_write_bytes(path, save({"train": ref_train.contiguous(), "val": ref_val.contiguous()},
+                                  metadata={"key": key}))
     return ref_train, ref_val
 
 

@@ -141,6 +141,7 @@ def clear_run_dir(out: Path, force: bool, command: str) -> None:
                             f"`scratchlm align {command} --out {out} --resume`, replace it by adding --force, or "
                             "write the new run elsewhere with --out ANOTHER_DIR")
     clear_out_dir(out, True, "alignment")
+    (out / "reference_logps.safetensors").unlink(missing_ok=True)  # DPO's cache belongs to the old run
     out.mkdir(parents=True, exist_ok=True)
 
 
