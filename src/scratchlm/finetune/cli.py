@@ -34,6 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_flags(p)
     add_transfer_flags(p)
     add_run_flags(p)
+    from scratchlm.quant.cli import parse_group_size
+
+    g = p.add_argument_group("quantization-aware training")
+    g.add_argument("--qat", choices=["int4"], default=None,
+                   help="train through the int4 weights `scratchlm quantize --to int4` will make (lora or full)")
+    g.add_argument("--group-size", type=parse_group_size, default=None,
+                   help="with --qat: int4 group, 32 (default), 64, 128 or channel; quantize with the same")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the result")
@@ -141,7 +148,8 @@ def training_kwargs(args: argparse.Namespace) -> dict:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from scratchlm.finetune.run import FinetuneOptions, run_finetune
 
-    run_finetune(FinetuneOptions(**training_kwargs(args), **transfer_kwargs(args)))
+    run_finetune(FinetuneOptions(**training_kwargs(args), **transfer_kwargs(args), qat=args.qat,
+                                 group_size=args.group_size))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

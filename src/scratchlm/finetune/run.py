@@ -86,6 +86,8 @@ class FinetuneOptions:
     freeze_layers: int | None = None  # the first N blocks and the embeddings stay frozen (finetune/freeze.py)
     unfreeze_every: int | None = None  # gradual unfreezing: one more block from the top every K steps
     layer_lr_decay: float | None = None  # discriminative rates: each layer group x this below the one above
+    qat: str | None = None  # "int4": quantization-aware training (quant/qat.py)
+    group_size: int | str | None = None  # QAT's int4 group: 32 (default), 64, 128 or "channel"
     resume: bool = False
     force: bool = False  # replace a previous run in ``out``
     progress: bool = True
@@ -146,6 +148,7 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
         return run_classify(o, out, resume_dir, opts.progress, say)
     if o.get("task") not in (None, "lm"):
         raise ConfigError(f"unknown task {o['task']!r}; choose lm or classify")
+    _check_qat(o)
     for path in (o["data"], o["val_data"]):
         if path is not None:  # malformed lines, unknown roles, missing assistant turns: before loading
             for number, record in read_jsonl(path):
@@ -199,6 +202,12 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
     if controls.active:
         trainable = controls.trainable(trainable or [n for n, p in model.named_parameters() if p.requires_grad])
         say(f"transfer learning: {controls.describe()}")
+    if o.get("qat") is not None:
+        from scratchlm.quant.qat import prepare_qat
+
+        prepare_qat(model, o["qat"], o.get("group_size") or QAT_GROUP_SIZE)
+        say(f"quantization-aware training: the forward uses {o['qat']} weights (group "
+            f"{o.get('group_size') or QAT_GROUP_SIZE}), as `scratchlm quantize --to {o['qat']}` will make them")
     _describe_memory(model, n_base, say)
 
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
@@ -251,6 +260,28 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
             f"continues with `scratchlm finetune --out {out} --resume`; curves {out / 'loss.png'}, "
             f"{out / 'metrics.jsonl'}; options {out / RUN_FILE}\nuse it: scratchlm chat {final}")
     return result
+
+
+QAT_GROUP_SIZE = 32  # quantize_model's default group
+
+
+def _check_qat(o: dict) -> None:
+    """--qat and --group-size make sense together, with LoRA (no dropout) or full fine-tuning."""
+    if o.get("qat") is None:
+        if o.get("group_size") is not None:
+            raise ConfigError("--group-size applies to quantization-aware training: add --qat int4")
+        return
+    from scratchlm.quant.int4 import check_group_size
+    from scratchlm.quant.qat import MODES
+
+    if o["qat"] not in MODES:
+        raise ConfigError(f"unknown --qat {o['qat']!r}; choose one of {', '.join(MODES)}")
+    if o["method"] == "qlora":
+        raise ConfigError("--qat trains through int4 weights itself: use it with --method lora or full, not qlora")
+    if o["method"] == "lora" and o["dropout"]:
+        raise ConfigError("--qat quantizes the merged LoRA weight, which leaves no place for LoRA dropout: "
+                          "use --dropout 0")
+    check_group_size(o.get("group_size") or QAT_GROUP_SIZE)
 
 
 def _resume_options(out: Path, given: dict, say) -> tuple[Path, dict]:
