@@ -53,7 +53,8 @@ def load_model(args: argparse.Namespace):
         from scratchlm.serve.test_model import build_test_model
 
         return build_test_model()
-    return LLM.load(args.model, **{**engine_kwargs(args), "adapter": args.merged_adapter})
+    merged = getattr(args, "merged_adapter", None)  # set by cmd_serve from --adapter; absent when called alone
+    return LLM.load(args.model, **{**engine_kwargs(args), "adapter": merged})
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
