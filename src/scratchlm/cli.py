@@ -75,20 +75,18 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import time
-
     from scratchlm.generate import DecodeStats
 
     structured = constraint_kwargs(args)  # compiled before the slow load: a bad schema fails at once
     decoding = decoding_kwargs(args)
     llm = load_llm(args)
-    stats, started = DecodeStats(), time.perf_counter()
+    stats = DecodeStats()
     for chunk in llm.stream(args.prompt, **sampling_kwargs(args), **structured, **decoding, stats=stats):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.verbose:
-        print(f"{stats.summary()}; {stats.generated / (time.perf_counter() - started):.1f} tokens/s", file=sys.stderr)
+        print(stats.summary(), file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

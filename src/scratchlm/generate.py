@@ -15,6 +15,7 @@ splits a UTF-8 character or shows the beginning of a stop string that may still 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -60,15 +61,20 @@ class ContextShift:
 
 @dataclass
 class DecodeStats:
-    """Totals over the prompts of one call: tokens, forward passes, drafted and accepted tokens, shifts."""
+    """Totals over the prompts of calls: tokens, forward passes, drafted and accepted tokens, shifts, and the
+    seconds spent in prefill (to the first tokens) and after it (the consumer's time between chunks included)."""
 
     generated: int = 0
     forwards: int = 0
     drafted: int = 0
     accepted: int = 0
     shifts: int = 0
+    prompts: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
     def add(self, seq: Sequence) -> None:
+        self.prompts += 1
         self.generated += seq.generated
         self.forwards += seq.forwards
         self.drafted += seq.drafted
@@ -83,12 +89,19 @@ class DecodeStats:
     def tokens_per_forward(self) -> float:
         return self.generated / self.forwards if self.forwards else 0.0
 
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after each prompt's first, per second after the first tokens (BENCHMARKS.md's decode rate)."""
+        return (self.generated - self.prompts) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
     def summary(self) -> str:
         line = f"{self.generated} tokens in {self.forwards} forward passes ({self.tokens_per_forward:.2f} per pass)"
         if self.drafted:
             line += f"; drafted {self.drafted}, accepted {self.accepted} ({100 * self.acceptance_rate:.0f}%)"
         if self.shifts:
             line += f"; {self.shifts} context shift{'s' if self.shifts > 1 else ''}"
+        if self.decode_seconds > 0:
+            line += f"; prefill {self.prefill_seconds:.2f} s, then {self.decode_tokens_per_second:.1f} tokens/s"
         return line
 
 
@@ -301,12 +314,15 @@ def stream_sequences(model: Transformer, sequences: list[Sequence], draft=None, 
         if drafter else []
     # The tokens each row caches, when a drafter or a context shift needs them.
     windows = [list(s.prompt_ids) for s in sequences] if drafter is not None or shift is not None else None
+    started = first = time.perf_counter()
     try:
         logits = prefill(model, [s.prompt_ids for s in sequences], cache)
         last = [0] * len(sequences)  # each row's newest token: chosen, not yet fed to the model
         for row, seq in enumerate(sequences):
             seq.forwards += 1
             last[row] = seq.next_token(logits[row])
+        first = time.perf_counter()
+        for row, seq in enumerate(sequences):
             text = seq.push(last[row])
             if text:
                 yield row, text
@@ -342,6 +358,8 @@ def stream_sequences(model: Transformer, sequences: list[Sequence], draft=None, 
         if stats is not None:
             for seq in sequences:
                 stats.add(seq)
+            stats.prefill_seconds += first - started
+            stats.decode_seconds += time.perf_counter() - first
 
 
 def _draft(drafter, policies, sequences, live, windows, last, max_len) -> dict[int, tuple[list[int], list | None]]:
