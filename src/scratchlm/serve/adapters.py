@@ -66,9 +66,10 @@ class MultiLoRALinear(nn.Module):
             return y
         if self._mask is None or self._mask[0] != sel.version:
             self._mask = (sel.version, (sel.ids[:, None, None] == self.owner).to(self.a.dtype))  # (B, 1, R)
-        h = (x.to(self.a.dtype) @ self.a) * self._mask[1]  # (B, T, R): each row keeps its adapter's columns
-        update = h @ self.b  # (B, T, out)
-        return y.add_(update) if y.dtype == update.dtype else y + update.to(y.dtype)
+        h = (x.to(self.a.dtype) @ self.a).mul_(self._mask[1])  # (B, T, R): each row keeps its adapter's columns
+        if y.dtype != h.dtype or not y.is_contiguous():
+            return y + (h @ self.b).to(y.dtype)
+        return y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.b).view(y.shape)  # y += h @ B
 
     def extra_repr(self) -> str:
         return f"adapters={int(self.owner.max())}, total_rank={self.a.shape[1]}"
