@@ -365,10 +365,12 @@ def stream_sequences(model: Transformer, sequences: list[Sequence], draft=None, 
 def _draft(drafter, policies, sequences, live, windows, last, max_len) -> dict[int, tuple[list[int], list | None]]:
     """Drafts for the rows whose draft length policy asks for some: {row: (tokens, q per token or None)}."""
     rows, ks = [], []
+    # One right-padded pass feeds every live row as many positions as the longest draft: the fullest row bounds all.
+    cap = max_len - 1 - max(len(windows[row]) for row in live)
     for row in live:
         seq = sequences[row]
         # Room: the cache holds the window, the last token and the drafts; tokens past the budget are wasted.
-        room = min(max_len - len(windows[row]) - 1, seq.budget - len(seq.output_ids) - 1)
+        room = min(max_len - len(windows[row]) - 1, seq.budget - len(seq.output_ids) - 1, cap)
         k = policies[row].choose(room)
         if k > 0:
             rows.append(row)
