@@ -5,6 +5,7 @@ evicting least recently used leaves, and the API reports ``usage.prompt_tokens_d
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -166,3 +167,16 @@ def test_serve_flag_default_is_the_engines():
     args = build_parser().parse_args(["serve", "m"])
     assert args.prefix_cache_mb == prefix_cache.DEFAULT_BUDGET_MB
     assert build_parser().parse_args(["serve", "m", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0
+
+
+def test_the_server_reports_a_budget_too_small_for_one_block(llm):
+    """The CLI raises what ``on_load_error`` receives as one line (tests/test_serve_cli.py checks that path)."""
+    errors = []
+    app = create_app(llm, prefix_cache_mb=0.001, on_load_error=errors.append)
+    with BackgroundServer(app, wait_ready=False) as url:
+        deadline = time.monotonic() + 60
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = httpx.get(url + "/health")
+    assert isinstance(errors[0], ConfigError) and "holds no block of 16 tokens" in str(errors[0])
+    assert health.status_code == 503 and "holds no block" in health.json()["error"]["message"]

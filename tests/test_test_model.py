@@ -75,3 +75,4 @@ def test_langchain_chat_model_against_the_test_model(server):
     llm = ChatOpenAI(model=TEST_MODEL, base_url=str(server.base_url), api_key="none", max_retries=0)
     assert llm.invoke("What can you do?").content == REPLY
     assert "".join(chunk.content for chunk in llm.stream("And now?")) == REPLY
+
