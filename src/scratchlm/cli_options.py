@@ -146,8 +146,8 @@ def constraint_kwargs(args: argparse.Namespace) -> dict:
     return {"grammar": make_constraint(**kwargs)} if kwargs else {}
 
 
-def add_decoding_flags(p: argparse.ArgumentParser) -> None:
-    """Speculative decoding and context shift (generate, chat, serve; docs/decoding.md)."""
+def add_draft_flags(p: argparse.ArgumentParser):
+    """Speculative decoding (generate, chat, serve); returns the argument group, for more decoding flags."""
     g = p.add_argument_group("decoding (docs/decoding.md)")
     g.add_argument("--draft", metavar="MODEL", default=None,
                    help="speculative decoding: 'ngram' (prompt lookup: copies from the prompt and the text so far) "
@@ -155,6 +155,12 @@ def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-tokens", type=int, default=None, metavar="K",
                    help="most tokens drafted per step, 1-32 (default 8 for ngram, 5 for a model); fewer, or none, "
                         "while drafts are rarely accepted")
+    return g
+
+
+def add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding, context shift and --verbose (generate, chat; docs/decoding.md)."""
+    g = add_draft_flags(p)
     g.add_argument("--context-shift", nargs="?", const="recompute", default=None, choices=("recompute", "rotate"),
                    help="go on past the context window: drop the oldest half of the tokens after --keep and "
                         "recompute the cache (default) or rotate the cached keys (faster, approximate)")

@@ -124,14 +124,17 @@ def create_app(model, *, api_key: str | None = None, max_batch: int = 16, max_qu
                max_len: int | None = None, prefill_chunk: int = 128, log_prompts: bool = False,
                model_name: str | None = None, on_load_error: Callable[[BaseException], None] | None = None,
                embeddings: EmbeddingService | None = None, prefix_cache_mb: float = DEFAULT_BUDGET_MB,
-               adapters: dict | None = None) -> FastAPI:
+               adapters: dict | None = None, draft=None, draft_tokens: int | None = None) -> FastAPI:
     """The server app. ``model`` is an ``LLM`` or a function that loads one (called in a thread at start);
     ``embeddings``, an encoder that answers /v1/embeddings instead of the language model; ``prefix_cache_mb``,
     memory for the keys and values of earlier prompts (0: off); ``adapters``, {name: LoRA adapter directory}
-    served beside the base model, each request applying the one its ``model`` names (serve/adapters.py)."""
+    served beside the base model, each request applying the one its ``model`` names (serve/adapters.py);
+    ``draft`` ("ngram", a draft model name or path, or an LLM) and ``draft_tokens``: speculative decoding for every
+    request (docs/decoding.md)."""
     load = model if callable(model) and not hasattr(model, "tokenizer") else (lambda: model)
     state = ServerState(load, dict(max_batch=max_batch, max_queue=max_queue, max_len=max_len,
-                                   prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb), model_name,
+                                   prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb, draft=draft,
+                                   draft_tokens=draft_tokens), model_name,
                         on_load_error, adapters)
 
     @asynccontextmanager

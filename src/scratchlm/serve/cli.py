@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from scratchlm.cli_options import add_engine_flags, add_model_argument, engine_kwargs
+from scratchlm.cli_options import add_draft_flags, add_engine_flags, add_model_argument, decoding_kwargs, engine_kwargs
 from scratchlm.errors import ConfigError, ScratchLMError
 
 API_KEY_ENV = "SCRATCHLM_API_KEY"
@@ -42,6 +42,7 @@ def register(subparsers) -> None:
                         "repeatable; requests choose with their model field and are batched together. A bare DIR is "
                         "merged into the base at load instead")
     add_engine_flags(p, adapter=False)
+    add_draft_flags(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -74,6 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--prefix-cache-mb must be 0 (off) or a positive number of megabytes")
     if args.model != TEST_MODEL:
         resolve(args.model)  # an unknown name or missing file fails here, before the server starts
+    decoding = decoding_kwargs(args)  # --draft, --draft-tokens: checked here; a draft model loads with the model
+    if decoding.get("draft") not in (None, "ngram"):
+        resolve(decoding["draft"])
     adapters, args.merged_adapter = parse_adapter_specs(args.adapter)
     embeddings = None
     if args.embedding_model is not None:
@@ -98,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(lambda: load_model(args), api_key=api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, max_len=args.max_len, log_prompts=args.log_prompts,
                      model_name=args.model_name, on_load_error=on_load_error, embeddings=embeddings,
-                     prefix_cache_mb=args.prefix_cache_mb, adapters=adapters)
+                     prefix_cache_mb=args.prefix_cache_mb, adapters=adapters, **decoding)
     # uvicorn's own access log is off: the server writes one structured line per request instead.
     # On SIGTERM or Ctrl-C, Server ends the requests in flight first, so the process exits within a second.
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="info",

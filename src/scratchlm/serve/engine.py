@@ -56,6 +56,7 @@ class _Active:
         self.held: list[TokenLogprob] = []  # logprobs of tokens whose text is not released yet
         self.prompt_lp: list[TokenLogprob] = []
         self.cached = 0  # prompt tokens copied from the prefix cache or another request instead of computed
+        self.policy = None  # its speculative.DraftLength, with --draft
         self.arrived = time.perf_counter()
         self.last_token_at = 0.0
 
@@ -117,9 +118,12 @@ class Engine:
 
     def __init__(self, llm, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
                  prefill_chunk: int = 128, metrics: ServerMetrics | None = None,
-                 prefix_cache_mb: float = DEFAULT_BUDGET_MB, adapters=None):
+                 prefix_cache_mb: float = DEFAULT_BUDGET_MB, adapters=None, draft=None,
+                 draft_tokens: int | None = None):
         """``prefix_cache_mb``: memory for the keys and values of past prompts (0: only running requests share);
-        ``adapters``: the ``serve.adapters.ServedAdapters`` attached to the model (a job's ``adapter`` indexes them)."""
+        ``adapters``: the ``serve.adapters.ServedAdapters`` attached to the model (a job's ``adapter`` indexes them);
+        ``draft``: speculative decoding for every request, ``"ngram"`` or a draft model (``LLM.draft_model``),
+        at most ``draft_tokens`` drafted per step (docs/decoding.md)."""
         self.llm, self.model = llm, llm.model
         cfg = self.model.config
         self.max_len = min(max_len or DEFAULT_MAX_LEN, cfg.context_length)
@@ -131,6 +135,14 @@ class Engine:
         self.cache = KVCache(cfg, max_batch, self.max_len, dtype=param.dtype, device=param.device)
         self.prefix_cache = PrefixCache(cfg, prefix_cache_mb, dtype=self.cache.k.dtype, device=param.device) \
             if prefix_cache_mb else None
+        self.drafter = None
+        if draft is not None:
+            from scratchlm.generate import make_drafter
+            from scratchlm.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens
+
+            check_draft_tokens(draft_tokens)
+            self.draft_tokens = draft_tokens or DEFAULT_DRAFT_TOKENS["ngram" if draft == "ngram" else "model"]
+            self.drafter = make_drafter(llm.draft_model(draft), self.model, max_batch, self.max_len)
         self.slots: list[_Active | None] = [None] * max_batch
         self._waiting: deque[_Active] = deque()
         self._embeds: deque[_EmbedJob] = deque()
@@ -364,6 +376,8 @@ class Engine:
         """One token for every decoding request. All rows up to the highest busy slot run together (a view,
         so nothing is copied); idle and still-prefilling rows get a dummy token whose cache write lands at
         their own length, a position that later real tokens overwrite, and keep their length."""
+        if self.drafter is not None and self._speculate(decoding):
+            return
         rows = max(a.slot for a in self.slots if a is not None) + 1
         # The compiled step (scratchlm.compiled), when attached; its graphs know nothing of per-row adapters.
         decoder = getattr(self.model, "decoder", None) if self.adapters is None else None
@@ -397,15 +411,88 @@ class Engine:
             else:
                 self._release(active)
 
+    def _speculate(self, decoding: list[_Active]) -> bool:
+        """A speculative step (``--draft``): draft for the decoding requests whose draft length policy asks, then one
+        forward pass over every decoding row's last token and its drafts; each row keeps its accepted drafts (the
+        rejection rule of ``speculative.verify_token``) and its cache is cut back to them. Returns False, having
+        done nothing, when no row drafts: the plain step runs instead."""
+        from scratchlm.speculative import DraftLength, verify_token
+
+        rows = max(a.slot for a in self.slots if a is not None) + 1
+        view = cache_rows(self.cache, 0, rows)
+        # One right-padded pass: the fullest row (decoding or prefilling) bounds how far any row can draft.
+        cap = self.max_len - 1 - int(view.lengths.max())
+        asking, ks = [], []
+        for active in decoding:
+            seq = active.seq
+            if active.ticket.cancelled:
+                continue
+            if active.policy is None:
+                active.policy = DraftLength(self.draft_tokens, self.drafter.draft_cost)
+            held = len(seq.prompt_ids) + len(seq.output_ids)  # cached tokens and the last one
+            k = active.policy.choose(min(self.max_len - held, seq.budget - len(seq.output_ids) - 1, cap))
+            if k > 0:
+                asking.append(active)
+                ks.append(k)
+        if not asking:
+            return False
+        contexts = [a.seq.prompt_ids + a.seq.output_ids for a in asking]
+        proposals = self.drafter.draft([a.slot for a in asking], contexts, contexts, ks, [a.seq for a in asking])
+        drafts = {a.slot: (tokens[:k], qs) for a, k, (tokens, qs) in zip(asking, ks, proposals) if tokens}
+        if not drafts:
+            return False
+        width = 1 + max(len(tokens) for tokens, _ in drafts.values())
+        ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        lengths = torch.ones(rows, dtype=torch.long, device=self.device)
+        adapter_ids = [0] * rows
+        for active in decoding:
+            fed = [active.next_token, *drafts.get(active.slot, ((), None))[0]]
+            ids[active.slot, : len(fed)] = torch.tensor(fed)
+            lengths[active.slot] = len(fed)
+            adapter_ids[active.slot] = active.job.adapter
+        self._select(adapter_ids)
+        saved = view.lengths.clone()
+        hidden = self.model.hidden_states(ids, view, input_lengths=lengths)  # (rows, width, C)
+        view.lengths.copy_(saved)  # idle and prefilling rows keep theirs; decoding rows advance below
+        m = self.metrics
+        m.record(m.batch_size.set, len(decoding))
+        m.record(m.batch_sizes.observe, len(decoding))
+        for active in sorted(decoding, key=lambda a: a.slot):
+            if active.ticket.cancelled:
+                self._release(active)
+                continue
+            tokens, qs = drafts.get(active.slot, ((), None))
+            logits = self.model.logits(hidden[active.slot, : len(tokens) + 1]).float()
+            accepted = made = 0
+            for i in range(len(tokens) + 1):
+                token, ok = verify_token(active.seq, logits[i], tokens[i], qs[i] if qs else None) \
+                    if i < len(tokens) else (None, False)  # after every draft: one more token, sampled plainly
+                self._accept(active, logits[i], token=token)
+                accepted, made = accepted + ok, made + 1
+                if not ok or active.seq.finished or active.ticket.cancelled:
+                    break
+            if tokens:
+                active.policy.update(len(tokens), accepted)
+                m.record(m.draft_tokens.inc, len(tokens))
+                m.record(m.accepted_tokens.inc, accepted)
+            m.record(m.verify_passes.inc, 1)
+            m.record(m.verify_tokens.inc, made)
+            if self.slots[active.slot] is active:  # still running: keep its fed token and accepted drafts
+                self.cache.lengths[active.slot] = saved[active.slot] + 1 + accepted
+        return True
+
     def _select(self, adapter_ids: list[int]) -> None:
         """Tell the adapted layers which adapter each row of the next forward pass applies."""
         if self.adapters is not None:
             self.adapters.select(adapter_ids)
 
-    def _accept(self, active: _Active, logits: torch.Tensor, prompt_lp: list | None = None) -> None:
-        """Sample the next token from ``logits`` [V], record it, and tell the client what it released."""
+    def _accept(self, active: _Active, logits: torch.Tensor, prompt_lp: list | None = None,
+                token: int | None = None) -> None:
+        """Sample the next token from ``logits`` [V] (or take ``token``, chosen by speculative verification from
+        these logits), record it, and tell the client what it released."""
         seq, job = active.seq, active.job
-        token = seq.next_token(logits)
+        if token is None:
+            token = seq.next_token(logits)
         entry = None
         if job.logprobs is not None:  # log-probabilities of the model itself, before any sampling filter
             entry = token_logprob(logits.log_softmax(-1), token, job.logprobs)

@@ -95,8 +95,17 @@ class ServerMetrics:
         self.active = Gauge("scratchlm_active_requests", "Requests holding a batch slot")
         self.batch_size = Gauge("scratchlm_batch_size", "Requests in the most recent decode step")
         self.batch_sizes = Histogram("scratchlm_decode_batch_size", "Requests per decode step", BATCH_BUCKETS)
+        # Speculative decoding (--draft): acceptance rate = accepted / drafted; tokens per forward pass of a request
+        # = verify_tokens / verify_passes (docs/decoding.md).
+        self.draft_tokens = Counter("scratchlm_draft_tokens_total", "Tokens proposed by the drafter (--draft)")
+        self.accepted_tokens = Counter("scratchlm_draft_accepted_tokens_total", "Drafted tokens the model accepted")
+        self.verify_passes = Counter("scratchlm_speculative_passes_total",
+                                     "Request rows in speculative forward passes (one per request per pass)")
+        self.verify_tokens = Counter("scratchlm_speculative_tokens_total",
+                                     "Tokens those rows produced (accepted drafts and one more each)")
         self._all = [self.requests, self.prompt_tokens, self.completion_tokens, self.reused_tokens, self.ttft, self.itl,
-                     self.queue_depth, self.active, self.batch_size, self.batch_sizes]
+                     self.queue_depth, self.active, self.batch_size, self.batch_sizes, self.draft_tokens,
+                     self.accepted_tokens, self.verify_passes, self.verify_tokens]
 
     def record(self, fn, *args) -> None:
         """Call ``fn(*args)`` (a metric's update method) under the lock."""
