@@ -194,8 +194,9 @@ def part_minitron(args) -> str:
     tokens = args.steps * args.batch_size * args.seq_len
     c = pruned.llm.config
     met = losses["pruned + distilled"] < losses["same shape from scratch"]
-    return (f"Structured pruning `--heads {args.heads} --mlp {args.mlp}` (calibration {args.samples} x {args.seq_len} "
-            f"tokens, {prune_s:.0f} s): {c.n_heads} heads in {c.n_kv_heads} key/value groups, d_ff {c.d_ff}; "
+    return (f"Structured pruning `--heads {args.heads:.3g} --mlp {args.mlp:.3g}` (calibration {args.samples} x "
+            f"{args.seq_len} tokens, {prune_s:.0f} s): {c.n_heads} heads in {c.n_kv_heads} key/value groups, "
+            f"d_ff {c.d_ff}; "
             f"{pruned.params_after / 1e6:.1f}M of {pruned.params_before / 1e6:.1f}M parameters ({share:.1%}). "
             f"Budget: {args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} tokens, lr {lr_text(args)}, "
             f"distillation T={args.temperature:g}, alpha={args.alpha:g}.\n\n"
