@@ -111,15 +111,19 @@ def worker_trl(data: Path, steps: int, batch_size: int, out: Path, precompute: b
     import trl
 
     from scratchlm.hub import model_path
-    from scratchlm.llm import LLM
 
     torch.set_num_threads(THREADS)
     gguf = model_path(MODEL)
-    ours = LLM.load(gguf, dtype="float32")  # for the tokenizer and template only
-    tokenizer = hf_tokenizer(ours, out)
-    del ours
+    # Our tokenizer and chat template as an HF fast tokenizer, written by the parent process (loading our model
+    # here for them would count in this process's peak RSS).
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(data.parent / "hf-tokenizer")
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                               dtype=torch.float32)
+    # The GGUF file is dequantized to float32 at load; only transformers' bookkeeping still calls the model
+    # quantized, and Trainer refuses to train a "GGUF-quantized" model. Drop that label.
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -145,7 +149,9 @@ def real_tokens(data: Path, steps: int, batch_size: int) -> tuple[int, bool]:
     llm = LLM.load(MODEL, dtype="float32")
     pairs, _ = load_preferences(data, llm.template, llm.tokenizer, 1024)
     assert len(pairs) == steps * batch_size, "the data must hold one epoch of the timed steps"
-    tokenizer = hf_tokenizer(llm, Path(tempfile.mkdtemp()))
+    (data.parent / "hf-tokenizer").mkdir(exist_ok=True)
+    tokenizer = hf_tokenizer(llm, data.parent / "hf-tokenizer")
+    tokenizer.save_pretrained(data.parent / "hf-tokenizer")  # for the TRL workers
     same = True
     for pair, row in zip(pairs[:8], [json.loads(line) for line in data.read_text().splitlines()[:8]]):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
@@ -193,7 +199,7 @@ def speed(args) -> str:
     tokens, same = real_tokens(data, args.steps, args.batch_size)
     print(f"{args.steps} steps of {args.batch_size} pairs: {tokens:,} real tokens; TRL's prompt ids equal ours: "
           f"{same}")
-    engines = ["scratchlm", "trl", "trl-precompute"]
+    engines = args.engines.split(",")
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     load_before = load_average()
     for round_ in range(args.rounds):
@@ -297,6 +303,8 @@ def main() -> None:
     parser.add_argument("--demo", choices=["dpo"], default=None, help="run a demonstration instead of the benchmark")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 12; demo 60)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
+    parser.add_argument("--engines", default="scratchlm,trl,trl-precompute",
+                        help="benchmark: engines to run, comma-separated (default all three)")
     parser.add_argument("--rounds", type=int, default=3, help="benchmark rounds (default 3)")
     parser.add_argument("--lr", type=float, default=5e-4, help="demo: learning rate (default 5e-4)")
     parser.add_argument("--beta", type=float, default=0.1, help="demo: beta (default 0.1)")
