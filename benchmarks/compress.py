@@ -1,7 +1,7 @@
 """Model compression on SmolLM2-135M, perplexity on held-out text (issue 15, item 5).
 
     python benchmarks/compress.py --part gptq [--samples 128 --seq-len 512 --eval-tokens 8192] [--act-order]
-    python benchmarks/compress.py --part qat [--steps 40 --batch-size 4 --train-len 256 --lr 1e-5]
+    python benchmarks/compress.py --part qat [--steps 100 --batch-size 4 --train-len 256 --lr 1e-4]
 
 Text: the bundled Shakespeare corpus; its first 90% calibrates (GPTQ) and trains (QAT), the last 10% is held
 out for perplexity (non-overlapping windows of --context tokens). The quantized models are the real int4 layers
@@ -157,10 +157,10 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128, help="gptq: calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="gptq: tokens per calibration window")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing input energy")
-    p.add_argument("--steps", type=int, default=40, help="qat: optimizer steps of each fine-tune")
+    p.add_argument("--steps", type=int, default=100, help="qat: optimizer steps of each fine-tune")
     p.add_argument("--batch-size", type=int, default=4, help="qat: windows per step")
     p.add_argument("--train-len", type=int, default=256, help="qat: tokens per training window")
-    p.add_argument("--lr", type=float, default=1e-5, help="qat: AdamW learning rate")
+    p.add_argument("--lr", type=float, default=1e-4, help="qat: AdamW learning rate")
     p.add_argument("--qat-group", default="channel", help="qat: int4 group (channel, 32, 64 or 128)")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     args = p.parse_args()
