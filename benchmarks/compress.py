@@ -1,6 +1,7 @@
 """Model compression on SmolLM2-135M, perplexity on held-out text (issue 15, item 5).
 
     python benchmarks/compress.py --part gptq [--samples 128 --seq-len 512 --eval-tokens 8192] [--act-order]
+        [--settings int4-64,int4-channel,int3-64,int4-32]
     python benchmarks/compress.py --part qat [--steps 100 --batch-size 4 --train-len 256 --lr 1e-4]
 
 Text: the bundled Shakespeare corpus; its first 90% calibrates (GPTQ) and trains (QAT), the last 10% is held
@@ -58,7 +59,8 @@ def part_gptq(args, llm, train_path: Path, eval_ids: torch.Tensor) -> str:
     start = time.perf_counter()
     ppl_float = held_out_ppl(base, eval_ids, args.context)
     print(f"float32: perplexity {ppl_float:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    configs = [(4, 64), (4, "channel"), (3, 64), (4, 32)]
+    configs = [(int(bits), group if group == "channel" else int(group))
+               for bits, group in (s.removeprefix("int").split("-") for s in args.settings.split(","))]
     rows = []
     for bits, group in configs:
         result = {}
@@ -156,6 +158,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--samples", type=int, default=128, help="gptq: calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="gptq: tokens per calibration window")
+    p.add_argument("--settings", default="int4-64,int4-channel,int3-64,int4-32",
+                   help="gptq: comma-separated intBITS-GROUP settings to compare")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing input energy")
     p.add_argument("--steps", type=int, default=100, help="qat: optimizer steps of each fine-tune")
     p.add_argument("--batch-size", type=int, default=4, help="qat: windows per step")
