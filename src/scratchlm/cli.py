@@ -86,6 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.verbose:
+        sys.stdout.flush()
         print(stats.summary(), file=sys.stderr)
 
 
@@ -100,6 +101,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     sampling = {**sampling_kwargs(args), **structured, **decoding, "stats": stats}
     ChatSession(llm, system=args.system, sampling=sampling).run(sys.stdin, sys.stdout)
     if args.verbose:
+        sys.stdout.flush()
         print(stats.summary(), file=sys.stderr)
 
 
@@ -117,6 +119,7 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.encoder_cli",
     "scratchlm.rag.cli",
     "scratchlm.compress.cli",
+    "scratchlm.agent.cli",
 ]
 
 
