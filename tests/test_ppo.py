@@ -11,8 +11,8 @@ import torch
 
 from conftest import tiny_llm
 from scratchlm.align import ppo
-from scratchlm.align.rl import RLOptions, run_rl, score_batch
-from scratchlm.align.rollout import Prompt, make_batch, response_hidden, token_logprobs
+from scratchlm.align.rl import RLOptions, run_rl
+from scratchlm.align.rollout import Prompt, make_batch, response_hidden, score_batch, token_logprobs
 from scratchlm.errors import ConfigError, DataError, TrainingError
 from scratchlm.formats.checkpoint import save_model_dir
 
@@ -147,8 +147,11 @@ def quiet(*args, **kwargs):
     pass
 
 
-def test_ppo_resume_is_exact(setup, tmp_path):
+def test_ppo_resume_is_exact(setup, tmp_path, monkeypatch):
     from safetensors.torch import load_file
+
+    # Three runs here; drawing reward.png (seconds on a busy machine) is checked by the test below, not here.
+    monkeypatch.setattr("scratchlm.align.rl_report.plot_rewards", lambda *args: None)
 
     straight = run_rl(options(setup, tmp_path / "a"), say=quiet)
     run_rl(options(setup, tmp_path / "b", max_steps=2), say=quiet)

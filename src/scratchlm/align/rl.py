@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 
 from scratchlm.align import grpo, ppo, rollout
-from scratchlm.align.rollout import Prompt, RolloutBatch, read_prompts, response_hidden, sample_rollouts
-from scratchlm.align.run import adapters_disabled
+from scratchlm.align.rollout import Prompt, read_prompts
 from scratchlm.errors import ConfigError, TrainingError
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.record import RUN_FILE, describe_changes, merge_given, read_record, write_record
@@ -265,7 +264,7 @@ def run_rl(opts: RLOptions, say=print) -> RLResult:
     started = time.perf_counter()
 
     def evaluate() -> dict:
-        stats = evaluate_prompts(llm, val_prompts, reward, sampling, o)
+        stats = rollout.evaluate_prompts(llm, val_prompts, reward, sampling, o)
         return {"step": state["step"], **stats}
 
     def save(kind: str, with_optimizer: bool) -> None:
@@ -327,32 +326,6 @@ def _seeds(seed: int, step: int, count: int) -> list[int]:
     return [(seed * 1_000_003 + step * 10_007 + i) % 2**62 for i in range(count)]
 
 
-@torch.no_grad()
-def score_batch(llm, batch: RolloutBatch, o: dict, value_model=None, chunk: int = 8) -> dict[str, torch.Tensor]:
-    """Log-probabilities of the sampled responses under the policy and the reference (and values), in chunks."""
-    from scratchlm.train.loop import autocast_context
-
-    model = llm.model
-    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": []}
-    for start in range(0, len(batch), chunk):
-        part = batch.select(list(range(start, min(start + chunk, len(batch)))))
-        R = batch.mask.shape[1]
-        with autocast_context(o["dtype"], "cpu"):
-            hidden = response_hidden(model, part)
-            parts["logprobs"].append(_pad(rollout.token_logprobs(model, hidden, part, o["temperature"]), R))
-            if value_model is not None:
-                parts["values"].append(_pad(value_model.head(hidden).squeeze(-1).float() * part.mask, R))
-            if o["kl_coef"] > 0 or value_model is not None:
-                with adapters_disabled(model):
-                    ref = rollout.token_logprobs(model, response_hidden(model, part), part, o["temperature"])
-                parts["ref_logprobs"].append(_pad(ref, R))
-    return {k: torch.cat(v) for k, v in parts.items() if v}
-
-
-def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x.float(), (0, width - x.shape[1]))
-
-
 def rl_step(llm, value_model, optimizer, prompts: list[Prompt], reward, sampling, o: dict, algorithm: str,
             step: int) -> dict:
     """One PPO or GRPO step: rollouts, rewards, advantages, then ``ppo_epochs`` passes of minibatch updates."""
@@ -360,11 +333,11 @@ def rl_step(llm, value_model, optimizer, prompts: list[Prompt], reward, sampling
 
     model = llm.model
     t0 = time.perf_counter()
-    batch = sample_rollouts(llm, prompts, o["group_size"], sampling, _seeds(o["seed"], step, len(prompts)
+    batch = rollout.sample_rollouts(llm, prompts, o["group_size"], sampling, _seeds(o["seed"], step, len(prompts)
                                                                              * o["group_size"]))
     t_sample = time.perf_counter() - t0
     scores = torch.tensor(reward([p.raw for p in batch.prompts], batch.texts), dtype=torch.float32)
-    scored = score_batch(llm, batch, o, value_model)
+    scored = rollout.score_batch(llm, batch, o, value_model)
     mask = batch.mask
     record = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
               "response_length": float(mask.sum(1).mean())}
@@ -394,7 +367,7 @@ def rl_step(llm, value_model, optimizer, prompts: list[Prompt], reward, sampling
                 part = batch.select(micro)
                 R = part.mask.shape[1]
                 with autocast_context(o["dtype"], "cpu"):
-                    hidden = response_hidden(model, part)
+                    hidden = rollout.response_hidden(model, part)
                     logprobs = rollout.token_logprobs(model, hidden, part, o["temperature"])
                     old = scored["logprobs"][micro, :R]
                     ref = scored["ref_logprobs"][micro, :R] if "ref_logprobs" in scored else None
@@ -422,18 +395,6 @@ def rl_step(llm, value_model, optimizer, prompts: list[Prompt], reward, sampling
     record.update({k: v / updates for k, v in totals.items()})
     record.update(grad_norm=grad_norm, sample_time=t_sample, lr=optimizer.param_groups[0]["lr"])
     return record
-
-
-@torch.no_grad()
-def evaluate_prompts(llm, prompts: list[Prompt], reward, sampling, o: dict) -> dict:
-    """Mean reward and mean summed KL to the reference of one sampled completion per held-out prompt (fixed
-    seeds, so evaluations differ only by the policy)."""
-    batch = sample_rollouts(llm, prompts, 1, sampling, [o["seed"] * 7 + 10**9 + i for i in range(len(prompts))])
-    scores = reward([p.raw for p in batch.prompts], batch.texts)
-    scored = score_batch(llm, batch, {**o, "kl_coef": 1.0})
-    kl = ppo.kl_estimate(scored["logprobs"], scored["ref_logprobs"], "k1") * batch.mask
-    return {"val_reward": sum(scores) / len(scores), "val_kl": float(kl.sum(1).mean()),
-            "val_response_length": float(batch.mask.sum(1).mean()), "val_sample": batch.texts[0][:200]}
 
 
 def _resume(directory: Path, model, value_model, optimizer, names, state: dict) -> dict:

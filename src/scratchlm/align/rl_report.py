@@ -5,16 +5,20 @@
 
 ``metrics.jsonl`` has one JSON object per step (``step, reward, reward_std, kl, loss, clipfrac, ...``) and one per
 evaluation (``step, val_reward, val_kl, val_response_length, val_sample, best``); ``reward.png`` plots the
-training reward, the held-out reward and the KL to the reference against steps.
+training reward, the held-out reward and the KL to the reference against steps (redrawn at evaluations at most
+once a minute, and at the end).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from scratchlm.train.report import centered_mean, read_metrics
+
+PLOT_EVERY = 60.0  # seconds between redrawing reward.png during a run (it is always drawn at the end)
 
 
 class RLReport:
@@ -25,6 +29,7 @@ class RLReport:
         self.progress, self.say = progress, say
         self.bar = None
         self.metrics = None
+        self._plotted = time.monotonic()
 
     def start(self, start_step: int) -> None:
         path = self.out_dir / "metrics.jsonl"
@@ -62,7 +67,9 @@ class RLReport:
         mark = " (best)" if record.get("best") else ""
         self.write(f"step {record['step']}: held-out reward {record['val_reward']:.3f} (KL {record['val_kl']:.3f} "
                    f"nats per completion, {record['val_response_length']:.0f} tokens){mark}")
-        plot_rewards(self.out_dir / "metrics.jsonl", self.out_dir / "reward.png")
+        if time.monotonic() - self._plotted > PLOT_EVERY:  # drawing costs ~0.5 s: not at every evaluation
+            plot_rewards(self.out_dir / "metrics.jsonl", self.out_dir / "reward.png")
+            self._plotted = time.monotonic()
 
     def end(self) -> None:
         if self.bar is not None:

@@ -161,3 +161,43 @@ def token_logprobs(model: nn.Module, hidden: torch.Tensor, batch: RolloutBatch, 
     logprobs = torch.gather(F.log_softmax(logits, dim=-1), 2, batch.response_ids[:, :, None].to(logits.device))
     return logprobs.squeeze(2) * batch.mask.to(logits.device)
 
+
+@torch.no_grad()
+def score_batch(llm, batch: RolloutBatch, o: dict, value_model=None, chunk: int = 8) -> dict[str, torch.Tensor]:
+    """Log-probabilities of the sampled responses under the policy and the reference (and values), in chunks."""
+    from scratchlm.align.run import adapters_disabled
+    from scratchlm.train.loop import autocast_context
+
+    model = llm.model
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": []}
+    for start in range(0, len(batch), chunk):
+        part = batch.select(list(range(start, min(start + chunk, len(batch)))))
+        R = batch.mask.shape[1]
+        with autocast_context(o["dtype"], "cpu"):
+            hidden = response_hidden(model, part)
+            parts["logprobs"].append(_pad(token_logprobs(model, hidden, part, o["temperature"]), R))
+            if value_model is not None:
+                parts["values"].append(_pad(value_model.head(hidden).squeeze(-1).float() * part.mask, R))
+            if o["kl_coef"] > 0 or value_model is not None:
+                with adapters_disabled(model):
+                    ref = token_logprobs(model, response_hidden(model, part), part, o["temperature"])
+                parts["ref_logprobs"].append(_pad(ref, R))
+    return {k: torch.cat(v) for k, v in parts.items() if v}
+
+
+def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x.float(), (0, width - x.shape[1]))
+
+
+@torch.no_grad()
+def evaluate_prompts(llm, prompts: list[Prompt], reward, sampling, o: dict) -> dict:
+    """Mean reward and mean summed KL to the reference of one sampled completion per held-out prompt (fixed
+    seeds, so evaluations differ only by the policy)."""
+    from scratchlm.align.ppo import kl_estimate
+
+    batch = sample_rollouts(llm, prompts, 1, sampling, [o["seed"] * 7 + 10**9 + i for i in range(len(prompts))])
+    scores = reward([p.raw for p in batch.prompts], batch.texts)
+    scored = score_batch(llm, batch, {**o, "kl_coef": 1.0})
+    kl = kl_estimate(scored["logprobs"], scored["ref_logprobs"], "k1") * batch.mask
+    return {"val_reward": sum(scores) / len(scores), "val_kl": float(kl.sum(1).mean()),
+            "val_response_length": float(batch.mask.sum(1).mean()), "val_sample": batch.texts[0][:200]}
