@@ -164,11 +164,14 @@ def token_logprobs(model: nn.Module, hidden: torch.Tensor, batch: RolloutBatch, 
 
 @torch.no_grad()
 def score_batch(llm, batch: RolloutBatch, o: dict, value_model=None, chunk: int = 8) -> dict[str, torch.Tensor]:
-    """Log-probabilities of the sampled responses under the policy and the reference (and values), in chunks."""
+    """Log-probabilities of the sampled responses under the policy and the reference (and values), in chunks,
+    in eval mode (no dropout: these are the "old" policy's numbers the update compares against)."""
     from scratchlm.align.run import adapters_disabled
     from scratchlm.train.loop import autocast_context
 
     model = llm.model
+    was_training = model.training
+    model.eval()
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": []}
     for start in range(0, len(batch), chunk):
         part = batch.select(list(range(start, min(start + chunk, len(batch)))))
@@ -182,6 +185,7 @@ def score_batch(llm, batch: RolloutBatch, o: dict, value_model=None, chunk: int 
                 with adapters_disabled(model):
                     ref = token_logprobs(model, response_hidden(model, part), part, o["temperature"])
                 parts["ref_logprobs"].append(_pad(ref, R))
+    model.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items() if v}
 
 
