@@ -225,3 +225,22 @@ def test_rl_errors_are_one_line_and_say_what_to_do(setup, tmp_path):
         run_rl(options(setup, tmp_path / "y", max_steps=1), say=quiet)
     with pytest.raises(TrainingError, match="only max_steps"):
         run_rl(RLOptions(algorithm="ppo", out=str(tmp_path / "y"), lr=1.0, resume=True, progress=False), say=quiet)
+
+
+def test_a_reward_model_directory_scores_as_align_score_does_and_drives_ppo(setup, tmp_path):
+    from scratchlm.align.reward import score_file
+    from scratchlm.align.rewards import load_reward
+    from scratchlm.heads import HeadModel, save_head_model
+    from scratchlm.llm import LLM
+
+    llm = LLM.load(setup / "tiny")
+    torch.manual_seed(0)
+    save_head_model(tmp_path / "rm", HeadModel(llm.model, 1), llm.tokenizer, llm.template.source)
+    pairs = [("Say apple", "apple"), ("Say river", "a long answer about rivers")]
+    data = tmp_path / "conversations.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    expected = [row["reward"] for row in score_file(tmp_path / "rm", data)]
+    got = load_reward(str(tmp_path / "rm"))([p for p, _ in pairs], [c for _, c in pairs])
+    assert got == pytest.approx(expected, abs=1e-5)
+    result = run_rl(options(setup, tmp_path / "ppo", reward=str(tmp_path / "rm"), max_steps=1), say=quiet)
+    assert result.step == 1 and math.isfinite(result.history[0]["reward"])
