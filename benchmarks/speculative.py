@@ -10,7 +10,9 @@ prompt alternate, best of ``--repeats`` each):
   tokens/s against plain decoding (target >= 1.5x), acceptance rate, tokens per forward pass, identical text;
 - the same on open-ended prompts (target >= 0.95x: the adaptive K stops drafting where it does not pay), and with
   a fixed K for comparison;
-- draft models for the float32 model: SmolLM2's own int4 weights by default, plus any ``--draft-model``.
+- draft models for the float32 model: SmolLM2's own int4 weights by default, plus any ``--draft-model``;
+- the cost of verifying k drafted tokens: one forward pass over 1 + k tokens after a 500-token context, relative
+  to a one-token step, and the per-token slope c that ``speculative.VERIFY_COST_PER_TOKEN`` should hold.
 
 Decode tokens/s = tokens after the first / seconds after the first (BENCHMARKS.md); prefill is the same work for
 both and is left out.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from common import append_results, machine
 
 from scratchlm.generate import DecodeStats, stream_sequences
 from scratchlm.llm import LLM
+from scratchlm.speculative import VERIFY_COST_PER_TOKEN
 
 CORPUS = Path(__file__).resolve().parents[1] / "src" / "scratchlm" / "data" / "shakespeare.txt"
 MODEL = "smollm2-135m-instruct"
@@ -131,6 +135,28 @@ def table(title: str, configs: list[str], rows: list, totals: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verify_cost(llm: LLM, repeats: int, context: int = 500) -> tuple[dict[int, float], float]:
+    """Forward-pass time over 1 + k tokens after ``context`` cached tokens, relative to one token (best of
+    ``repeats``, sizes interleaved), and the least-squares slope c of t(1 + k) / t(1) = 1 + c k."""
+    from scratchlm.model import KVCache
+
+    cache = KVCache(llm.config, 1, context + 16)
+    sizes = (1, 2, 3, 5, 9)
+    times = {t: float("inf") for t in sizes}
+    with torch.inference_mode():
+        llm.model.hidden_states(torch.randint(0, min(1000, llm.config.vocab_size), (1, context)), cache)
+        for _ in range(max(5, 5 * repeats)):
+            for t in sizes:
+                cache.lengths[:] = context
+                ids = torch.randint(0, min(1000, llm.config.vocab_size), (1, t))
+                start = time.perf_counter()
+                llm.model.logits(llm.model.hidden_states(ids, cache)).float()
+                times[t] = min(times[t], time.perf_counter() - start)
+    ratios = {t - 1: times[t] / times[1] for t in sizes}
+    slope = sum(k * (r - 1) for k, r in ratios.items()) / sum(k * k for k in ratios)
+    return ratios, slope
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per prompt (default 128)")
@@ -147,6 +173,16 @@ def main() -> int:
     sections = []
 
     llm = LLM.load(MODEL)  # the default engine: the GGUF's int4 weights
+    lines = ["**Verification cost**: a forward pass over 1 + k tokens after 500 cached ones, relative to a one-token "
+             "step (best of several, interleaved); c = least-squares slope of 1 + c k (`VERIFY_COST_PER_TOKEN` "
+             f"is {VERIFY_COST_PER_TOKEN})", "", "| engine | " + " | ".join(f"k={k}" for k in (1, 2, 4, 8)) + " | c |",
+             "|---|---|---|---|---|---|"]
+    for name, model in (("int4 (default)", llm), ("float32", None)):
+        model = model or LLM.load(MODEL, dtype="float32")
+        ratios, slope = verify_cost(model, args.repeats)
+        lines.append(f"| {name} | " + " | ".join(f"{ratios[k]:.2f}" for k in (1, 2, 4, 8)) + f" | {slope:.3f} |")
+        print(lines[-1], flush=True)
+    sections.append("\n".join(lines) + "\n")
     configs = {"plain": {}, "ngram": {"draft": "ngram"}}
     print("prompt lookup, input-grounded prompts (default engine, int4)")
     rows, grounded = compare(llm, grounded_prompts(), args.tokens, args.repeats, configs)

@@ -39,8 +39,10 @@ from scratchlm.sampling import filter_logits
 MAX_DRAFT_TOKENS = 32
 DEFAULT_DRAFT_TOKENS = {"ngram": 8, "model": 5}
 # Cost of checking one more drafted token, as a fraction of a one-token decode step. A CPU decode step of a
-# small model is bound by reading the weights; each extra query row adds its share of the matrix products and
-# the lm-head (measured for SmolLM2-135M, 2 threads: see benchmarks/speculative.py and RESULTS.md).
+# small model is bound by reading the weights, which a pass over k more tokens reads once too; each extra query
+# row adds its share of the arithmetic and of the lm-head. An estimate, NOT yet measured: the only measurements so
+# far ran on a machine at load 17 on 2 cores and meant nothing. benchmarks/speculative.py prints the slope c of
+# t(1 + k) / t(1) = 1 + c k for SmolLM2 (int4 and float32): set this from its run on a quiet machine.
 VERIFY_COST_PER_TOKEN = 0.12
 PROBE_EVERY = 16  # with drafting turned off, try one short draft again after this many plain steps
 
