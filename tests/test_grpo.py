@@ -88,3 +88,15 @@ def run(setup, tmp_path):  # noqa: F811
 
     return run_rl(options(setup, tmp_path / "run", algorithm="grpo", max_steps=8, batch_size=2, group_size=4,
                           eval_interval=8), say=quiet)
+
+
+def test_align_grpo_from_the_command_line(setup, tmp_path, capsys):  # noqa: F811
+    from scratchlm.cli import main
+
+    code = main(["align", "grpo", str(setup / "tiny"), "--prompts", str(setup / "prompts.jsonl"), "--reward",
+                 f"{setup / 'rewards.py'}:ascii_start", "--out", str(tmp_path / "cli"), "--max-steps", "1",
+                 "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "2", "--kl-coef", "0", "--no-progress"])
+    assert code == 0
+    assert "held-out reward" in capsys.readouterr().out
+    assert main(["align", "ppo", "--out", str(tmp_path / "cli"), "--resume"]) == 2  # a GRPO run, not a PPO one
+    assert "align grpo" in capsys.readouterr().err
