@@ -46,6 +46,10 @@ from pathlib import Path
 import httpx
 from common import append_results, machine
 
+from scratchlm.cpu import set_wait_policy
+
+set_wait_policy()  # as the scratchlm command does, for the in-process decode steps of --part adapters (before torch)
+
 ROOT = Path(__file__).resolve().parent.parent
 TOPICS = ["the moon", "volcanoes", "bread", "rivers", "chess", "owls", "glass", "trains", "tea", "bees",
           "clouds", "copper", "maps", "salt", "violins", "deserts", "snow", "paper", "whales", "bridges"]
