@@ -30,6 +30,15 @@ def _add_common(p: argparse.ArgumentParser, algorithm: str) -> None:
     p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, reward.png, run.json)")
     add_lora_flags(p)
     add_training_flags(p, f"{d['lr']:g}")
+    for action in p._actions:  # the shared flags' help speaks of examples; here they count prompts and passes
+        if "--batch-size" in action.option_strings:
+            action.help = f"prompts per step (default {d['batch_size']})"
+        elif "--epochs" in action.option_strings:
+            action.help = "passes over the prompts (default 1 when --max-steps is not given)"
+        elif "--max-steps" in action.option_strings:
+            action.help = "steps of rollouts and updates instead of --epochs"
+        elif "--grad-accum" in action.option_strings:
+            action.help = "micro-batches per minibatch, to save memory (default 1)"
     g = p.add_argument_group("rollouts")
     g.add_argument("--val-prompts", default=None, help="held-out prompts (default: --val-fraction of --prompts)")
     g.add_argument("--val-fraction", type=float, default=None, help="share of --prompts held out (default 0.1)")
