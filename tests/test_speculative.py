@@ -84,6 +84,23 @@ def test_ngram_drafter_copies_what_followed_the_latest_match():
     assert drafter.propose([5, 1, 2, 7, 1, 2], k=5) == [7, 1, 2]
 
 
+def test_ngram_index_grown_step_by_step_finds_what_a_scan_finds():
+    def scan(history, k):  # the definition: the latest earlier occurrence of the last 3, else 2, tokens
+        for n in (3, 2):
+            for end in range(len(history) - 2, n - 2, -1):
+                if len(history) > n and history[end - n + 1: end + 1] == history[-n:]:
+                    return history[end + 1: end + 1 + k]
+        return []
+
+    drafter, rng = speculative.NgramDrafter(), torch.Generator().manual_seed(0)
+    history = torch.randint(0, 6, (40,), generator=rng).tolist()
+    for step in range(300):
+        history.append(int(torch.randint(0, 6, (1,), generator=rng)))
+        assert drafter.propose(history, 5, row=0) == scan(history, 5), step
+    other = [9, 8, 7, 9, 8]  # a reused row (a new request in a server slot) starts a new index
+    assert drafter.propose(other, 5, row=0) == [7, 9, 8]
+
+
 # ---- sampling: the rejection rule keeps the model's distribution ------------------------------------------
 class FixedDrafter:
     """Proposes the same tokens every time, for sure (q one-hot), as prompt lookup does."""

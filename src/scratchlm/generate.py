@@ -336,9 +336,10 @@ def stream_sequences(model: Transformer, sequences: list[Sequence], draft=None, 
                     if len(windows[row]) + 1 > max_len:
                         windows[row] = shift_context(model, cache, row, windows[row], shift)
                         sequences[row].shifts += 1
-            drafts = _draft(drafter, policies, sequences, live, windows, last, max_len) if drafter else {}
+            drafts = speculative.draft_step(drafter, policies, sequences, live, windows, last, max_len) \
+                if drafter else {}
             if drafts:
-                yield from _verify_step(model, cache, sequences, live, drafts, policies, windows, last)
+                yield from speculative.verify_step(model, cache, sequences, live, drafts, policies, windows, last)
                 continue
             for row, seq in enumerate(sequences):
                 if seq.finished:
@@ -360,71 +361,3 @@ def stream_sequences(model: Transformer, sequences: list[Sequence], draft=None, 
                 stats.add(seq)
             stats.prefill_seconds += first - started
             stats.decode_seconds += time.perf_counter() - first
-
-
-def _draft(drafter, policies, sequences, live, windows, last, max_len) -> dict[int, tuple[list[int], list | None]]:
-    """Drafts for the rows whose draft length policy asks for some: {row: (tokens, q per token or None)}."""
-    rows, ks = [], []
-    # One right-padded pass feeds every live row as many positions as the longest draft: the fullest row bounds all.
-    cap = max_len - 1 - max(len(windows[row]) for row in live)
-    for row in live:
-        seq = sequences[row]
-        # Room: the cache holds the window, the last token and the drafts; tokens past the budget are wasted.
-        room = min(max_len - len(windows[row]) - 1, seq.budget - len(seq.output_ids) - 1, cap)
-        k = policies[row].choose(room)
-        if k > 0:
-            rows.append(row)
-            ks.append(k)
-    if not rows:
-        return {}
-    histories = [sequences[r].prompt_ids + sequences[r].output_ids for r in rows]
-    proposals = drafter.draft(rows, histories, [windows[r] + [last[r]] for r in rows], ks,
-                              [sequences[r] for r in rows])
-    return {row: (tokens[:k], qs) for row, k, (tokens, qs) in zip(rows, ks, proposals) if tokens}
-
-
-def _verify_step(model, cache, sequences, live, drafts, policies, windows, last) -> Iterator[tuple[int, str]]:
-    """One forward pass over each row's last token and its drafted tokens; keep what verification accepts."""
-    from scratchlm.speculative import verify_token
-
-    device = cache.k.device
-    width = 1 + max(len(tokens) for tokens, _ in drafts.values())
-    ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
-    lengths = torch.ones(len(sequences), dtype=torch.long, device=device)
-    for row, seq in enumerate(sequences):
-        if seq.finished:
-            cache.lengths[row] = 0
-            continue
-        fed = [last[row], *drafts.get(row, ((), None))[0]]
-        ids[row, : len(fed)] = torch.tensor(fed)
-        lengths[row] = len(fed)
-    start = cache.lengths.clone()
-    with torch.inference_mode():
-        logits = model.logits(model.hidden_states(ids, cache, input_lengths=lengths)).float()  # (B, width, V)
-    for row in live:
-        seq = sequences[row]
-        tokens, qs = drafts.get(row, ((), None))
-        seq.forwards += 1
-        seq.drafted += len(tokens)
-        fed, accepted = last[row], 0
-        for i in range(len(tokens) + 1):
-            if i < len(tokens):
-                token, ok = verify_token(seq, logits[row, i], tokens[i], qs[i] if qs else None)
-            else:  # every draft token was accepted: the last position gives one more token for free
-                token, ok = seq.next_token(logits[row, i]), False
-            accepted += ok
-            last[row] = token
-            text = seq.push(token)
-            if text:
-                yield row, text
-            if not ok or seq.finished:
-                break
-        seq.accepted += accepted
-        if tokens:
-            policies[row].update(len(tokens), accepted)
-        # Roll the cache back to the tokens kept: the fed token and the accepted drafts. Rejected drafts' keys
-        # and values stay in the buffer beyond the row's length, where nothing reads them before they are
-        # overwritten.
-        cache.lengths[row] = start[row] + 1 + accepted
-        windows[row].append(fed)
-        windows[row].extend(tokens[:accepted])

@@ -118,6 +118,14 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A KVCache of rows ``start:stop`` sharing this one's memory: a forward pass on it writes in place, where
+        ``hidden_states(rows=...)`` on a strict subset gathers the rows into copies and writes them back."""
+        view = KVCache.__new__(KVCache)
+        view.max_len = self.max_len
+        view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
+        return view
+
     def reset(self, rows: torch.Tensor | list[int] | None = None) -> None:
         """Forget the cached tokens of some rows (all rows by default); the buffers stay allocated."""
         if rows is None:

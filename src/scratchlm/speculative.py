@@ -31,6 +31,8 @@ The choice depends only on what was accepted, never on timings, so a seeded run 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from scratchlm.errors import ConfigError
@@ -124,7 +126,104 @@ def verify_token(seq, logits: torch.Tensor, draft: int, q: torch.Tensor | None) 
     return int(torch.multinomial(residual / total, 1, generator=seq.generator)), False
 
 
+# ---- one step of the decode loop (generate.stream_sequences) ----------------------------------------
+def draft_step(drafter, policies, sequences, live, windows, last, max_len) -> dict[int, tuple[list[int], list | None]]:
+    """Drafts for the rows whose draft length policy asks for some: {row: (tokens, q per token or None)}.
+
+    ``windows[row]`` lists the tokens the model's cache holds for a row, ``last[row]`` its newest token (chosen,
+    not yet fed); ``max_len`` is the cache length."""
+    rows, ks = [], []
+    # One right-padded pass feeds every live row as many positions as the longest draft: the fullest row bounds all.
+    cap = max_len - 1 - max(len(windows[row]) for row in live)
+    for row in live:
+        seq = sequences[row]
+        # Room: the cache holds the window, the last token and the drafts; tokens past the budget are wasted.
+        room = min(max_len - len(windows[row]) - 1, seq.budget - len(seq.output_ids) - 1, cap)
+        k = policies[row].choose(room)
+        if k > 0:
+            rows.append(row)
+            ks.append(k)
+    if not rows:
+        return {}
+    histories = [sequences[r].prompt_ids + sequences[r].output_ids for r in rows]
+    proposals = drafter.draft(rows, histories, [windows[r] + [last[r]] for r in rows], ks,
+                              [sequences[r] for r in rows])
+    return {row: (tokens[:k], qs) for row, k, (tokens, qs) in zip(rows, ks, proposals) if tokens}
+
+
+def verify_step(model, cache, sequences, live, drafts, policies, windows, last) -> Iterator[tuple[int, str]]:
+    """One forward pass over each row's last token and its drafted tokens; keep what verification accepts,
+    yielding ``(row, text)`` as ``generate.stream_sequences`` does, and cut each row's cache back to the tokens
+    kept (``windows`` and ``last`` are updated in place)."""
+    device = cache.k.device
+    width = 1 + max(len(tokens) for tokens, _ in drafts.values())
+    ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
+    lengths = torch.ones(len(sequences), dtype=torch.long, device=device)
+    for row, seq in enumerate(sequences):
+        if seq.finished:
+            cache.lengths[row] = 0
+            continue
+        fed = [last[row], *drafts.get(row, ((), None))[0]]
+        ids[row, : len(fed)] = torch.tensor(fed)
+        lengths[row] = len(fed)
+    start = cache.lengths.clone()
+    with torch.inference_mode():
+        logits = model.logits(model.hidden_states(ids, cache, input_lengths=lengths)).float()  # (B, width, V)
+    for row in live:
+        seq = sequences[row]
+        tokens, qs = drafts.get(row, ((), None))
+        seq.forwards += 1
+        seq.drafted += len(tokens)
+        fed, accepted = last[row], 0
+        for i in range(len(tokens) + 1):
+            if i < len(tokens):
+                token, ok = verify_token(seq, logits[row, i], tokens[i], qs[i] if qs else None)
+            else:  # every draft token was accepted: the last position gives one more token for free
+                token, ok = seq.next_token(logits[row, i]), False
+            accepted += ok
+            last[row] = token
+            text = seq.push(token)
+            if text:
+                yield row, text
+            if not ok or seq.finished:
+                break
+        seq.accepted += accepted
+        if tokens:
+            policies[row].update(len(tokens), accepted)
+        # Roll the cache back to the tokens kept: the fed token and the accepted drafts. Rejected drafts' keys
+        # and values stay in the buffer beyond the row's length, where nothing reads them before they are
+        # overwritten.
+        cache.lengths[row] = start[row] + 1 + accepted
+        windows[row].append(fed)
+        windows[row].extend(tokens[:accepted])
+
+
 # ---- drafters -------------------------------------------------------------------------------------------
+class NgramIndex:
+    """The latest end position of every n-gram (n in ``sizes``) of one growing token history: prompt lookup is a
+    dictionary look-up per step, where a scan would walk the whole prompt and output in Python at every step."""
+
+    def __init__(self, sizes: range):
+        self.sizes = sizes
+        self.latest: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in sizes}
+        self.done = 0  # n-grams ending before this position are indexed
+        self.head: tuple[int, ...] = ()
+        self.last = -1
+
+    def fits(self, history: list[int]) -> bool:
+        """Whether ``history`` continues the one indexed (a reused server slot starts another)."""
+        return self.done <= len(history) and tuple(history[:8]) == self.head[:8] and \
+            (self.done == 0 or history[self.done - 1] == self.last)
+
+    def extend(self, history: list[int], upto: int) -> None:
+        for end in range(self.done, upto):
+            for n in self.sizes:
+                if end + 1 >= n:
+                    self.latest[n][tuple(history[end - n + 1: end + 1])] = end
+        self.done, self.head = upto, tuple(history[:8])
+        self.last = history[upto - 1] if upto else -1
+
+
 class NgramDrafter:
     """Prompt lookup: the continuation of the latest earlier occurrence of the last n tokens (n from
     ``max_ngram`` down to ``min_ngram``), searched in the prompt and the text generated so far."""
@@ -134,25 +233,30 @@ class NgramDrafter:
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._indexes: dict[int, NgramIndex] = {}  # per cache row
 
-    def propose(self, history: list[int], k: int) -> list[int]:
-        """Up to ``k`` tokens that followed an earlier occurrence of ``history``'s last n tokens."""
+    def propose(self, history: list[int], k: int, row: int | None = None) -> list[int]:
+        """Up to ``k`` tokens that followed an earlier occurrence of ``history``'s last n tokens (``row``: whose
+        index to keep up to date between calls)."""
+        index = self._indexes.get(row) if row is not None else None
+        if index is None or not index.fits(history):
+            index = NgramIndex(range(self.min_ngram, self.max_ngram + 1))
+            if row is not None:
+                self._indexes[row] = index
+        index.extend(history, len(history) - 1)  # not the suffix itself: it is what we look for
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
             if len(history) <= n:
                 continue
-            pattern = history[-n:]
-            last = pattern[-1]
-            # Scan backwards from just before the suffix itself; the latest match continues most recently.
-            for end in range(len(history) - 2, n - 2, -1):
-                if history[end] == last and history[end - n + 1: end + 1] == pattern:
-                    follow = history[end + 1: end + 1 + k]
-                    if follow:
-                        return follow
+            end = index.latest[n].get(tuple(history[-n:]))
+            if end is not None:
+                follow = history[end + 1: end + 1 + k]
+                if follow:
+                    return follow
         return []
 
     def draft(self, rows: list[int], histories: list[list[int]], windows: list[list[int]], ks: list[int],
               seqs) -> list[tuple[list[int], None]]:
-        return [(self.propose(h, k), None) for h, k in zip(histories, ks)]
+        return [(self.propose(h, k, row), None) for row, h, k in zip(rows, histories, ks)]
 
 
 class ModelDrafter:
@@ -181,38 +285,21 @@ class ModelDrafter:
     def draft(self, rows: list[int], histories: list[list[int]], windows: list[list[int]], ks: list[int],
               seqs) -> list[tuple[list[int], list[torch.Tensor] | None]]:
         """Draft up to ``ks[i]`` tokens after ``windows[i]`` for cache row ``rows[i]``; greedy rows draft the
-        argmax, sampling rows draw from the drafter's filtered distribution q (returned for verification)."""
-        device = self.cache.k.device
+        argmax, sampling rows draw from the drafter's filtered distribution q (returned for verification).
+
+        Every pass runs on the contiguous rows 0..max(rows) (a view of the cache: nothing is copied); rows with
+        nothing to feed get a dummy token written past their cached tokens, and keep their length."""
         out: list[tuple[list[int], list | None]] = [([], None) for _ in rows]
-        live = []
         ks = [min(k, self.max_len - len(window)) for k, window in zip(ks, windows)]
-        for i, (row, window, k) in enumerate(zip(rows, windows, ks)):
-            if k <= 0:
-                continue  # the window outgrew the drafter's context: no draft for this row
-            held = self.cached[row]
-            same = _common_prefix(held, window, len(window) - 1)  # at least the last token is fed
-            self.cache.lengths[row] = same
-            self.cached[row] = held[:same]
-            live.append(i)
+        live = [i for i, k in enumerate(ks) if k > 0]  # the others outgrew the drafter's context: no draft
+        for i in live:
+            held = self.cached[rows[i]]
+            same = _common_prefix(held, windows[i], len(windows[i]) - 1)  # at least the last token is fed
+            self.cached[rows[i]] = held[:same]
+            self.cache.lengths[rows[i]] = same
         if not live:
             return out
-        # Feed each live row's missing tail as one right-padded batch on the rows it belongs to (one row at a time
-        # when the padded batch would run past the cache: a row refilled after a context shift beside a long one).
-        tails = [windows[i][len(self.cached[rows[i]]):] for i in live]
-        width = max(len(t) for t in tails)
-        starts = [len(self.cached[rows[i]]) for i in live]
-        groups = [list(range(len(live)))] if max(starts) + width <= self.max_len else [[j] for j in range(len(live))]
-        last_logits = []
-        for group in groups:
-            width = max(len(tails[j]) for j in group)
-            ids = torch.zeros(len(group), width, dtype=torch.long, device=device)
-            for n, j in enumerate(group):
-                ids[n, : len(tails[j])] = torch.tensor(tails[j])
-            index = torch.tensor([rows[live[j]] for j in group], device=device)
-            lengths = torch.tensor([len(tails[j]) for j in group], device=device)
-            hidden = self.model.hidden_states(ids, self.cache, rows=index, input_lengths=lengths)
-            last_logits.append(self.model.logits(hidden[torch.arange(len(group), device=device), lengths - 1]))
-        logits = torch.cat(last_logits).float()
+        logits = self._feed([rows[i] for i in live], [windows[i][len(self.cached[rows[i]]):] for i in live])
         for i in live:
             self.cached[rows[i]] = list(windows[i])
         drafts: list[list[int]] = [[] for _ in live]
@@ -220,8 +307,7 @@ class ModelDrafter:
         going = list(range(len(live)))  # positions in ``live`` of the rows still drafting
         while True:
             for j, at in enumerate(going):
-                i = live[at]
-                seq = seqs[i]
+                seq = seqs[live[at]]
                 if seq.params.greedy:
                     token = int(logits[j].argmax())
                 else:
@@ -233,14 +319,37 @@ class ModelDrafter:
             if not going:
                 break
             # Feed the newest draft token of the rows that need more (the last draft token is never fed).
-            feed = torch.tensor([[drafts[at][-1]] for at in going], device=device)
-            index = torch.tensor([rows[live[at]] for at in going], device=device)
-            logits = self.model.logits(self.model.hidden_states(feed, self.cache, rows=index)[:, -1]).float()
+            logits = self._feed([rows[live[at]] for at in going], [[drafts[at][-1]] for at in going])
             for at in going:
                 self.cached[rows[live[at]]].append(drafts[at][-1])
         for at, i in enumerate(live):
             out[i] = (drafts[at], qs[at] or None)
         return out
+
+    def _feed(self, rows: list[int], tails: list[list[int]]) -> torch.Tensor:
+        """Append ``tails[i]`` to cache row ``rows[i]``; the logits [len(rows), V] after each tail's last token."""
+        device = self.cache.k.device
+        top = max(rows) + 1
+        view = self.cache.rows(0, top)
+        width = max(len(t) for t in tails)
+        if int(view.lengths.max()) + width > self.max_len:  # the padded batch would run past a full row
+            out = []
+            for row, tail in zip(rows, tails):
+                hidden = self.model.hidden_states(torch.tensor([tail], device=device), self.cache.rows(row, row + 1))
+                out.append(self.model.logits(hidden[0, -1]))
+            return torch.stack(out).float()
+        ids = torch.zeros(top, width, dtype=torch.long, device=device)
+        lengths = torch.ones(top, dtype=torch.long, device=device)
+        for row, tail in zip(rows, tails):
+            ids[row, : len(tail)] = torch.tensor(tail)
+            lengths[row] = len(tail)
+        saved = view.lengths.clone()
+        hidden = self.model.hidden_states(ids, view, input_lengths=lengths)  # (top, width, C)
+        fed = torch.zeros(top, dtype=torch.bool, device=device)
+        fed[rows] = True
+        view.lengths.copy_(torch.where(fed, view.lengths, saved))  # the dummy rows keep their length
+        index = torch.tensor(rows, device=device)
+        return self.model.logits(hidden[index, lengths[index] - 1]).float()
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
