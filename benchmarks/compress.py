@@ -22,11 +22,17 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+# As the scratchlm command does (cpu.set_wait_policy), before torch loads: OpenMP threads that spin 300,000 times
+# while waiting collapse on a shared machine (a first run without it took 10 minutes for RTN's quantize_model).
+if not any(name in os.environ for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+    os.environ["GOMP_SPINCOUNT"] = "1000"
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 from common import append_results, machine
 
@@ -184,8 +190,6 @@ def main() -> None:
         start = time.perf_counter()
         table = (part_gptq if args.part == "gptq" else part_qat)(args, llm, train_path, eval_ids)
     took = time.perf_counter() - start
-    import os
-
     load = os.getloadavg()[0]
     command = "python benchmarks/compress.py " + " ".join(
         a for a in __import__("sys").argv[1:] if a != "--no-append")
