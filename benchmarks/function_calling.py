@@ -1,6 +1,7 @@
 """Function-calling quality on SmolLM2-135M-Instruct, in the Berkeley Function Calling Leaderboard's layout.
 
-    python benchmarks/function_calling.py [--formats generic,hermes] [--limit N] [--no-append]
+    python benchmarks/function_calling.py [--formats generic,hermes] [--categories simple,...] [--limit N]
+                                          [--no-append]
 
 The items (benchmarks/data/function_calling.jsonl, written here) follow BFCL's categories: ``simple`` (one tool
 offered, one call expected), ``multiple`` (six tools offered, one call), ``parallel`` (six tools, several calls in
@@ -157,11 +158,13 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--formats", default="generic,hermes")
     parser.add_argument("--limit", type=int, default=None, help="the first N items of each category")
+    parser.add_argument("--categories", default="simple,multiple,parallel,irrelevance")
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
     items = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    items = [it for it in items if it["category"] in args.categories.split(",")]
     if args.limit:
         seen: Counter = Counter()
         items = [it for it in items if (seen.update([it["category"]]) or seen[it["category"]] <= args.limit)]

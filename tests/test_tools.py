@@ -225,9 +225,11 @@ def test_history_with_tool_calls_and_null_content_renders():
                     "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
                {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"}]
     text = ChatTemplate(DEFAULT_TEMPLATE).render(history)  # `+ message['content']` failed on None before
-    assert '<|im_start|>assistant\n{"tool_call":{"name":"get_weather","arguments":{"city":"Oslo"}}}<|im_end|>' in text
-    assert '{"tool_response": {"name": "get_weather", "content": "18 degrees"}}' in text
-    assert history_as_text(history)[1]["content"].startswith('{"tool_call"')
+    assert '<|im_start|>assistant\nI called get_weather with {"city":"Oslo"}.<|im_end|>' in text
+    assert "<|im_start|>user\nget_weather returned: 18 degrees<|im_end|>" in text
+    hermes = history_as_text(history, "hermes")
+    assert hermes[1]["content"] == '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo"}}\n</tool_call>'
+    assert hermes[2] == {"role": "tool", "content": "<tool_response>\n18 degrees\n</tool_response>"}
 
 
 def test_run_tool_calls_answers_with_tool_messages():

@@ -285,8 +285,11 @@ def template_knows_tools(source: str) -> bool:
 
 
 def history_as_text(messages: list[dict], tool_format: str = "generic") -> list[dict]:
-    """Messages a plain template can render: an assistant turn's ``tool_calls`` written into its content in the
-    tool format, a ``tool`` message as ``{"tool_response": {"name", "content"}}``, a null content as ""."""
+    """Messages a plain template can render, null contents as "". Generic format: an assistant turn's calls as a
+    sentence, ``I called get_weather with {"city":"Paris"}.``, and a tool result as a user turn, ``get_weather
+    returned: ...``. Measured on SmolLM2-135M (docs/tools.md): with its past calls shown in the reply format the
+    model copies the last call at every later step and an agent never ends; shown as prose it reads the result and
+    answers. Hermes format: calls in ``<tool_call>`` tags and results in ``<tool_response>`` tags, its own layout."""
     names = {}
     out = []
     for m in messages:
@@ -306,9 +309,12 @@ def history_as_text(messages: list[dict], tool_format: str = "generic") -> list[
             m["content"] = ((m.get("content") or "") + ("\n" if m.get("content") else "")
                             + calls_text(parsed, tool_format))
         elif m.get("role") == "tool":
-            name = m.pop("name", None) or names.get(m.get("tool_call_id"))
-            m["content"] = json.dumps({"tool_response": {"name": name, "content": m.get("content") or ""}},
-                                      ensure_ascii=False)
+            name = m.pop("name", None) or names.get(m.get("tool_call_id")) or "the tool"
+            result = m.get("content") or ""
+            if tool_format == "hermes":
+                m["content"] = f"<tool_response>\n{result}\n</tool_response>"
+            else:
+                m = {"role": "user", "content": f"{name} returned: {result}"}
         m.pop("tool_call_id", None)
         if m.get("content") is None:
             m["content"] = ""
@@ -317,11 +323,11 @@ def history_as_text(messages: list[dict], tool_format: str = "generic") -> list[
 
 
 def calls_text(calls: list[dict], tool_format: str = "generic") -> str:
-    """Calls ``[{"name", "arguments"}]`` as the model writes them in ``tool_format``."""
+    """Past calls ``[{"name", "arguments"}]`` as the conversation shows them (see history_as_text)."""
     dump = lambda v: json.dumps(v, ensure_ascii=False, separators=(",", ":"))  # noqa: E731
     if tool_format == "hermes":
         return "\n".join(f"<tool_call>\n{dump(c)}\n</tool_call>" for c in calls)
-    return dump({"tool_call": calls[0]}) if len(calls) == 1 else dump({"tool_calls": calls})
+    return " ".join(f"I called {c['name']} with {dump(c['arguments'])}." for c in calls)
 
 
 def with_tools_prompt(messages: list[dict], plan: ToolPlan, tool_format: str = "generic") -> list[dict]:
