@@ -78,7 +78,7 @@ def part_sparsity(args) -> str:
               for r in rows]
     half = next((r for r in rows if abs(r["sparsity"] - 0.5) < 1e-9), None)
     verdict = "" if half is None else (
-        f"\nAt 50%: Wanda {half['wanda']:.2f} against magnitude {half['magnitude']:.2f} "
+        f"\n\nAt 50%: Wanda {half['wanda']:.2f} against magnitude {half['magnitude']:.2f} "
         f"({'met' if half['wanda'] < half['magnitude'] else 'NOT met'}: target Wanda below magnitude).")
     return (f"Dense float32 perplexity {dense:.2f}; {len(ids)} held-out tokens in windows of {args.seq_len}; Wanda "
             f"calibration {args.samples} x {args.seq_len} tokens. Plot: `{png}`.\n\n" + "\n".join(table) + verdict)
