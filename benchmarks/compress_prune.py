@@ -258,7 +258,8 @@ def part_depth(args) -> str:
     tokens = args.steps * args.batch_size * args.seq_len
     return (f"Student: {len(keep)} of the teacher's {n} layers (every fourth, {keep}), the embeddings and final norm, "
             f"both runs from these same weights. Budget: {args.steps} steps x {args.batch_size} x {args.seq_len} = "
-            f"{tokens:,} tokens, lr {lr_text(args)}; with the teacher T={args.temperature:g}, alpha={args.alpha:g}.\n\n"
+            f"{tokens:,} tokens, lr {args.lr or 3e-4:g} in both runs; with the teacher T={args.temperature:g}, "
+            f"alpha={args.alpha:g}.\n\n"
             f"| student | validation loss ({val_text(args)}) | training time |\n|---|---|---|\n"
             f"| before training | {start_loss:.3f} | |\n"
             + "".join(f"| {name} | {loss:.3f} | {timings[name]:.0f} s |\n" for name, loss in losses.items())
