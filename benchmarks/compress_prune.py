@@ -47,7 +47,7 @@ def part_sparsity(args) -> str:
     from scratchlm.llm import LLM
 
     train_text, held_out = corpus()
-    work = Path(tempfile.mkdtemp(prefix="prune-bench-"))
+    work = Path(args.work)  # a temporary directory, deleted at the end (models of ~0.5 GB each)
     calibration = work / "calibration.txt"
     calibration.write_text(train_text, encoding="utf-8")
     base = LLM.load(MODEL, dtype="float32", compile=False)
@@ -152,7 +152,7 @@ def part_minitron(args) -> str:
     from scratchlm.llm import LLM
 
     train_text, held_out = corpus()
-    work = Path(tempfile.mkdtemp(prefix="minitron-bench-"))
+    work = Path(args.work)  # a temporary directory, deleted at the end (models of ~0.5 GB each)
     data = work / "shakespeare.txt"
     data.write_text(train_text + held_out, encoding="utf-8")  # distill's 10% validation split is the held-out part
     calibration = work / "calibration.txt"
@@ -231,7 +231,7 @@ def part_depth(args) -> str:
     from scratchlm.llm import LLM
 
     train_text, held_out = corpus()
-    work = Path(tempfile.mkdtemp(prefix="depth-bench-"))
+    work = Path(args.work)  # a temporary directory, deleted at the end (models of ~0.5 GB each)
     data = work / "shakespeare.txt"
     data.write_text(train_text + held_out, encoding="utf-8")
     teacher = LLM.load(MODEL, dtype="float32", compile=False)
@@ -288,7 +288,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    body = {"sparsity": part_sparsity, "minitron": part_minitron, "depth": part_depth}[args.part](args)
+    with tempfile.TemporaryDirectory(prefix="compress-prune-") as work:
+        args.work = work
+        body = {"sparsity": part_sparsity, "minitron": part_minitron, "depth": part_depth}[args.part](args)
     elapsed = time.perf_counter() - start
     titles = {"sparsity": "Pruning SmolLM2-135M: perplexity against sparsity, magnitude and Wanda",
               "minitron": "Minitron on SmolLM2-135M: structured pruning to ~2/3, then distillation",
