@@ -1,8 +1,10 @@
 """``scratchlm serve test-model``: the built-in stand-in for client developers answers every route, always with the
-same reply, greedy or sampled, and LangChain works against it unchanged."""
+same reply, greedy or sampled (tool calls too: REPLY in every string argument), and LangChain works against it
+unchanged."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -65,6 +67,13 @@ def test_serve_test_model_answers_every_route(server):
     assert completion.choices[0].text == " the scratchlm test" and completion.usage.completion_tokens == 3
     vectors = server.embeddings.create(model=TEST_MODEL, input=["a cat", "a cat", "the sea"]).data
     assert vectors[0].embedding == vectors[1].embedding != vectors[2].embedding
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                                "parameters": {"type": "object", "required": ["city"],
+                                                               "properties": {"city": {"type": "string"}}}}}]
+    call = server.chat.completions.create(model=TEST_MODEL, messages=[{"role": "user", "content": "Paris?"}],
+                                          tools=tools, tool_choice="required").choices[0]
+    assert call.finish_reason == "tool_calls" and call.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(call.message.tool_calls[0].function.arguments) == {"city": REPLY}
     with pytest.raises(openai.NotFoundError, match="this server serves 'test-model'"):
         server.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
 

@@ -11,8 +11,11 @@ final hidden state of a position is (almost exactly) its own token's axis; row `
 points along token t's axis with a logit margin of ``MARGIN``. The reply's tokens are all distinct, each one's
 successor is the next reply token (the last one's is ``<|im_end|>``), and every other token's successor is the
 first reply token. So a chat turn, which ends with ``<|im_start|>assistant\\n``, is answered with REPLY, greedy or
-sampled (the runner-up is ``MARGIN`` nats behind: e^-50), and a completion of ``"Hello! This"`` goes on from there.
-Embeddings are the mean of one-hot rows: a bag of tokens, deterministic, and similar for similar texts.
+sampled (the runner-up is at least 60 nats behind), and a completion of ``"Hello! This"`` goes on from there.
+One more embedding axis is the same for every token and carries a small fixed preference (``FALLBACK``) for the
+tokens that close JSON, which decides wherever a grammar forbids the successor: a tool call (``tools``) comes out
+as ``{"city": REPLY}``-like arguments, closed. Embeddings are the mean of the hidden states: a bag of tokens plus
+that shared axis, deterministic, and similar for similar texts.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from scratchlm.tokenizer import BYTE_TO_UNICODE, Tokenizer
 
 TEST_MODEL = "test-model"
 REPLY = "Hello! This is the scratchlm test model: a tiny stand-in that always gives this reply."
-MARGIN = 50.0  # logit of a token's successor over every other token
+MARGIN = 100.0  # logit of a token's successor over every other token
+# Where a grammar forbids the successor (a tool call's JSON, response_format), the best of these wins, in this order:
+# a string closes, then objects, then arrays, then the reply ends. So a string argument is REPLY, and the call closes.
+FALLBACK = {'"': 40.0, "}": 30.0, "]": 20.0, "<|im_end|>": 10.0}
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
@@ -53,7 +59,7 @@ def build_test_model(context_length: int = 1024) -> LLM:
     """The test model (see the module docstring): deterministic, built in milliseconds."""
     tokenizer = test_tokenizer()
     vocab = tokenizer.vocab_size
-    d_model = -(-vocab // 64) * 64  # room for one axis per token
+    d_model = -(-(vocab + 1) // 64) * 64  # one axis per token, and a shared one
     config = ModelConfig(vocab_size=vocab, context_length=context_length, d_model=d_model, n_layers=2, n_heads=4,
                          n_kv_heads=2, d_ff=128, positions="rope", norm="rmsnorm", mlp="swiglu",
                          tie_embeddings=False, rope_theta=10000.0, name=TEST_MODEL)
@@ -63,14 +69,20 @@ def build_test_model(context_length: int = 1024) -> LLM:
     assert len(set(reply)) == len(reply), "every reply token must be distinct: each has one successor"
     successor = dict.fromkeys(range(vocab), reply[0])
     successor.update(zip(reply, reply[1:] + [tokenizer.eos_id]))
+    shared = vocab  # the axis every token's embedding also points along
     with torch.no_grad():
-        model.tok_embeddings.weight.copy_(torch.eye(vocab, d_model))
+        embeddings = torch.eye(vocab, d_model)
+        embeddings[:, shared] = 1.0
+        model.tok_embeddings.weight.copy_(embeddings)
         for block in model.blocks:  # the layers' updates to the residual stream: about 1e-4 of it
             block.attn.o_proj.weight.mul_(1e-3)
             block.mlp.down_proj.weight.mul_(1e-3)
-        # The final RMSNorm turns the one-hot e_t into sqrt(d_model) e_t: scale the head back.
+        # The final RMSNorm turns e_t + e_shared into sqrt(d_model / 2) (e_t + e_shared): scale the head back.
+        scale = math.sqrt(d_model / 2)
         head = torch.zeros(vocab, d_model)
         for token, nxt in successor.items():
-            head[nxt, token] = MARGIN / math.sqrt(d_model)
+            head[nxt, token] = MARGIN / scale
+        for text, logit in FALLBACK.items():
+            head[tokenizer.encode(text)[0], shared] = logit / scale
         model.lm_head.weight.copy_(head)
     return LLM(model, tokenizer, name=TEST_MODEL)
