@@ -12,7 +12,6 @@ A tied LM head is stored once, as the embedding.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 from collections.abc import MutableMapping
 
@@ -212,19 +211,6 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
-@contextlib.contextmanager
-def _without_weight_init():
-    """Skip ``nn.init.normal_`` while a skeleton is built on the meta device (its weights are replaced anyway):
-    on meta tensors it runs a Python decomposition that imports torch._dynamo, +74 MiB of RSS and seconds of
-    start-up for an eager process (measured, torch 2.13)."""
-    normal = nn.init.normal_
-    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
-    try:
-        yield
-    finally:
-        nn.init.normal_ = normal
-
-
 def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torch.Tensor], info: dict,
                           dtype: torch.dtype = torch.float32, source: str = "weights") -> nn.Module:
     """A quantized Transformer from portable tensors (the inverse of ``quantized_state_dict``).
@@ -232,7 +218,7 @@ def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torc
     ``tensors`` may be a dict or a lazy mapping that reads each tensor when it is popped (see
     ``quant.checkpoint``): layers are built one at a time, so only one layer's file copy is in memory.
     """
-    from scratchlm.model import Transformer
+    from scratchlm.model import skeleton
 
     mode, group_size = info.get("mode"), info.get("group_size")
     if mode not in MODES or (mode == "int4" and group_size not in (*GROUP_SIZES, CHANNEL)):
@@ -249,13 +235,13 @@ def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torc
                 else _aligned(tensors.pop(f"{prefix}.{n}")) for n in names}
 
     int8_names, int4_names = ("qweight", "scales"), ("qweight", "scales", "mins")
-    with torch.device("meta"), _without_weight_init():
-        model = Transformer(config)
+    model = skeleton(config)
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     emb = None
     if info.get("embeddings", True):
         emb = QuantEmbedding(8, take("tok_embeddings", int8_names), None, dtype)
         model.tok_embeddings = emb
+
     def is_int8(name: str) -> bool:
         # The head is int8 in both modes (see quantize_model); so are layers a GGUF file stored in 5-8 bits.
         return mode == "int8" or name == "lm_head" or name in info.get("int8_layers", ())
