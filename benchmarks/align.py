@@ -8,7 +8,8 @@
 ``scripts/make_preferences.py``), rendered with SmolLM2's chat template (TRL gets our tokenizer as an HF fast
 tokenizer with the same template: the script checks that both give the same token ids), float32, 2 threads,
 LoRA rank 8, alpha 16, dropout 0 on q,k,v,o,gate,up,down, beta 0.1, batch 8 pairs, the same number of optimizer
-steps, no evaluation, no checkpoints in between. Each engine runs in a fresh process (its peak RSS,
+steps, no evaluation, no checkpoints in between, activation checkpointing on (TRL's default for DPOConfig;
+``scratchlm-no-checkpointing`` shows ours without it). Each engine runs in a fresh process (its peak RSS,
 ``ru_maxrss``, loading included, is its own). Time = the training with its reference log-probabilities: ours are
 computed once before the first step with the adapter off; TRL's DPOTrainer, with a PEFT model and no reference
 model, computes them in every step with the adapter off (its default), or once before training with
@@ -67,7 +68,7 @@ def write_data(directory: Path, seed: int = 0, n_train: int | None = None) -> tu
 
 
 # ---- speed and memory ------------------------------------------------------------------------------------------
-def worker_scratchlm(data: Path, steps: int, batch_size: int, out: Path) -> dict:
+def worker_scratchlm(data: Path, steps: int, batch_size: int, out: Path, checkpointing: bool) -> dict:
     import torch
 
     import scratchlm.align.dpo as dpo
@@ -87,7 +88,8 @@ def worker_scratchlm(data: Path, steps: int, batch_size: int, out: Path) -> dict
     dpo.reference_logps = timed_reference
     result = dpo.run_dpo(AlignOptions(model=MODEL, data=str(data), out=str(out), max_steps=steps,
                                       batch_size=batch_size, val_fraction=0.0, lr=5e-5, warmup_steps=1, beta=0.1,
-                                      rank=8, alpha=16.0, force=True, progress=False), say=lambda *a: None)
+                                      rank=8, alpha=16.0, activation_checkpointing=checkpointing, force=True,
+                                      progress=False), say=lambda *a: None)
     return {"seconds": result.elapsed + timed["reference"], "reference_s": timed["reference"],
             "loss": result.train_loss}
 
@@ -132,7 +134,7 @@ def worker_trl(data: Path, steps: int, batch_size: int, out: Path, precompute: b
                          per_device_train_batch_size=batch_size, report_to=[], use_cpu=True, save_strategy="no",
                          logging_steps=steps, max_length=1024, precompute_ref_log_probs=precompute,
                          dataloader_num_workers=0, warmup_steps=1, lr_scheduler_type="cosine", weight_decay=0.0,
-                         disable_tqdm=True)
+                         disable_tqdm=True, gradient_checkpointing=True)  # TRL's default, written out
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=lora)
     start = time.perf_counter()
@@ -162,8 +164,9 @@ def real_tokens(data: Path, steps: int, batch_size: int) -> tuple[int, bool]:
 
 def run_worker(args) -> None:
     out = Path(tempfile.mkdtemp(prefix="align-bench-"))
-    if args.worker == "scratchlm":
-        result = worker_scratchlm(Path(args.data), args.steps, args.batch_size, out)
+    if args.worker.startswith("scratchlm"):
+        result = worker_scratchlm(Path(args.data), args.steps, args.batch_size, out,
+                                  checkpointing=args.worker == "scratchlm")
     else:
         result = worker_trl(Path(args.data), args.steps, args.batch_size, out, args.worker == "trl-precompute")
     result["peak_rss_mib"] = rss_mib()
@@ -230,9 +233,11 @@ def speed(args) -> str:
     return (f"\n## DPO vs TRL DPOTrainer, LoRA on CPU ({datetime.date.today()})\n\n"
             f"Machine: {machine()} ({platform.machine()}), {THREADS} threads; load average {load_before} before, "
             f"{load_after} after. {versions()}.\nCommand: `.venv/bin/python benchmarks/align.py --rounds {args.rounds} "
-            f"--steps {args.steps}`. SmolLM2-135M-Instruct (GGUF, float32), {args.steps} steps of {args.batch_size} "
+            f"--steps {args.steps} --threads {THREADS} --engines {args.engines}`. SmolLM2-135M-Instruct (GGUF, "
+            f"float32), {args.steps} steps of {args.batch_size} "
             f"pairs of the demonstration set ({tokens:,} real tokens), LoRA r 8 / alpha 16 on all 7 projections, "
-            f"beta 0.1; time includes the reference log-probabilities; {args.rounds} rounds, alternating order.\n\n"
+            f"beta 0.1, activation checkpointing on (TRL's default); time includes the reference log-probabilities; "
+            f"{args.rounds} rounds, alternating order.\n\n"
             f"{table}\n")
 
 
@@ -304,7 +309,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 12; demo 60)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
     parser.add_argument("--engines", default="scratchlm,trl,trl-precompute",
-                        help="benchmark: engines to run, comma-separated (default all three)")
+                        help="benchmark: engines to run, comma-separated: scratchlm, scratchlm-no-checkpointing, trl, "
+                             "trl-precompute (default scratchlm,trl,trl-precompute)")
     parser.add_argument("--rounds", type=int, default=3, help="benchmark rounds (default 3)")
     parser.add_argument("--lr", type=float, default=5e-4, help="demo: learning rate (default 5e-4)")
     parser.add_argument("--beta", type=float, default=0.1, help="demo: beta (default 0.1)")
