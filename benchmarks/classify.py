@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--classifier", default=None,
+                        help="score this trained classifier (OUT/best of a classify run) instead of training one")
     parser.add_argument("--work", default="/tmp/scratchlm-classify")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
@@ -62,11 +64,14 @@ def main() -> None:
     del llm
 
     t0 = time.perf_counter()
-    run_finetune(FinetuneOptions(model=MODEL, data=str(data / "train.jsonl"), out=str(work / "run"), task="classify",
-                                 labels=",".join(LABELS), max_steps=args.steps, batch_size=args.batch_size,
-                                 lr=args.lr, val_fraction=0.1, force=True, progress=False))
+    if args.classifier is None:
+        run_finetune(FinetuneOptions(model=MODEL, data=str(data / "train.jsonl"), out=str(work / "run"),
+                                     task="classify", labels=",".join(LABELS), max_steps=args.steps,
+                                     batch_size=args.batch_size, lr=args.lr, val_fraction=0.1, force=True,
+                                     progress=False))
     t_train = time.perf_counter() - t0
-    model, tok_llm = load_head_model(work / "run" / "best")
+    classifier = Path(args.classifier) if args.classifier else work / "run" / "best"
+    model, tok_llm = load_head_model(classifier)
     tuned = classification_report(predict(model, tok_llm.tokenizer, texts), references, LABELS)
 
     def row(name, r):
@@ -81,8 +86,10 @@ def main() -> None:
             f"Machine: {machine()}; load average after the run {load}; torch {torch.__version__}, {args.threads} "
             f"threads, float32.\nCommand: `python benchmarks/classify.py {' '.join(sys.argv[1:])}`\n\n"
             f"150 held-out reviews (held-out templates and products), 3 balanced classes. Zero-shot: greedy chat "
-            f"answer mapped with match_label ({t_zero:.0f} s). LoRA: `finetune --task classify`, {args.steps} steps "
-            f"x {args.batch_size} reviews, lr {args.lr:g}, rank 8 ({t_train:.0f} s with loading and evaluations).\n\n"
+            f"answer mapped with match_label ({t_zero:.0f} s). LoRA: `finetune --task classify`, "
+            + (f"the given classifier {classifier}" if args.classifier else
+               f"{args.steps} steps x {args.batch_size} reviews, lr {args.lr:g}, rank 8 ({t_train:.0f} s with "
+               "loading and evaluations)") + ".\n\n"
             "| classifier | accuracy | macro precision | macro recall | macro F1 |\n|---|---|---|---|---|\n"
             + row("zero-shot prompt", zero_shot) + "\n" + row("LoRA classification head", tuned) + "\n\n"
             f"Margin: accuracy {tuned.accuracy - zero_shot.accuracy:+.3f}, macro F1 "
