@@ -57,7 +57,7 @@ def test_classifier_logits_equal_the_head_on_each_texts_last_hidden_state():
 
 
 def test_classify_lora_learns_the_labels_and_saves_a_classifier(files, tmp_path):
-    result = run_finetune(options(files, tmp_path / "run"), say=quiet)
+    result = run_finetune(options(files, tmp_path / "run", max_steps=6), say=quiet)
     evals = [r for r in result.history if "val_accuracy" in r]
     assert evals[-1]["val_accuracy"] == 1.0 and evals[-1]["val_macro_f1"] == 1.0
     model, llm = load_head_model(tmp_path / "run" / "best")
@@ -79,8 +79,11 @@ def test_classify_full_with_frozen_blocks_sgd_and_discriminative_rates(files, tm
         assert torch.equal(tensor, tuned[name]) == unchanged, name
 
 
-def test_classify_resume_is_exact(files, tmp_path):
+def test_classify_resume_is_exact(files, tmp_path, monkeypatch):
     from safetensors.torch import load_file
+
+    # Three runs here; drawing loss.png (seconds on a busy machine) is not what this test checks.
+    monkeypatch.setattr("scratchlm.align.run.plot_alignment", lambda *args, **kwargs: None)
 
     run_finetune(options(files, tmp_path / "a", max_steps=4, eval_interval=2, unfreeze_every=2), say=quiet)
     run_finetune(options(files, tmp_path / "b", max_steps=2, eval_interval=2, unfreeze_every=2), say=quiet)
