@@ -211,3 +211,33 @@ def test_glob_to_regex_matches_like_fnmatch():
 def test_redact_url():
     assert redact_url("postgresql://u:pw@h:5/db") == "postgresql://u:***@h:5/db"
     assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_keyword_top_k_skips_common_terms_exactly(location):
+    """Terms found in at least half the chunks (IDF floored near 0) are left out of the keyword query when the
+    other terms fill k; the top k stays bm25s's, also after a write turns a rare term common."""
+    rng = random.Random(2)
+    common = ["the", "and", "of"]
+    rare = ["hamlet", "ophelia", "polonius", "yorick", "elsinore"]
+    texts = [" ".join(rng.choices(common, k=rng.randint(3, 25)) + rng.choices(rare, k=rng.randint(0, 3)))
+             for _ in range(120)]
+    query = "the ghost of Yorick and Polonius"
+    with open_store(location, EMBEDDER) as store:
+        put(store, "/d/a.txt", texts)
+        for corpus in (texts, texts + ["yorick yorick"] * 60):  # then "yorick" is in more than half the chunks
+            if len(corpus) > len(texts):
+                put(store, "/d/b.txt", corpus[len(texts):])
+            seen: list[str] = []
+            if hasattr(store.conn, "set_trace_callback"):  # SQLite: watch the MATCH that runs
+                store.conn.set_trace_callback(seen.append)
+            hits = store.keyword_search(query, 10)
+            records = store.chunks([i for i, _ in hits])
+            reference = bm25_reference(corpus, query)
+            expected = sorted(range(len(corpus)), key=lambda n: -reference[n])[:10]
+            assert all(reference[n] > 0 for n in expected)
+            assert [records[i].text for i, _ in hits] == [corpus[n] for n in expected]
+            if seen:
+                store.conn.set_trace_callback(None)
+                matches = [s for s in seen if "bm25" in s]
+                assert len(matches) == 1 and '"the"' not in matches[0] and '"of"' not in matches[0]
+                assert ('"yorick"' in matches[0]) == (len(corpus) == len(texts))

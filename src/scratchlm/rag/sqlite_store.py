@@ -1,7 +1,11 @@
 """The embedded store: one SQLite file (stdlib ``sqlite3``) with documents, chunks, vectors and an FTS5 index.
 
 - Keyword search is FTS5's ``bm25()`` (Robertson/Sparck Jones BM25 with k1 = 1.2, b = 0.75; the IDF of a term
-  found in more than half the chunks is floored at 1e-6 instead of going negative).
+  found in at least half the chunks is floored at 1e-6 instead of going negative). FTS5 scores every row that
+  matches any term of an OR query, so a question's common words ("the", "of": every chunk) would make it score
+  the whole store while adding at most ~1e-6 per term to any score. Such terms are left out of the MATCH
+  (document frequencies from an ``fts5vocab`` table, cached per store generation); when that leaves fewer than
+  ``k`` matches, the full query runs, so only rankings decided by those near-zero contributions can differ.
 - Dense search is exact: the vectors live in the ``chunks`` table as float32 blobs and are loaded once into a
   torch matrix (optionally int8 per row, a quarter of the memory); a query is one matrix-vector product and a
   top-k. At laptop scale (1e5 chunks x 384 dims) that takes a few milliseconds, as fast as an extension like
@@ -90,6 +94,10 @@ class SQLiteStore(Store):
         self._scales: torch.Tensor | None = None
         self._ids = self._doc_ids = None
         self._generation = None
+        self._df_generation, self._n_rows, self._dfs = None, 0, {}  # keyword document frequencies, cached
+        # fts5vocab over the index: (term, doc = chunks holding it). A TEMP table: nothing is added to the file.
+        self.conn.execute("CREATE VIRTUAL TABLE IF NOT EXISTS temp.chunks_fts_terms "
+                          "USING fts5vocab(main, 'chunks_fts', 'row')")
 
     def _write_meta(self, values: dict[str, str]) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
@@ -149,7 +157,7 @@ class SQLiteStore(Store):
     # -- search -----------------------------------------------------------------------------------
     def _load_vectors(self) -> None:
         """(Re)load the vector matrix when the store changed since it was loaded."""
-        generation = self.conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+        generation = self._current_generation()
         if self._matrix is not None and generation == self._generation:
             return
         rows = self.conn.execute("SELECT id, document_id, embedding FROM chunks ORDER BY id").fetchall()
@@ -183,6 +191,32 @@ class SQLiteStore(Store):
         terms = keyword_terms(query)
         if not terms:
             return []
+        informative = self._informative_terms(terms)
+        if informative and len(informative) < len(terms):
+            rows = self._bm25(informative, k, where)
+            if len(rows) == k:
+                return rows
+        return self._bm25(terms, k, where)
+
+    def _current_generation(self) -> str:
+        return self.conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+
+    def _informative_terms(self, terms: list[str]) -> list[str]:
+        """``terms`` without those found in at least half the chunks: FTS5 floors their IDF at 1e-6
+        (``fts5_aux.c``: ``if (idf <= 0.0) idf = 1e-6``, idf = log((N - n + 0.5) / (n + 0.5)))."""
+        generation = self._current_generation()
+        if generation != self._df_generation:
+            self._dfs, self._df_generation = {}, generation
+            self._n_rows = self.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        missing = [t for t in terms if t not in self._dfs]
+        if missing:
+            marks = ",".join("?" * len(missing))
+            self._dfs.update(dict.fromkeys(missing, 0))
+            self._dfs.update(self.conn.execute(
+                f"SELECT term, doc FROM temp.chunks_fts_terms WHERE term IN ({marks})", missing).fetchall())
+        return [t for t in terms if 2 * self._dfs[t] < self._n_rows]
+
+    def _bm25(self, terms: list[str], k: int, where: str | None) -> list[tuple[int, float]]:
         match = " OR ".join(f'"{t}"' for t in terms)
         # bm25() is lower-is-better (negative); we return its negation so that higher is better everywhere.
         if where is None:
