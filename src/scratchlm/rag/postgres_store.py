@@ -15,6 +15,7 @@ Connect with a URL, ``postgresql://user:password@host:5432/dbname``; the ``vecto
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -159,28 +160,41 @@ class PostgresStore(Store):
         terms = keyword_terms(query)
         if not terms:
             return []
-        conn = self.conn
-        n_chunks, n_tokens = conn.execute("SELECT coalesce(sum(n_chunks), 0), coalesce(sum(n_tokens), 0) "
-                                          "FROM documents").fetchone()
+        # One round trip for the corpus statistics and every term's query and document frequency (the GIN index
+        # answers each count), then BM25 exactly as FTS5 computes it.
+        rows = self.conn.execute(
+            """SELECT s.n, s.tokens, u.term, q::text, (SELECT count(*) FROM chunks WHERE tsv @@ q)
+               FROM (SELECT coalesce(sum(n_chunks), 0) AS n, coalesce(sum(n_tokens), 0) AS tokens
+                     FROM documents) s,
+                    unnest(%s::text[]) WITH ORDINALITY AS u(term, ord), plainto_tsquery('simple', u.term) q
+               ORDER BY u.ord""", (terms,)).fetchall()
+        n_chunks = int(rows[0][0])
         if not n_chunks:
             return []
-        avgdl = float(n_tokens) / float(n_chunks)
-        queries = [conn.execute("SELECT plainto_tsquery('simple', %s)::text", (t,)).fetchone()[0] for t in terms]
-        terms = [t for t, q in zip(terms, queries) if q]
-        if not terms:
+        avgdl = float(rows[0][1]) / n_chunks
+        rows = [(term, tsq, int(df)) for _, _, term, tsq, df in rows if tsq]
+        if not rows:
             return []
-        # Document frequencies from the GIN index, then BM25 exactly as FTS5 computes it.
-        dfs = [conn.execute("SELECT count(*) FROM chunks WHERE tsv @@ plainto_tsquery('simple', %s)",
-                            (t,)).fetchone()[0] for t in terms]
-        import math
+        idfs = [max(math.log((n_chunks - df + 0.5) / (df + 0.5)), 1e-6) for _, _, df in rows]
+        # As in sqlite_store: a term in at least half the chunks (IDF floored at 1e-6) adds at most ~1e-6 to a
+        # score; leave it out of the query when the other terms fill k (every chunk would be a candidate).
+        informative = [n for n, (_, _, df) in enumerate(rows) if 2 * df < n_chunks]
+        if informative and len(informative) < len(rows):
+            hits = self._bm25([rows[n] for n in informative], [idfs[n] for n in informative], avgdl, k, where)
+            if len(hits) == k:
+                return hits
+        return self._bm25(rows, idfs, avgdl, k, where)
 
-        idfs = [max(math.log((n_chunks - df + 0.5) / (df + 0.5)), 1e-6) for df in dfs]
-        any_term = " | ".join(f"({q})" for q in queries if q)
+    def _bm25(self, rows: list[tuple[str, str, int]], idfs: list[float], avgdl: float, k: int,
+              where: str | None) -> list[tuple[int, float]]:
+        """The ``k`` best chunks matching any of the (term, tsquery, df) ``rows``, by BM25 over those terms."""
+        terms = [term for term, _, _ in rows]
+        any_term = " | ".join(f"({tsq})" for _, tsq, _ in rows)
         filter_sql, params = "", []
         if where is not None:
             filter_sql = "AND c.document_id IN (SELECT id FROM documents WHERE source ~ %s)"
             params = [glob_to_regex(where)]
-        rows = conn.execute(
+        rows = self.conn.execute(
             f"""WITH q AS (SELECT unnest(%s::text[]) AS term, unnest(%s::float8[]) AS idf),
                 cand AS (SELECT c.id, c.tsv, c.n_tokens FROM chunks c
                          WHERE c.tsv @@ to_tsquery('simple', %s) {filter_sql})
