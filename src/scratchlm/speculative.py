@@ -13,7 +13,8 @@ Decoding with Speculative Sampling"). Two drafters:
 Checking a draft (``verify_token``) keeps the output exactly what the model alone would give:
 
 - greedy: the model's own choice at each position is computed anyway; a draft token is accepted when it is that
-  choice, so the text is identical to plain greedy decoding;
+  choice, so the text is identical to plain greedy decoding (up to rounding: a pass over several positions can
+  round differently from one-token steps, which the int4 engine's bfloat16 inputs amplify: docs/decoding.md);
 - sampling: draft token x, drafted with probability q(x), is accepted with probability min(1, p(x)/q(x)); on
   rejection the token is drawn from norm(max(0, p - q)). Each emitted token is then distributed exactly as p
   (Leviathan et al. 2023, Theorem 3.5; Chen et al. 2023, Theorem 1). Prompt lookup proposes one token for sure
