@@ -223,7 +223,7 @@ def speed(args) -> str:
                     f"{max(r['tokens_per_s'] for r in runs[engine]):.0f} | {med(engine, 'peak_rss_mib'):.0f} | "
                     f"{med(engine, 'loss'):.4f} |")
     ratios = []
-    for peer in ("trl", "trl-precompute"):
+    for peer in [e for e in ("trl", "trl-precompute") if e in runs]:
         speed_ratio = med("scratchlm", "tokens_per_s") / med(peer, "tokens_per_s")
         rss_ratio = med("scratchlm", "peak_rss_mib") / med(peer, "peak_rss_mib")
         ratios.append(f"scratchlm / {peer}: tokens/s {speed_ratio:.2f}x (target >= 1.0x), peak RSS {rss_ratio:.2f}x "
