@@ -132,9 +132,14 @@ def main() -> int:
     header = f"{'technique':<18} {'accuracy':>9} {'95% CI':>13} {'1-step':>7} {'2-step':>7} {'answered':>9} " \
              f"{'tokens/q':>9} {'s/q':>6}"
     print(header, flush=True)
+    interrupted = None
     for name in names:
         start = time.perf_counter()
-        results = run_technique(name, llm, questions, pool, args)
+        try:
+            results = run_technique(name, llm, questions, pool, args)
+        except KeyboardInterrupt:  # keep what was measured: the table says which techniques did not run
+            interrupted = name
+            break
         seconds = (time.perf_counter() - start) / len(questions)
         right = [a == str(q["answer"]) for (a, _), q in zip(results, questions)]
         by_steps = {k: [r for r, q in zip(right, questions) if q["steps"] == k] for k in (1, 2)}
@@ -149,7 +154,7 @@ def main() -> int:
         print(f"{name:<18} {sum(right):>3}/{len(right):<5} [{low:.2f}, {high:.2f}] {row['one']:>7.2f} "
               f"{row['two']:>7.2f} {row['answered']:>9.2f} {tok:>9} {seconds:>6.1f}", flush=True)
     load_after = os.getloadavg()[0]
-    if args.no_append:
+    if args.no_append or not rows:
         return 0
     command = "python benchmarks/prompts.py " + " ".join(sys.argv[1:])
     lines = [f"\n## Prompt techniques on word problems ({date.today().isoformat()})\n",
@@ -169,6 +174,9 @@ def main() -> int:
         lines.append(f"| {r['technique']} | {r['correct']}/{r['n']} ({r['correct'] / r['n']:.0%}) | "
                      f"{r['low']:.2f}-{r['high']:.2f} | {r['one']:.0%} | {r['two']:.0%} | {r['answered']:.0%} | "
                      f"{tok} | {r['seconds']:.1f} |")
+    if interrupted:
+        lines.append(f"\nInterrupted during {interrupted}: not measured in this run: "
+                     f"{', '.join(names[names.index(interrupted):])}.")
     append_results("\n".join(lines) + "\n")
     return 0
 
