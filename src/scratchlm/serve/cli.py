@@ -54,7 +54,11 @@ def load_model(args: argparse.Namespace):
         from scratchlm.serve.test_model import build_test_model
 
         return build_test_model()
-    merged = getattr(args, "merged_adapter", None)  # set by cmd_serve from --adapter; absent when called alone
+    from scratchlm.serve.adapters import parse_adapter_specs
+
+    # the one --adapter DIR merged into the base (NAME=DIR adapters are served beside it, not loaded here)
+    given = getattr(args, "adapter", None) or []
+    _, merged = parse_adapter_specs([given] if isinstance(given, str) else given)
     return LLM.load(args.model, **{**engine_kwargs(args), "adapter": merged})
 
 
