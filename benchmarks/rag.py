@@ -220,11 +220,11 @@ def main() -> None:
     lines.append(f"hybrid recall@5 {hybrid:.2f} vs best single method {best_single:.2f} "
                  f"(target: >= best - 0.02: {'met' if hybrid >= best_single - 0.02 else 'NOT met'})")
     lines.append(f"our BM25 top-10 identical to bm25s's on {same_top10}/{len(questions)} questions")
-    lat_table = ["| store | chunks | build s | hybrid p50 ms | hybrid p95 ms | store-only p50 ms | store-only p95 ms |",
-                 "|---|---|---|---|---|---|---|"]
+    lat_table = ["| store | chunks | build s | hybrid p50 / p95 ms | store-only p50 / p95 ms | dense p50 / p95 ms "
+                 "| keyword p50 / p95 ms | query embedding p50 / p95 ms |", "|---|---|---|---|---|---|---|---|"]
     for row in latency:
-        lat_table.append("| {engine} | {size} | {build:.0f} | {p50:.1f} | {p95:.1f} | {s50:.1f} | {s95:.1f} |"
-                         .format(**row))
+        lat_table.append("| {engine} | {size} | {build:.0f} | {p50:.1f} / {p95:.1f} | {s50:.1f} / {s95:.1f} "
+                         "| {d50:.1f} / {d95:.1f} | {k50:.1f} / {k95:.1f} | {e50:.1f} / {e95:.1f} |".format(**row))
     text = "\n".join(table) + "\n\n" + "\n".join(f"- {line}" for line in lines) + "\n\n" + "\n".join(lat_table)
     print(text)
     if args.record:
@@ -259,7 +259,7 @@ def _spread(questions, n):
 
 def measure_latency(engine, server, size, enc, texts, questions, tmp) -> dict:
     """Build a store of ``size`` chunks (corpus texts repeated, random unit vectors: latency depends on the count,
-    not on what the vectors mean) and time hybrid searches."""
+    not on what the vectors mean) and time hybrid searches: whole (query embedding included) and by part."""
     from scratchlm.rag.chunking import Chunk
 
     if engine == "sqlite":
@@ -286,17 +286,27 @@ def measure_latency(engine, server, size, enc, texts, questions, tmp) -> dict:
         vectors = enc.embed(qs)
         for q in qs[:5]:  # warm-up (loads the SQLite vector matrix)
             search(store, enc, q, k=5)
-        full, store_only = [], []
+        full, store_only, dense, keyword, embed = [], [], [], [], []
         for q, v in zip(qs, vectors):
             t0 = time.perf_counter()
             search(store, enc, q, k=5)
             full.append((time.perf_counter() - t0) * 1000)
             t0 = time.perf_counter()
             store.dense_search(v, 40)
+            t1 = time.perf_counter()
             store.keyword_search(q, 40)
-            store_only.append((time.perf_counter() - t0) * 1000)
+            t2 = time.perf_counter()
+            store_only.append((t2 - t0) * 1000)
+            dense.append((t1 - t0) * 1000)
+            keyword.append((t2 - t1) * 1000)
+            t0 = time.perf_counter()
+            enc.embed([q])
+            embed.append((time.perf_counter() - t0) * 1000)
     return {"engine": engine, "size": size, "build": build, "p50": percentile(full, 50), "p95": percentile(full, 95),
-            "s50": percentile(store_only, 50), "s95": percentile(store_only, 95)}
+            "s50": percentile(store_only, 50), "s95": percentile(store_only, 95),
+            "d50": percentile(dense, 50), "d95": percentile(dense, 95),
+            "k50": percentile(keyword, 50), "k95": percentile(keyword, 95),
+            "e50": percentile(embed, 50), "e95": percentile(embed, 95)}
 
 
 if __name__ == "__main__":
