@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("demo", choices=["grpo", "ppo"])
     parser.add_argument("--steps", type=int, default=None, help="RL steps (grpo 40, ppo 30)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per step (grpo 4, ppo 16)")
-    parser.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt")
+    parser.add_argument("--num-generations", dest="group_size", type=int, default=8, help="GRPO samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="grpo 24, ppo 32")
     parser.add_argument("--temperature", type=float, default=None, help="grpo 0.7, ppo 1.0")
     parser.add_argument("--lr", type=float, default=None, help="grpo 2e-4, ppo 1e-4")

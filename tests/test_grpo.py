@@ -95,7 +95,8 @@ def test_align_grpo_from_the_command_line(setup, tmp_path, capsys):  # noqa: F81
 
     code = main(["align", "grpo", str(setup / "tiny"), "--prompts", str(setup / "prompts.jsonl"), "--reward",
                  f"{setup / 'rewards.py'}:ascii_start", "--out", str(tmp_path / "cli"), "--max-steps", "1",
-                 "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "2", "--kl-coef", "0", "--no-progress"])
+                 "--batch-size", "2", "--num-generations", "2", "--max-new-tokens", "2", "--kl-coef", "0",
+                 "--no-progress"])
     assert code == 0
     assert "held-out reward" in capsys.readouterr().out
     assert main(["align", "ppo", "--out", str(tmp_path / "cli"), "--resume"]) == 2  # a GRPO run, not a PPO one

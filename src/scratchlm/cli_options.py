@@ -29,10 +29,22 @@ def add_dtype_flag(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default float32); given, a quantized GGUF loads dequantized (dense)")
 
 
-def add_group_size_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--group-size", type=int, default=None,
-                   help=f"int4 only: weights per scale, {', '.join(map(str, GROUP_SIZES))} "
-                        f"(default {DEFAULT_GROUP_SIZE})")
+def parse_group_size(text: str) -> int | str:
+    """``--group-size``: a number of weights per scale, or ``channel`` (one scale per output row)."""
+    if text == "channel":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {', '.join(map(str, GROUP_SIZES))} or channel, "
+                                         f"got {text!r}") from None
+
+
+def add_group_size_flag(p, help: str | None = None) -> None:
+    """``--group-size`` (int4), on a parser or an argument group; ``help`` replaces the generic text."""
+    p.add_argument("--group-size", type=parse_group_size, default=None,
+                   help=help or f"int4 only: weights per scale, {', '.join(map(str, GROUP_SIZES))} or channel "
+                                f"(one per output row; default {DEFAULT_GROUP_SIZE})")
 
 
 def add_quantize_flags(p: argparse.ArgumentParser) -> None:

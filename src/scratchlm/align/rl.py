@@ -6,7 +6,7 @@
 One step (``--max-steps`` of them):
 
     prompts    <- the next --batch-size prompts (a seeded shuffle per pass over the file)
-    rollouts   <- --group-size completions of each, sampled by the policy (LoRA on) with one seed each
+    rollouts   <- --num-generations completions of each, sampled by the policy (LoRA on) with one seed each
     scores     <- the reward (a reward-model directory or module:function) on each (prompt, completion)
     old, ref   <- log-probabilities under the policy and under the reference (the same model, LoRA off)
     PPO:  values from the value head, per-token KL penalty, whitening, GAE (ppo.advantages_and_returns)
@@ -156,7 +156,7 @@ def _check(o: dict, algorithm: str) -> None:
         if not isinstance(o[name], int) or o[name] < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {o[name]!r}")
     if algorithm == "grpo" and o["group_size"] < 2:
-        raise ConfigError("GRPO compares completions of the same prompt: --group-size must be at least 2")
+        raise ConfigError("GRPO compares completions of the same prompt: --num-generations must be at least 2")
     if not (o["lr"] > 0 and o["kl_coef"] >= 0 and o["clip"] > 0 and o["temperature"] > 0):
         raise ConfigError("need --lr > 0, --kl-coef >= 0, --clip > 0 and --temperature > 0 (RL samples; greedy "
                           "completions of a prompt would all be the same)")

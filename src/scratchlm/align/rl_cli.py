@@ -44,7 +44,7 @@ def _add_common(p: argparse.ArgumentParser, algorithm: str) -> None:
     g.add_argument("--val-fraction", type=float, default=None, help="share of --prompts held out (default 0.1)")
     g.add_argument("--max-eval-prompts", type=int, default=None,
                    help=f"held-out prompts answered per evaluation (default {d['max_eval_prompts']})")
-    g.add_argument("--group-size", type=int, default=None,
+    g.add_argument("--num-generations", dest="group_size", type=int, default=None,
                    help=f"completions sampled per prompt (default {d['group_size']})")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"tokens per completion at most (default {d['max_new_tokens']})")
@@ -83,7 +83,7 @@ def add_ppo(sub: argparse._SubParsersAction) -> None:
 
 def add_grpo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grpo", help="GRPO: groups of samples per prompt, rewards from a function or model",
-                       description="GRPO (DeepSeekMath): --group-size completions per prompt, advantages "
+                       description="GRPO (DeepSeekMath): --num-generations completions per prompt, advantages "
                                    "normalised within each group, no value network, optional KL to the reference. "
                                    "--batch-size counts prompts per step. OUT/best is a PEFT adapter.")
     _add_common(p, "grpo")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from scratchlm.cli_options import add_progress_flag, show_progress
+from scratchlm.cli_options import add_group_size_flag, add_progress_flag, show_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,13 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_flags(p)
     add_transfer_flags(p)
     add_run_flags(p)
-    from scratchlm.quant.cli import parse_group_size
-
     g = p.add_argument_group("quantization-aware training")
     g.add_argument("--qat", choices=["int4"], default=None,
                    help="train through the int4 weights `scratchlm quantize --to int4` will make (lora or full)")
-    g.add_argument("--group-size", type=parse_group_size, default=None,
-                   help="with --qat: int4 group, 32 (default), 64, 128 or channel; quantize with the same")
+    add_group_size_flag(g, help="with --qat: int4 group, 32 (default), 64, 128 or channel; quantize with the same")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the result")

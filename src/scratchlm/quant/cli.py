@@ -16,6 +16,7 @@ from pathlib import Path
 
 from scratchlm.cli_options import (
     add_force_flag,
+    add_group_size_flag,
     add_progress_flag,
     add_threads_flag,
     show_progress,
@@ -23,16 +24,6 @@ from scratchlm.cli_options import (
 from scratchlm.errors import ConfigError
 
 METHODS = ("rtn", "gptq")
-
-
-def parse_group_size(text: str) -> int | str:
-    """``--group-size``: a number of weights per scale, or ``channel`` (one scale per output row)."""
-    if text == "channel":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 32, 64, 128 or channel, got {text!r}") from None
 
 
 def quantize_to_directory(model: str, mode: str, out, group_size: int | str | None = None, force: bool = False,
@@ -109,9 +100,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("quantize", help="write an int8 or int4 weight-only quantized copy of a model")
     p.add_argument("model", help="known model name, .gguf file, or model directory (float weights)")
     p.add_argument("--to", required=True, choices=["int8", "int4"], help="int8 per channel or int4 group-wise")
-    p.add_argument("--group-size", type=parse_group_size, default=None,
-                   help="int4 only: weights per step and minimum, 32, 64, 128 or channel (one per output row; "
-                        "default 32)")
+    add_group_size_flag(p)
     p.add_argument("--method", choices=METHODS, default="rtn",
                    help="int4: rtn rounds each weight to the nearest level (default, no data needed); gptq "
                         "(Frantar et al. 2022) compensates rounding errors on --calibration text, layer by layer")
