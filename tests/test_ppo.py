@@ -214,7 +214,7 @@ def test_reference_logprobs_are_the_model_without_its_adapter():
 def test_rl_errors_are_one_line_and_say_what_to_do(setup, tmp_path):
     with pytest.raises(ConfigError, match="module:function"):
         run_rl(options(setup, tmp_path / "x", reward="no_such_thing"), say=quiet)
-    with pytest.raises(ConfigError, match="group-size must be at least 2"):
+    with pytest.raises(ConfigError, match="num-generations must be at least 2"):
         run_rl(options(setup, tmp_path / "x", algorithm="grpo", group_size=1), say=quiet)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')

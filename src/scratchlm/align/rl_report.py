@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from scratchlm.train.report import centered_mean, read_metrics
+from scratchlm.train.report import centered_mean, open_metrics, read_metrics
 
 PLOT_EVERY = 60.0  # seconds between redrawing reward.png during a run (it is always drawn at the end)
 
@@ -32,12 +32,7 @@ class RLReport:
         self._plotted = time.monotonic()
 
     def start(self, start_step: int) -> None:
-        path = self.out_dir / "metrics.jsonl"
-        # On resume keep the history up to the checkpoint; drop what a killed run logged after it.
-        kept = [r for r in read_metrics(path) if r["step"] <= start_step] if start_step and path.exists() else []
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        self.metrics = open(path, "a", encoding="utf-8")
+        self.metrics = open_metrics(self.out_dir / "metrics.jsonl", start_step)
         if self.progress:
             from tqdm import tqdm
 

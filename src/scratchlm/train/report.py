@@ -50,12 +50,7 @@ class TrainingReport:
     def on_start(self, start_step: int, max_steps: int) -> None:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            path = self.out_dir / "metrics.jsonl"
-            # On resume keep the history up to the checkpoint; drop what a killed run logged after it.
-            kept = [r for r in read_metrics(path) if r["step"] <= start_step] if start_step and path.exists() else []
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            self.metrics = open(path, "a", encoding="utf-8")
+            self.metrics = open_metrics(self.out_dir / "metrics.jsonl", start_step)
         if self.progress:
             from tqdm import tqdm
 
@@ -106,6 +101,17 @@ def read_metrics(path: str | Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def open_metrics(path: Path, start_step: int):
+    """``metrics.jsonl`` opened for appending one JSON line per event. On resume (``start_step`` > 0) the history
+    up to the checkpoint is kept and what a killed run logged after it is dropped; that rewrite is atomic, so a
+    kill during it loses nothing."""
+    from scratchlm.files import atomic_write_bytes
+
+    kept = [r for r in read_metrics(path) if r["step"] <= start_step] if start_step and path.exists() else []
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
+    return open(path, "a", encoding="utf-8")
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path:
