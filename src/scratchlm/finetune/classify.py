@@ -77,15 +77,7 @@ def collate_labelled(examples: list[Labelled], pad_id: int) -> tuple[torch.Tenso
 class LabelledBatches(SFTBatches):
     """``SFTBatches``' seeded, resumable order over labelled texts."""
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._plan is None:
-            self._plan = self._epoch_plan()
-        if self.index >= len(self._plan):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._plan = self._epoch_plan()
-        batch = [self.examples[i] for i in self._plan[self.index]]
-        self.index += 1
-        return collate_labelled(batch, self.pad_id)
+    collate = staticmethod(collate_labelled)
 
 
 def classify_loss(forward, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -229,6 +229,8 @@ class SFTBatches:
             batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
+    collate = staticmethod(collate)  # examples -> (input ids, targets); a subclass batches other examples
+
     def __iter__(self) -> SFTBatches:
         return self
 
@@ -240,7 +242,7 @@ class SFTBatches:
             self._plan = self._epoch_plan()
         batch = [self.examples[i] for i in self._plan[self.index]]
         self.index += 1
-        return collate(batch, self.pad_id)
+        return self.collate(batch, self.pad_id)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
