@@ -79,14 +79,9 @@ def settle_options(opts: AlignOptions, command: str, defaults: dict, say) -> tup
     if opts.out is None:
         raise ConfigError("give --out, the directory for the run's checkpoints and curves")
     out = Path(opts.out)
-    given = {name: getattr(opts, name) for name in OPTION_NAMES}
-    for name in ("data", "val_data"):
-        if given[name] is not None:
-            given[name] = str(Path(given[name]).expanduser().resolve())
-    if given["model"] is not None and Path(given["model"]).expanduser().exists():
-        given["model"] = str(Path(given["model"]).expanduser().resolve())
-    if given["targets"] is not None:
-        given["targets"] = list(parse_targets(given["targets"]))
+    from scratchlm.finetune.run import given_options
+
+    given = given_options(opts, OPTION_NAMES)
     if given["epochs"] is not None and given["max_steps"] is not None:
         raise ConfigError("give --epochs or --max-steps, not both")
     if not opts.resume:

@@ -96,9 +96,10 @@ class FinetuneOptions:
 OPTION_NAMES = tuple(f.name for f in fields(FinetuneOptions) if f.name not in ("out", "resume", "force", "progress"))
 
 
-def given_options(opts: FinetuneOptions) -> dict:
-    """The options given (None: not given) in the form run.json records: paths absolute, targets short names."""
-    given = {name: getattr(opts, name) for name in OPTION_NAMES}
+def given_options(opts, names: tuple[str, ...] = OPTION_NAMES) -> dict:
+    """The options ``names`` of ``opts`` (None: not given) in the form run.json records: paths absolute, targets
+    short names (``align`` passes its own names)."""
+    given = {name: getattr(opts, name) for name in names}
     for name in ("data", "val_data"):
         if given[name] is not None:
             given[name] = str(Path(given[name]).expanduser().resolve())
