@@ -7,7 +7,9 @@ its last token. The worker loops:
     -> prefill: at most ``prefill_chunk`` prompt tokens (more when nothing decodes) of joining requests,
        after copying the longest prompt prefix that the prefix cache (``prefix_cache.py``: the prompt blocks of
        earlier and running requests) or another running request already holds (a shared system prompt)
-    -> decode: one token for every request past its prefill, all rows in one forward pass
+    -> decode: one token for every request past its prefill, all rows in one forward pass (with ``--draft``,
+       each row's drafted tokens too: ``speculative_step.py``; with ``--context-shift``, a row whose cache is
+       full first drops the oldest half of its tokens after the first ``keep``: ``generate.shift_context``)
     -> embeddings: at most ``prefill_chunk`` tokens of waiting embedding inputs
 
 so requests join and leave between steps, and a long prompt is prefilled in chunks between decode steps
@@ -30,13 +32,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scratchlm.generate import Sequence
+from scratchlm.errors import ConfigError
+from scratchlm.generate import ContextShift, Sequence, shift_context
 from scratchlm.model import KVCache
 from scratchlm.serve.events import Event, GenerationJob, QueueFullError, Ticket, TokenLogprob, token_logprob
 from scratchlm.serve.metrics import ServerMetrics
-from scratchlm.serve.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache
+from scratchlm.serve.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache, reuse_prefix, shared_prefix
+from scratchlm.serve.speculative_step import speculative_step
 
-__all__ = ["Engine", "Event", "GenerationJob", "QueueFullError", "Ticket", "TokenLogprob", "cache_rows"]
+__all__ = ["Engine", "Event", "GenerationJob", "QueueFullError", "Ticket", "TokenLogprob", "cache_rows",
+           "shared_prefix"]
 log = logging.getLogger("scratchlm.serve")
 
 MIN_SHARED = 8  # a joiner sharing this many prompt tokens with one being prefilled waits a step to copy them
@@ -59,10 +64,25 @@ class _Active:
         self.policy = None  # its speculative.DraftLength, with --draft
         self.arrived = time.perf_counter()
         self.last_token_at = 0.0
+        # After a context shift the row caches ``head`` (the tokens kept) followed by the tokens from position
+        # ``head_end`` of prompt + output on; before any, the row caches prompt + output from position 0.
+        self.head: list[int] = []
+        self.head_end = 0
 
     @property
     def prefilling(self) -> bool:
         return self.done < len(self.job.prompt_ids)
+
+    @property
+    def cached_prompt(self) -> list[int]:
+        """The prompt tokens whose keys and values sit at their own positions in the row (another request with the
+        same prompt start may copy them): those prefilled so far, none once a context shift has moved them."""
+        return [] if self.seq.shifts else self.job.prompt_ids[: self.done]
+
+    def window(self) -> list[int]:
+        """The tokens the row caches while decoding: everything but the newest token (chosen, not yet fed)."""
+        fed = self.seq.prompt_ids + self.seq.output_ids[:-1]
+        return self.head + fed[self.head_end:] if self.seq.shifts else fed
 
 
 @dataclass
@@ -72,14 +92,6 @@ class _EmbedJob:
     vectors: list[torch.Tensor | None] = field(default_factory=list)
     next: int = 0
     adapter: int = 0
-
-
-def shared_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
-    """How many leading tokens ``a`` and ``b`` have in common (at most ``limit``)."""
-    n, end = 0, min(len(a), len(b), len(a) if limit is None else limit)
-    while n < end and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
@@ -119,15 +131,24 @@ class Engine:
     def __init__(self, llm, max_batch: int = 16, max_queue: int = 64, max_len: int | None = None,
                  prefill_chunk: int = 128, metrics: ServerMetrics | None = None,
                  prefix_cache_mb: float = DEFAULT_BUDGET_MB, adapters=None, draft=None,
-                 draft_tokens: int | None = None):
+                 draft_tokens: int | None = None, context_shift: str | bool | None = None, keep: int | None = None):
         """``prefix_cache_mb``: memory for the keys and values of past prompts (0: only running requests share);
         ``adapters``: the ``serve.adapters.ServedAdapters`` attached to the model (a job's ``adapter`` indexes them);
         ``draft``: speculative decoding for every request, ``"ngram"`` or a draft model (``LLM.draft_model``),
-        at most ``draft_tokens`` drafted per step (docs/decoding.md)."""
+        at most ``draft_tokens`` drafted per step; ``context_shift`` (True, "recompute" or "rotate") and ``keep``
+        (implies a shift): a request goes on past the ``max_len`` tokens of its slot, limited only by its
+        ``max_tokens`` (docs/decoding.md)."""
         self.llm, self.model = llm, llm.model
         cfg = self.model.config
         self.max_len = min(max_len or DEFAULT_MAX_LEN, cfg.context_length)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.shift = None
+        if context_shift or keep is not None:
+            self.shift = ContextShift(0 if keep is None else keep,
+                                      context_shift if isinstance(context_shift, str) else "recompute")
+            if self.shift.keep > self.max_len // 2:
+                raise ConfigError(f"--keep {self.shift.keep} is more than half of the {self.max_len} tokens of a "
+                                  f"slot: a context shift must free room; keep at most {self.max_len // 2} tokens")
         self.adapters = adapters
         self.metrics = metrics or ServerMetrics()
         param = next(self.model.parameters())
@@ -165,7 +186,7 @@ class Engine:
         """The ``Sequence`` a job decodes with (raises ContextLengthError when it cannot fit)."""
         cfg = self.model.config
         return Sequence(job.prompt_ids, job.params, self.llm.tokenizer, self.llm.eos_ids, cfg.vocab_size,
-                        self.max_len)
+                        self.max_len, context_shift=self.shift is not None)
 
     def submit(self, jobs: list[GenerationJob], sink: Callable[[Event], None]) -> Ticket:
         """Queue jobs; ``sink`` receives their Events from the worker thread. Raises QueueFullError."""
@@ -301,29 +322,11 @@ class Engine:
         self._prefill_run(run)
 
     def _reuse_prefix(self, active: _Active) -> None:
-        """Copy the keys and values of the longest prompt prefix already computed (a shared system prompt, the
-        same conversation so far) instead of computing them again: from the prefix cache (whole blocks of
-        earlier and running requests), or token by token from another running request when that one shares
-        more. At least the last prompt token is always computed: its logits give the first new token.
-        Positions below a request's ``done`` never change, so a running request's rows are safe to copy."""
-        prompt, best, donor, adapter = active.job.prompt_ids, 0, None, active.job.adapter
-        for other in self.slots:  # keys and values depend on the adapter too: only a row of the same one
-            if other is not None and other is not active and other.done > 0 and other.job.adapter == adapter:
-                n = shared_prefix(prompt, other.job.prompt_ids[: other.done], limit=len(prompt) - 1)
-                if n > best:
-                    best, donor = n, other
-        chain = self.prefix_cache.match(prompt, adapter) if self.prefix_cache is not None else []
-        from_cache = min(len(chain) * self.prefix_cache.block_size, len(prompt) - 1) if chain else 0
-        slot = active.slot
-        if from_cache > best:
-            best = from_cache
-            self.prefix_cache.load(chain, self.cache.k[:, slot], self.cache.v[:, slot], best)
-        elif donor is not None:
-            for kv in (self.cache.k, self.cache.v):
-                kv[:, slot, :, :best] = kv[:, donor.slot, :, :best]
+        """Start a joining request from the longest prompt prefix already computed (``prefix_cache.reuse_prefix``)."""
+        best = reuse_prefix(active, self.slots, self.cache, self.prefix_cache)
         if best == 0:
             return
-        self.cache.lengths[slot] = best
+        self.cache.lengths[active.slot] = best
         active.done = active.cached = best
         self.metrics.record(self.metrics.reused_tokens.inc, best)
 
@@ -376,7 +379,11 @@ class Engine:
         """One token for every decoding request. All rows up to the highest busy slot run together (a view,
         so nothing is copied); idle and still-prefilling rows get a dummy token whose cache write lands at
         their own length, a position that later real tokens overwrite, and keep their length."""
-        if self.drafter is not None and self._speculate(decoding):
+        if self.shift is not None:
+            for active in decoding:
+                if int(self.cache.lengths[active.slot]) + 1 > self.max_len:
+                    self._shift(active)
+        if self.drafter is not None and speculative_step(self, decoding):
             return
         rows = max(a.slot for a in self.slots if a is not None) + 1
         # The compiled step (scratchlm.compiled), when attached; its graphs know nothing of per-row adapters.
@@ -411,75 +418,15 @@ class Engine:
             else:
                 self._release(active)
 
-    def _speculate(self, decoding: list[_Active]) -> bool:
-        """A speculative step (``--draft``): draft for the decoding requests whose draft length policy asks, then one
-        forward pass over every decoding row's last token and its drafts; each row keeps its accepted drafts (the
-        rejection rule of ``speculative.verify_token``) and its cache is cut back to them. Returns False, having
-        done nothing, when no row drafts: the plain step runs instead."""
-        from scratchlm.speculative import DraftLength, verify_token
-
-        rows = max(a.slot for a in self.slots if a is not None) + 1
-        view = cache_rows(self.cache, 0, rows)
-        # One right-padded pass: the fullest row (decoding or prefilling) bounds how far any row can draft.
-        cap = self.max_len - 1 - int(view.lengths.max())
-        asking, ks = [], []
-        for active in decoding:
-            seq = active.seq
-            if active.ticket.cancelled:
-                continue
-            if active.policy is None:
-                active.policy = DraftLength(self.draft_tokens, self.drafter.draft_cost)
-            held = len(seq.prompt_ids) + len(seq.output_ids)  # cached tokens and the last one
-            k = active.policy.choose(min(self.max_len - held, seq.budget - len(seq.output_ids) - 1, cap))
-            if k > 0:
-                asking.append(active)
-                ks.append(k)
-        if not asking:
-            return False
-        contexts = [a.seq.prompt_ids + a.seq.output_ids for a in asking]
-        proposals = self.drafter.draft([a.slot for a in asking], contexts, contexts, ks, [a.seq for a in asking])
-        drafts = {a.slot: (tokens[:k], qs) for a, k, (tokens, qs) in zip(asking, ks, proposals) if tokens}
-        if not drafts:
-            return False
-        width = 1 + max(len(tokens) for tokens, _ in drafts.values())
-        ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
-        lengths = torch.ones(rows, dtype=torch.long, device=self.device)
-        adapter_ids = [0] * rows
-        for active in decoding:
-            fed = [active.next_token, *drafts.get(active.slot, ((), None))[0]]
-            ids[active.slot, : len(fed)] = torch.tensor(fed)
-            lengths[active.slot] = len(fed)
-            adapter_ids[active.slot] = active.job.adapter
-        self._select(adapter_ids)
-        saved = view.lengths.clone()
-        hidden = self.model.hidden_states(ids, view, input_lengths=lengths)  # (rows, width, C)
-        view.lengths.copy_(saved)  # idle and prefilling rows keep theirs; decoding rows advance below
-        m = self.metrics
-        m.record(m.batch_size.set, len(decoding))
-        m.record(m.batch_sizes.observe, len(decoding))
-        for active in sorted(decoding, key=lambda a: a.slot):
-            if active.ticket.cancelled:
-                self._release(active)
-                continue
-            tokens, qs = drafts.get(active.slot, ((), None))
-            logits = self.model.logits(hidden[active.slot, : len(tokens) + 1]).float()
-            accepted = made = 0
-            for i in range(len(tokens) + 1):
-                token, ok = verify_token(active.seq, logits[i], tokens[i], qs[i] if qs else None) \
-                    if i < len(tokens) else (None, False)  # after every draft: one more token, sampled plainly
-                self._accept(active, logits[i], token=token)
-                accepted, made = accepted + ok, made + 1
-                if not ok or active.seq.finished or active.ticket.cancelled:
-                    break
-            if tokens:
-                active.policy.update(len(tokens), accepted)
-                m.record(m.draft_tokens.inc, len(tokens))
-                m.record(m.accepted_tokens.inc, accepted)
-            m.record(m.verify_passes.inc, 1)
-            m.record(m.verify_tokens.inc, made)
-            if self.slots[active.slot] is active:  # still running: keep its fed token and accepted drafts
-                self.cache.lengths[active.slot] = saved[active.slot] + 1 + accepted
-        return True
+    def _shift(self, active: _Active) -> None:
+        """Make room in a full row (``--context-shift``): keep its first ``keep`` tokens, drop the oldest half of
+        the rest, and recompute or re-rotate the kept ones (``generate.shift_context``, which touches that row
+        only). The prefix cache holds prompt blocks from prefill, before any shift, and a shifted row lends no
+        prompt to joiners (``cached_prompt``), so nothing shifted is ever reused as a prompt prefix."""
+        self._select([active.job.adapter])  # a recomputing pass runs this row alone, with its adapter
+        active.head = shift_context(self.model, self.cache, active.slot, active.window(), self.shift)
+        active.head_end = len(active.seq.prompt_ids) + len(active.seq.output_ids) - 1
+        active.seq.shifts += 1
 
     def _select(self, adapter_ids: list[int]) -> None:
         """Tell the adapted layers which adapter each row of the next forward pass applies."""

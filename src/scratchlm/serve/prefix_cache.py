@@ -12,6 +12,7 @@ Keys and values depend on everything before them *and* on the weights, so each L
 Memory is bounded by a budget: when a new block does not fit, the least recently used block that no other block
 extends (a leaf) is dropped, so a cached chain never loses its middle. Blocks live outside the engine's per-slot
 ``KVCache``; ``store`` copies finished positions out of a slot, ``load`` copies a matched prefix into one.
+``reuse_prefix`` is the engine's side: it fills a joining request's row from this cache or from a running request.
 """
 
 from __future__ import annotations
@@ -131,3 +132,40 @@ class PrefixCache:
     def clear(self) -> None:
         self.roots.clear()
         self.lru.clear()
+
+
+def shared_prefix(a: list[int], b: list[int], limit: int | None = None) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common (at most ``limit``)."""
+    n, end = 0, min(len(a), len(b), len(a) if limit is None else limit)
+    while n < end and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def reuse_prefix(active, running, cache, prefix_cache: PrefixCache | None) -> int:
+    """Copy into ``active``'s cache row the keys and values of the longest prefix of its prompt already computed
+    (a shared system prompt, the same conversation so far) instead of computing them again: from the prefix cache
+    (whole blocks of earlier and running requests), or token by token from a ``running`` request's row when that
+    one shares more. At least the last prompt token is always left to compute: its logits give the first new
+    token. Returns the number of tokens copied (the caller sets the row's length).
+
+    ``active`` and ``running`` are the engine's requests (``slot``, ``job.prompt_ids``, ``job.adapter`` and
+    ``cached_prompt``: the prompt tokens whose keys and values sit at their own positions in the row, none once a
+    context shift has moved them). Positions below a request's ``done`` never change otherwise, so a running
+    request's row is safe to copy."""
+    prompt, best, donor, adapter = active.job.prompt_ids, 0, None, active.job.adapter
+    for other in running:  # keys and values depend on the adapter too: only a row of the same one
+        if other is not None and other is not active and other.job.adapter == adapter:
+            n = shared_prefix(prompt, other.cached_prompt, limit=len(prompt) - 1)
+            if n > best:
+                best, donor = n, other
+    chain = prefix_cache.match(prompt, adapter) if prefix_cache is not None else []
+    from_cache = min(len(chain) * prefix_cache.block_size, len(prompt) - 1) if chain else 0
+    slot = active.slot
+    if from_cache > best:
+        best = from_cache
+        prefix_cache.load(chain, cache.k[:, slot], cache.v[:, slot], best)
+    elif donor is not None:
+        for kv in (cache.k, cache.v):
+            kv[:, slot, :, :best] = kv[:, donor.slot, :, :best]
+    return best
