@@ -2,7 +2,8 @@
 
     read_documents("plays.txt")             # one document: the whole file
     read_documents("notes/")                # every .txt, .md and .jsonl file below it, in sorted order
-    read_documents("chats.jsonl", "text")   # one document per line: the line's "text" field
+    read_documents("chats.jsonl", "text")   # one document per line: the line's "text" field (read line by line)
+    read_documents("clean/")                # the JSONL shards that `scratchlm data clean` writes
 
 Every problem is a ``DataError`` that names the file (and the byte offset or line) and says what to do.
 """
@@ -69,9 +70,9 @@ def jsonl_objects(lines: Iterable[str], source: str | Path) -> Iterator[tuple[in
         yield number, record
 
 
-def read_jsonl(data: str, source: Path, text_field: str) -> Iterator[str]:
-    """The ``text_field`` string of every non-blank line of a JSONL file."""
-    for number, record in jsonl_objects(data.splitlines(), source):
+def jsonl_texts(lines: Iterable[str], source: str | Path, text_field: str) -> Iterator[tuple[int, str]]:
+    """(line number, ``text_field`` string) for every non-blank line of JSONL text."""
+    for number, record in jsonl_objects(lines, source):
         if text_field not in record:
             raise DataError(f"{source}, line {number}: no {text_field!r} field; pass --text-field NAME to "
                             "choose the field that holds the text")
@@ -79,22 +80,51 @@ def read_jsonl(data: str, source: Path, text_field: str) -> Iterator[str]:
         if not isinstance(text, str):
             raise DataError(f"{source}, line {number}: field {text_field!r} is {type(text).__name__}, "
                             "not a string")
+        yield number, text
+
+
+def read_jsonl(data: str, source: Path, text_field: str) -> Iterator[str]:
+    """The ``text_field`` string of every non-blank line of a JSONL file."""
+    for _, text in jsonl_texts(data.splitlines(), source, text_field):
         yield text
+
+
+def utf8_lines(source: Path, consumed: list[int] | None = None) -> Iterator[str]:
+    """The lines of a file, decoded one at a time (memory: one line); ``consumed[0]`` counts the bytes read.
+
+    Invalid UTF-8 is a DataError naming the file, the byte offset and the line.
+    """
+    offset = 0
+    try:
+        with open(source, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{source}: invalid UTF-8 at byte offset {offset + exc.start} (line {number}, byte "
+                        f"0x{raw[exc.start]:02x}); convert the file to UTF-8 first, e.g. "
+                        "`iconv -f latin1 -t utf-8 FILE > FILE.utf8`") from None
+                offset += len(raw)
+                if consumed is not None:
+                    consumed[0] += len(raw)
+                yield line
+    except OSError as exc:
+        raise DataError(f"cannot read training data {source}: {exc.strerror}") from None
 
 
 def read_documents(path: str | Path, text_field: str = "text") -> Iterator[tuple[Path, str]]:
     """Yield ``(file, text)`` for every document under ``path`` (see the module docstring)."""
     for source in list_sources(path):
+        if source.suffix.lower() in JSONL_SUFFIXES:  # streamed: a large JSONL file is never whole in memory
+            for _, doc in jsonl_texts(utf8_lines(source), source, text_field):
+                yield source, doc
+            continue
         try:
             data = source.read_bytes()
         except OSError as exc:
             raise DataError(f"cannot read training data {source}: {exc.strerror}") from None
-        text = decode_utf8(data, source)
-        if source.suffix.lower() in JSONL_SUFFIXES:
-            for doc in read_jsonl(text, source, text_field):
-                yield source, doc
-        else:
-            yield source, text
+        yield source, decode_utf8(data, source)
 
 
 def fingerprint_sources(path: str | Path) -> list[dict]:
