@@ -120,6 +120,7 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.rag.cli",
     "scratchlm.compress.cli",
     "scratchlm.agent.cli",
+    "scratchlm.data.cli",
 ]
 
 
