@@ -173,13 +173,18 @@ def add_draft_flags(p: argparse.ArgumentParser):
 def add_decoding_flags(p: argparse.ArgumentParser) -> None:
     """Speculative decoding, context shift and --verbose (generate, chat; docs/decoding.md)."""
     g = add_draft_flags(p)
+    add_context_shift_flags(g)
+    g.add_argument("--verbose", action="store_true",
+                   help="print tokens/s, forward passes, drafted and accepted tokens and shifts on stderr")
+
+
+def add_context_shift_flags(g) -> None:
+    """--context-shift and --keep (generate, chat, serve), into the decoding group ``g``."""
     g.add_argument("--context-shift", nargs="?", const="recompute", default=None, choices=("recompute", "rotate"),
                    help="go on past the context window: drop the oldest half of the tokens after --keep and "
                         "recompute the cache (default) or rotate the cached keys (faster, approximate)")
     g.add_argument("--keep", type=int, default=None, metavar="N",
                    help="tokens at the start kept by a context shift (implies --context-shift; default 0)")
-    g.add_argument("--verbose", action="store_true",
-                   help="print tokens/s, forward passes, drafted and accepted tokens and shifts on stderr")
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict:

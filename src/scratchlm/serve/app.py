@@ -124,17 +124,18 @@ def create_app(model, *, api_key: str | None = None, max_batch: int = 16, max_qu
                max_len: int | None = None, prefill_chunk: int = 128, log_prompts: bool = False,
                model_name: str | None = None, on_load_error: Callable[[BaseException], None] | None = None,
                embeddings: EmbeddingService | None = None, prefix_cache_mb: float = DEFAULT_BUDGET_MB,
-               adapters: dict | None = None, draft=None, draft_tokens: int | None = None) -> FastAPI:
+               adapters: dict | None = None, draft=None, draft_tokens: int | None = None,
+               context_shift: str | bool | None = None, keep: int | None = None) -> FastAPI:
     """The server app. ``model`` is an ``LLM`` or a function that loads one (called in a thread at start);
     ``embeddings``, an encoder that answers /v1/embeddings instead of the language model; ``prefix_cache_mb``,
     memory for the keys and values of earlier prompts (0: off); ``adapters``, {name: LoRA adapter directory}
     served beside the base model, each request applying the one its ``model`` names (serve/adapters.py);
     ``draft`` ("ngram", a draft model name or path, or an LLM) and ``draft_tokens``: speculative decoding for every
-    request (docs/decoding.md)."""
+    request; ``context_shift`` and ``keep``: requests go on past the context window (docs/decoding.md)."""
     load = model if callable(model) and not hasattr(model, "tokenizer") else (lambda: model)
     state = ServerState(load, dict(max_batch=max_batch, max_queue=max_queue, max_len=max_len,
                                    prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb, draft=draft,
-                                   draft_tokens=draft_tokens), model_name,
+                                   draft_tokens=draft_tokens, context_shift=context_shift, keep=keep), model_name,
                         on_load_error, adapters)
 
     @asynccontextmanager
@@ -236,7 +237,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         adapter = state.adapter_index(body.model)
         items = J.prompt_list(body.prompt, "prompt")
         prompts = await run_in_threadpool(J.encode_prompts, state.llm, items, "prompt")
-        jobs = J.generation_jobs(body, prompts, engine.max_len, engine.max_batch + engine.max_queue)
+        jobs = J.generation_jobs(body, prompts, engine.max_len, engine.max_batch + engine.max_queue,
+                                 shift=engine.shift is not None)
         for job in jobs:
             job.adapter = adapter
         _note(request, body, prompts, items)
@@ -248,7 +250,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         engine = state.ready()
         adapter = state.adapter_index(body.model)
         prompt = await run_in_threadpool(J.encode_chat, state.llm, body)
-        jobs = J.generation_jobs(body, [prompt], engine.max_len, engine.max_batch + engine.max_queue)
+        jobs = J.generation_jobs(body, [prompt], engine.max_len, engine.max_batch + engine.max_queue,
+                                 shift=engine.shift is not None)
         for job in jobs:
             job.adapter = adapter
         _note(request, body, [prompt], J.chat_messages(body))

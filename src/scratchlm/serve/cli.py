@@ -6,7 +6,14 @@ import argparse
 import logging
 import os
 
-from scratchlm.cli_options import add_draft_flags, add_engine_flags, add_model_argument, decoding_kwargs, engine_kwargs
+from scratchlm.cli_options import (
+    add_context_shift_flags,
+    add_draft_flags,
+    add_engine_flags,
+    add_model_argument,
+    decoding_kwargs,
+    engine_kwargs,
+)
 from scratchlm.errors import ConfigError, ScratchLMError
 
 API_KEY_ENV = "SCRATCHLM_API_KEY"
@@ -42,7 +49,7 @@ def register(subparsers) -> None:
                         "repeatable; requests choose with their model field and are batched together. A bare DIR is "
                         "merged into the base at load instead")
     add_engine_flags(p, adapter=False)
-    add_draft_flags(p)
+    add_context_shift_flags(add_draft_flags(p))
     p.set_defaults(func=cmd_serve)
 
 
@@ -79,7 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError("--prefix-cache-mb must be 0 (off) or a positive number of megabytes")
     if args.model != TEST_MODEL:
         resolve(args.model)  # an unknown name or missing file fails here, before the server starts
-    decoding = decoding_kwargs(args)  # --draft, --draft-tokens: checked here; a draft model loads with the model
+    # --draft, --draft-tokens, --context-shift, --keep: checked here; a draft model loads with the model
+    decoding = decoding_kwargs(args)
     if decoding.get("draft") not in (None, "ngram"):
         resolve(decoding["draft"])
     adapters, args.merged_adapter = parse_adapter_specs(args.adapter)

@@ -171,8 +171,10 @@ def check_fits(prompt_len: int, max_tokens: int, max_len: int, param: str) -> No
             param=param, code="context_length_exceeded")
 
 
-def generation_jobs(body: SamplingRequest, prompts: list[list[int]], max_len: int, capacity: int) -> list:
-    """One GenerationJob per (prompt, choice); choice index = prompt index x n + j, as OpenAI numbers them."""
+def generation_jobs(body: SamplingRequest, prompts: list[list[int]], max_len: int, capacity: int,
+                    shift: bool = False) -> list:
+    """One GenerationJob per (prompt, choice); choice index = prompt index x n + j, as OpenAI numbers them.
+    ``shift``: the server shifts the context (``--context-shift``), so only the prompt must fit ``max_len``."""
     message = unsupported(body)
     if message:
         raise ApiError(400, message)
@@ -199,7 +201,7 @@ def generation_jobs(body: SamplingRequest, prompts: list[list[int]], max_len: in
     jobs = []
     for i, prompt in enumerate(prompts):
         tokens = max_tokens if max_tokens is not None else max_len - len(prompt)  # chat default: all that fits
-        check_fits(len(prompt), tokens, max_len, "messages" if chat else "prompt")
+        check_fits(len(prompt), 1 if shift else tokens, max_len, "messages" if chat else "prompt")
         for j in range(body.n):
             params = sampling_params(body, tokens, choice_seed(body.seed, j), constraint)
             jobs.append(GenerationJob(prompt, params, tokens, index=i * body.n + j, logprobs=logprobs,
