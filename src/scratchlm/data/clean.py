@@ -47,7 +47,6 @@ from scratchlm.train.sources import JSONL_SUFFIXES, decode_utf8, jsonl_texts, li
 
 REPORT_FILE = "report.json"
 SHARD_PATTERN = "part-{:05d}.jsonl"
-_SPACES = regex.compile(r"\s+")
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,7 @@ class Document:
 
 def normalise_exact(text: str) -> str:
     """The text that exact deduplication compares: NFKC, case folded, white space runs as one space."""
-    return _SPACES.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def exact_key(text: str) -> int:

@@ -150,17 +150,14 @@ def lsh_parameters(threshold: float, num_perm: int, false_positive_weight: float
         raise ConfigError(f"the near-duplicate threshold must be between 0 and 1, got {threshold}")
     if num_perm < 2:
         raise ConfigError(f"the number of permutations must be at least 2, got {num_perm}")
+    shapes = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)])
+    b, r = shapes[:, :1], shapes[:, 1:]  # one row per candidate shape
     below = np.linspace(0.0, threshold, 201)
     above = np.linspace(threshold, 1.0, 201)
-    best, best_cost = (1, num_perm), float("inf")
-    for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            fp = np.trapezoid(candidate_probability(below, b, r), below)
-            fn = np.trapezoid(1.0 - candidate_probability(above, b, r), above)
-            cost = false_positive_weight * fp + false_negative_weight * fn
-            if cost < best_cost:
-                best, best_cost = (b, r), cost
-    return best
+    fp = np.trapezoid(1.0 - (1.0 - below ** r) ** b, below, axis=1)
+    fn = np.trapezoid((1.0 - above ** r) ** b, above, axis=1)
+    best = int(np.argmin(false_positive_weight * fp + false_negative_weight * fn))  # the first of equals
+    return int(shapes[best, 0]), int(shapes[best, 1])
 
 
 class LSHIndex:

@@ -191,11 +191,12 @@ def ngram_fractions(words: list[str]) -> dict[str, float]:
         ids = _ngram_ids(word_ids, n)
         counts = np.bincount(ids)
         if n in TOP_NGRAMS:
-            top = int(counts.argmax())
-            if counts[top] > 1:  # an n-gram seen once is no repetition
-                first = int(np.flatnonzero(ids == top)[0])
-                chars = int(starts[first + n] - starts[first])
-                out[f"top_{n}gram"] = counts[top] * chars / total
+            top = int(counts.max())
+            if top > 1:  # an n-gram seen once is no repetition
+                # Among equally frequent n-grams the longest counts: the result does not depend on hash order.
+                at = np.flatnonzero(counts[ids] == top)
+                chars = int((starts[at + n] - starts[at]).max())
+                out[f"top_{n}gram"] = top * chars / total
         else:
             repeated = np.flatnonzero(counts[ids] > 1)  # positions where a repeated n-gram starts
             if len(repeated):
