@@ -7,13 +7,16 @@ view is checked against log-softmax of the model's own logits, computed independ
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from conftest import tiny_llm
+from scratchlm.cli import main
 from scratchlm.explain import attention_weights, explain, logit_lens, token_label
+from scratchlm.formats.checkpoint import save_model_dir
 from scratchlm.formats.export_hf import hf_config, to_hf_state_dict
 
 transformers = pytest.importorskip("transformers")
@@ -43,6 +46,10 @@ def hf_twin(llm):
             module.original_inv_freq = module.inv_freq
     assert all("lm_head" in name or "inv_freq" in name or "attn.bias" in name for name in missing), missing
     return model.eval()
+
+
+def save(llm, directory):
+    save_model_dir(directory, llm.config, llm.model.canonical_state_dict(), llm.tokenizer)
 
 
 def test_attention_weights_equal_hf_output_attentions_on_smollm2(smollm2):
@@ -116,3 +123,85 @@ def test_token_labels_show_spaces_newlines_partial_bytes_and_specials():
     assert token_label(tok, 0xE2) == "<E2>"  # the first byte of a three-byte character, alone
     assert token_label(tok, tok.token_to_id("<|im_end|>")) == "<|im_end|>"
     assert token_label(tok, ord("a")) == "a"
+
+
+def test_explain_cli_json_has_one_position_per_token_with_top_k(tmp_path, capsys):
+    llm = tiny_llm(seed=4)
+    save(llm, tmp_path / "m")
+    assert main(["explain", str(tmp_path / "m"), "hi there", "--json", "--top-k", "3", "--no-progress"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    ids = llm.tokenizer.encode("hi there")
+    assert [p["id"] for p in data["positions"]] == ids
+    assert all(len(p["top"]) == 3 and set(p["top"][0]) == {"id", "token", "prob"} for p in data["positions"])
+    assert [layer["layer"] for layer in data["lens"]] == ["embed", "1", "2"]
+
+
+def test_explain_cli_writes_heat_maps_and_a_page_then_refuses_to_overwrite(tmp_path, capsys):
+    save(tiny_llm(seed=5), tmp_path / "m")
+    out = tmp_path / "att"
+    args = ["explain", str(tmp_path / "m"), "a<b>", "--attention", str(out), "--layers", "2", "--no-progress"]
+    assert main(args) == 0
+    assert "next-token view" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["attention.html"] + [f"layer02_head0{h}.png" for h in range(1, 5)]
+    assert (out / "layer02_head01.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<b>" not in (out / "attention.html").read_text()  # token text is data, never markup
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(args[:-3] + ["--layers", "7", "--force"]) == 2
+    assert "layers 1 to 2" in capsys.readouterr().err
+    assert main(args[:-3] + ["--layers", "1", "--force"]) == 0  # an earlier output is replaced, whole
+    assert sorted(p.name for p in out.iterdir()) == ["attention.html"] + [f"layer01_head0{h}.png" for h in range(1, 5)]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(args[:3] + ["--attention", str(tmp_path / "mine"), "--force", "--no-progress"]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"  # a folder that is not ours is never replaced
+
+
+def test_chat_view_covers_the_template_and_the_greedy_reply():
+    llm = tiny_llm(seed=6)
+    view = explain(llm, "hi", chat=True, reply_tokens=5)
+    prompt = llm.encode_chat([{"role": "user", "content": "hi"}])
+    assert view.ids[: len(prompt)] == prompt and view.prompt_tokens == len(prompt)
+    reply = view.ids[len(prompt):]
+    assert 1 <= len(reply) <= 5
+    for i, token in enumerate(reply):  # greedy: each reply token was the model's first choice
+        assert view.positions[len(prompt) + i - 1]["next"]["rank"] == 1
+        assert view.positions[len(prompt) + i - 1]["top"][0]["id"] == token
+
+
+def test_attention_page_runs_in_chromium_and_shades_what_the_query_attends_to(tmp_path):
+    import os
+
+    from scratchlm.explain.html import render_page
+
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.fail("/usr/bin/chromium is missing: apt-get install -y chromium (make test does this)") if \
+            os.environ.get("CI") == "true" else pytest.skip("no chromium")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    llm = tiny_llm(seed=7)
+    view = explain(llm, "x</script><script>alert(1)</script>")
+    page_file = tmp_path / "attention.html"
+    page_file.write_text(render_page(view), encoding="utf-8")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True)
+        page = browser.new_page()
+        problems = []
+        page.on("pageerror", lambda exc: problems.append(str(exc)))
+        page.on("dialog", lambda dialog: problems.append("dialog") or dialog.dismiss())
+        page.goto(page_file.as_uri())
+        tokens = page.locator(".tok")
+        assert tokens.count() == len(view.ids)
+        assert tokens.nth(1).text_content() == view.tokens[1]
+        tokens.nth(3).click()
+        page.select_option("#layer", index=1)  # layer 2
+        page.select_option("#head", index=3)  # head 3 (option 0 is the mean of the heads)
+        titles = page.evaluate("[...document.querySelectorAll('.tok')].map(n => n.title)")
+        shades = page.evaluate("[...document.querySelectorAll('.tok')].map(n => n.style.background)")
+        browser.close()
+    assert problems == []
+    weights = view.attention[1, 2, 3]  # layer 2, head 3, query token 3
+    shown = [float(t.split("weight ")[1].split()[0]) for t in titles]
+    alphas = [float(s.rsplit(",", 1)[1].rstrip(")")) if s.startswith("rgba") else 1.0 for s in shades]
+    for k in range(len(view.ids)):
+        assert shown[k] == pytest.approx(float(weights[k]), abs=1.5e-3)
+        assert alphas[k] == pytest.approx(float(weights[k]), abs=6e-3)  # the browser keeps alpha in 1/255 steps
