@@ -305,9 +305,12 @@ def stream_sequences(model: Transformer, sequences: list[Sequence], draft=None, 
     decoder = getattr(model, "decoder", None)  # a compiled decode step (scratchlm.compiled), when attached
     if decoder is not None:
         max_len = decoder.cache_length(max_len)
-    if shift is not None and shift.keep > max_len // 2:
-        raise ConfigError(f"keep={shift.keep} is more than half of the {max_len}-token window: a context shift "
-                          f"must free room; keep at most {max_len // 2} tokens")
+    # Against the context, not max_len: a short generation's cache is smaller, but a shift happens only in a cache
+    # as long as the context (a shorter one holds every token), so the same keep is valid whatever the budget.
+    window = model.config.context_length
+    if shift is not None and shift.keep > window // 2:
+        raise ConfigError(f"keep={shift.keep} is more than half of the {window}-token window: a context shift "
+                          f"must free room; keep at most {window // 2} tokens")
     cache = KVCache(model.config, len(sequences), max_len=max_len, dtype=dtype, device=device)
     drafter = make_drafter(draft, model, len(sequences), max_len) if draft is not None else None
     policies = [speculative.DraftLength(k_max, drafter.draft_cost, adaptive=adaptive) for _ in sequences] \
