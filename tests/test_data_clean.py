@@ -202,6 +202,26 @@ def test_clean_removes_planted_near_duplicates_and_the_counts_add_up(tmp_path):
     assert "near_duplicate" in table and "kept" in table and "max_words" not in table  # removed nothing
 
 
+def test_verify_keeps_candidates_whose_estimated_similarity_is_below_the_threshold(tmp_path):
+    """32 bands of 4 rows make a pair of Jaccard ~0.6 a candidate almost surely; --verify then keeps it."""
+    rng = random.Random(2)
+    words = [rng.choice(pseudo_words(300)) for _ in range(400)]
+    variant = list(words)
+    for i in range(0, 400, 25):
+        variant[i] = "other"  # 16 edits break 80 of 396 shingles: Jaccard ~ 316 / 476 ~ 0.66
+    texts = [" ".join(words), " ".join(variant)]
+    path = write_jsonl(tmp_path / "in.jsonl", texts)
+    loose = CleanOptions(quality=None, threshold=0.8, bands=32, rows=4)
+    assert clean_corpus([path], tmp_path / "a", loose)["documents_kept"] == 1
+    report = clean_corpus([path], tmp_path / "b", CleanOptions(quality=None, threshold=0.8, bands=32, rows=4,
+                                                               verify=True))
+    assert report["documents_kept"] == 2 and report["lsh"]["verify"]
+    report = clean_corpus([path], tmp_path / "c", CleanOptions(quality=None, threshold=0.5, bands=32, rows=4,
+                                                               verify=True))
+    example = report["removed"]["near_duplicate"]["examples"][0]
+    assert 0.5 <= example["estimated_jaccard"] <= 0.8 and example["similar_to"].endswith("in.jsonl:1")
+
+
 def test_cli_clean_prints_the_table_and_replaces_only_its_own_output(tmp_path, capsys):
     data = write_jsonl(tmp_path / "in.jsonl", [good_document(seed=s) for s in range(3)] + [good_document()])
     out = tmp_path / "clean"

@@ -11,14 +11,17 @@ add up: documents in = kept + the sum over filters.
 2. ``exact_duplicate``: the same text as an earlier document after normalisation (Unicode NFKC, case folded,
    runs of white space made one space): a 64-bit BLAKE2b hash of it is looked up in a set;
 3. the Gopher rules (``quality.py``), first failed rule by name;
-4. ``near_duplicate``: MinHash + LSH (``minhash.py``) finds an earlier kept document whose estimated Jaccard
-   similarity of shingles is probably above the threshold.
+4. ``near_duplicate``: MinHash + LSH (``minhash.py``) finds an earlier kept document that shares a band of its
+   signature, so that their Jaccard similarity of shingles is probably above the threshold; with ``verify`` the
+   candidate must also have an estimated similarity (fraction of equal minima) of at least the threshold, which
+   trades a few near-threshold removals for precision.
 
 Memory. Documents stream one at a time from the inputs to the shards (a text file is one document, a JSONL file
 is read line by line), so memory does not grow with the corpus' size in bytes but with the number of documents
 kept: per distinct document one 64-bit hash in a set (~70 bytes), and per kept document ``bands`` entries in the
 LSH tables (~100 bytes each) and 8 bytes of provenance: about 1 KB per kept document with the defaults
-(9 bands), 1 GB for a million. Fewer bands (a lower --num-perm) shrink it; the largest document must fit.
+(9 bands), 1 GB for a million; ``verify`` adds the kept signatures, 4 bytes per permutation (512 bytes with 128).
+Fewer bands (a lower --num-perm) shrink it; the largest document must fit in memory.
 """
 
 from __future__ import annotations
@@ -37,9 +40,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import regex
 
-from scratchlm.data.minhash import SHINGLE_UNITS, LSHIndex, Permutations, lsh_parameters, minhash, shingle_hashes
+from scratchlm.data.minhash import (
+    SHINGLE_UNITS,
+    LSHIndex,
+    Permutations,
+    estimate_jaccard,
+    lsh_parameters,
+    minhash,
+    shingle_hashes,
+)
 from scratchlm.data.quality import QualityRules, check
 from scratchlm.errors import ConfigError, DataError
 from scratchlm.files import atomic_write_json
@@ -61,6 +73,7 @@ class CleanOptions:
     num_perm: int = 128
     bands: int | None = None  # None: chosen from the threshold (lsh_parameters)
     rows: int | None = None
+    verify: bool = False  # keep a candidate unless its estimated Jaccard similarity reaches the threshold
     seed: int = 1
     quality: QualityRules | None = field(default_factory=QualityRules)
     text_field: str = "text"
@@ -205,6 +218,7 @@ def clean_documents(documents: Iterable[Document], writer: ShardWriter | None, o
     perms = Permutations(options.num_perm, options.seed)
     index = LSHIndex(bands, rows, seed=options.seed)
     seen: set[int] = set()
+    signatures = SignatureStore(options.num_perm) if options.verify else None
     kept_sources = array("Q")  # provenance of each kept document: (file number << 40) | line
     paths: dict[str, int] = {}
     names = ["empty", "exact_duplicate", *(options.quality.active() if options.quality else ()), "near_duplicate"]
@@ -219,7 +233,7 @@ def clean_documents(documents: Iterable[Document], writer: ShardWriter | None, o
     for doc in documents:
         n_in += 1
         chars_in += len(doc.text)
-        removed = _first_filter(doc, options, seen, index, perms, tallies, unpacked, kept_sources)
+        removed = _first_filter(doc, options, seen, index, perms, tallies, unpacked, kept_sources, signatures)
         if removed is None:
             n_kept += 1
             chars_kept += len(doc.text)
@@ -235,12 +249,13 @@ def clean_documents(documents: Iterable[Document], writer: ShardWriter | None, o
         "documents_in": n_in, "characters_in": chars_in, "documents_kept": n_kept, "characters_kept": chars_kept,
         "removed": removed, "seconds": round(seconds, 3), "documents_per_second": round(n_in / max(seconds, 1e-9), 1),
         "lsh": {"bands": bands, "rows": rows, "num_perm": options.num_perm, "threshold": options.threshold,
-                "indexed_documents": index.size, "approximate_index_bytes": index.approximate_bytes()},
+                "verify": options.verify, "indexed_documents": index.size,
+                "approximate_index_bytes": index.approximate_bytes() + (signatures.nbytes() if signatures else 0)},
         "exact_hashes": len(seen),
     }
 
 
-def _first_filter(doc, options, seen, index, perms, tallies, unpacked, kept_sources) -> str | None:
+def _first_filter(doc, options, seen, index, perms, tallies, unpacked, kept_sources, signatures) -> str | None:
     """The name of the filter that removes ``doc`` (its tally updated), or None when it is kept."""
     if not doc.text.strip():
         tallies["empty"].add(doc)
@@ -262,12 +277,45 @@ def _first_filter(doc, options, seen, index, perms, tallies, unpacked, kept_sour
         if len(shingles):
             signature = minhash(shingles, perms)
             keys = index.band_keys(signature)
-            match = index.query(signature, keys)
-            if match is not None:
-                tallies["near_duplicate"].add(doc, similar_to=unpacked(kept_sources[match]))
-                return "near_duplicate"
-            index.insert(signature, len(kept_sources), keys)  # the id is this document's kept number
+            kept_id = len(kept_sources)  # the number this document gets if it is kept
+            if signatures is None:
+                match = index.query(signature, keys)
+                if match is not None:
+                    tallies["near_duplicate"].add(doc, similar_to=unpacked(kept_sources[match]))
+                    return "near_duplicate"
+            else:
+                for match in index.candidates(signature, keys):
+                    similarity = estimate_jaccard(signature, signatures[match])
+                    if similarity >= options.threshold:
+                        tallies["near_duplicate"].add(doc, similar_to=unpacked(kept_sources[match]),
+                                                      estimated_jaccard=round(similarity, 4))
+                        return "near_duplicate"
+                signatures.append(kept_id, signature)
+            index.insert(signature, kept_id, keys)
     return None
+
+
+class SignatureStore:
+    """The MinHash signatures of the kept documents by kept number, in one growing uint32 array (for --verify).
+
+    Kept documents without shingles (no word in them) get no signature and are never a candidate.
+    """
+
+    def __init__(self, num_perm: int):
+        self.data = np.zeros((1024, num_perm), dtype=np.uint32)
+
+    def append(self, kept_id: int, signature: np.ndarray) -> None:
+        if kept_id >= len(self.data):
+            grown = np.zeros((max(2 * len(self.data), kept_id + 1), self.data.shape[1]), dtype=np.uint32)
+            grown[:len(self.data)] = self.data
+            self.data = grown
+        self.data[kept_id] = signature
+
+    def __getitem__(self, kept_id: int) -> np.ndarray:
+        return self.data[kept_id]
+
+    def nbytes(self) -> int:
+        return self.data.nbytes
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
     g.add_argument("--bands", type=int, default=None, help="LSH bands (default: chosen from --threshold)")
     g.add_argument("--rows", type=int, default=None, help="LSH rows per band (default: chosen from --threshold)")
+    g.add_argument("--verify", action="store_true",
+                   help="remove an LSH candidate only when its estimated similarity reaches --threshold (more "
+                        "precise; 4 bytes per permutation per kept document)")
     g.add_argument("--seed", type=int, default=1, help="seed of the MinHash permutations (default 1)")
 
     g = c.add_argument_group("quality (the Gopher rules, Rae et al. 2021; see `scratchlm data rules`)")
@@ -84,8 +87,9 @@ def cmd_clean(args: argparse.Namespace) -> None:
 
     options = CleanOptions(
         exact=not args.no_exact, near=not args.no_near, threshold=args.threshold, shingle_size=args.shingle_size,
-        shingle_unit=args.shingle_unit, num_perm=args.num_perm, bands=args.bands, rows=args.rows, seed=args.seed,
-        quality=quality_rules(args), text_field=args.text_field, shard_docs=args.shard_docs, examples=args.examples)
+        shingle_unit=args.shingle_unit, num_perm=args.num_perm, bands=args.bands, rows=args.rows, verify=args.verify,
+        seed=args.seed, quality=quality_rules(args), text_field=args.text_field, shard_docs=args.shard_docs,
+        examples=args.examples)
     report = clean_corpus(args.inputs, args.out, options, force=args.force, progress=show_progress(args))
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))

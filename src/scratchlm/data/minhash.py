@@ -193,6 +193,12 @@ class LSHIndex:
                 return found
         return None
 
+    def candidates(self, signature: np.ndarray, keys: list[int] | None = None) -> list[int]:
+        """The distinct ids of the inserted documents that share a band with ``signature``, in band order."""
+        found = (table.get(key) for table, key in zip(self.tables, keys if keys is not None else
+                                                        self.band_keys(signature)))
+        return list(dict.fromkeys(i for i in found if i is not None))
+
     def insert(self, signature: np.ndarray, doc_id: int, keys: list[int] | None = None) -> None:
         """Index ``doc_id`` under each of its band keys (an earlier document keeps a shared bucket)."""
         for table, key in zip(self.tables, keys if keys is not None else self.band_keys(signature)):
