@@ -157,6 +157,51 @@ PRESETS: dict[str, ModelConfig] = {
         d_ff=1536, positions="learned", norm="layernorm", mlp="gelu", bias=True, norm_eps=1e-12,
         tie_embeddings=True, causal=False, norm_position="post", type_vocab_size=2, gelu_approximate="none",
     ),
+    # Sizes for `scratchlm estimate` (docs/explain.md) and for training from scratch; nothing to download.
+    # HuggingFaceTB/SmolLM2-360M config.json: hidden 960, intermediate 2560, 32 layers, 15 heads, 5 KV heads,
+    # rope_theta 100000, tied, vocab 49152, max_position_embeddings 8192.
+    "smollm2-360m": ModelConfig(
+        name="smollm2-360m", vocab_size=49152, context_length=8192, d_model=960, n_layers=32, n_heads=15,
+        n_kv_heads=5, d_ff=2560, rope_theta=100000.0, tie_embeddings=True,
+    ),
+    # HuggingFaceTB/SmolLM2-1.7B config.json: hidden 2048, intermediate 8192, 24 layers, 32 heads (no GQA),
+    # rope_theta 130000, tied, vocab 49152, max_position_embeddings 8192.
+    "smollm2-1.7b": ModelConfig(
+        name="smollm2-1.7b", vocab_size=49152, context_length=8192, d_model=2048, n_layers=24, n_heads=32,
+        d_ff=8192, rope_theta=130000.0, tie_embeddings=True,
+    ),
+    # openai-community/openai-gpt config.json (Radford et al. 2018): n_embd 768, 12 layers, 12 heads, n_positions
+    # 512, vocab 40478, afn "gelu" (exact), LayerNorm after each residual add, tied head. One difference: our
+    # post-norm stack also normalises the embeddings (BERT's embed_norm), 1,536 parameters GPT-1 does not have.
+    "gpt1-117m": ModelConfig(
+        name="gpt1-117m", vocab_size=40478, context_length=512, d_model=768, n_layers=12, n_heads=12,
+        positions="learned", norm="layernorm", mlp="gelu", bias=True, norm_eps=1e-5, tie_embeddings=True,
+        norm_position="post", gelu_approximate="none",
+    ),
+    # openai-community/gpt2-medium, -large, -xl config.json: as gpt2 with n_embd/n_layer/n_head 1024/24/16,
+    # 1280/36/20 and 1600/48/25.
+    **{name: ModelConfig(
+        name=name, vocab_size=50257, context_length=1024, d_model=d, n_layers=n, n_heads=h,
+        positions="learned", norm="layernorm", mlp="gelu", bias=True, norm_eps=1e-5, tie_embeddings=True,
+    ) for name, d, n, h in (("gpt2-355m", 1024, 24, 16), ("gpt2-774m", 1280, 36, 20), ("gpt2-1558m", 1600, 48, 25))},
+    # GPT-3 175B (Brown et al. 2020, table 2.1): 96 layers, d_model 12288, 96 heads of 128, context 2048, GPT-2's
+    # tokenizer and architecture (its alternating sparse attention layers change no parameter count).
+    "gpt3-175b": ModelConfig(
+        name="gpt3-175b", vocab_size=50257, context_length=2048, d_model=12288, n_layers=96, n_heads=96,
+        positions="learned", norm="layernorm", mlp="gelu", bias=True, norm_eps=1e-5, tie_embeddings=True,
+    ),
+    # meta-llama/Llama-2-7b-hf config.json: hidden 4096, intermediate 11008, 32 layers, 32 heads, rms_norm_eps
+    # 1e-5, rope_theta 10000, untied head, vocab 32000, max_position_embeddings 4096.
+    "llama2-7b": ModelConfig(
+        name="llama2-7b", vocab_size=32000, context_length=4096, d_model=4096, n_layers=32, n_heads=32,
+        d_ff=11008, rope_theta=10000.0, tie_embeddings=False,
+    ),
+    # meta-llama/Meta-Llama-3-70B config.json: hidden 8192, intermediate 28672, 80 layers, 64 heads, 8 KV heads,
+    # rms_norm_eps 1e-5, rope_theta 500000, untied head, vocab 128256, max_position_embeddings 8192.
+    "llama3-70b": ModelConfig(
+        name="llama3-70b", vocab_size=128256, context_length=8192, d_model=8192, n_layers=80, n_heads=64,
+        n_kv_heads=8, d_ff=28672, rope_theta=500000.0, tie_embeddings=False,
+    ),
     # Tiny sizes for tests and demos: same switches, a few thousand parameters.
     "tiny-llama": ModelConfig(
         name="tiny-llama", vocab_size=512, context_length=128, d_model=64, n_layers=2, n_heads=4,
