@@ -19,7 +19,7 @@ import torch
 
 from scratchlm.chat import ChatTemplate
 from scratchlm.config import ModelConfig
-from scratchlm.errors import ConfigError, ModelFileError
+from scratchlm.errors import ConfigError, ModelFileError, UnsupportedError
 from scratchlm.files import read_json
 from scratchlm.generate import Completion, ContextShift, Sequence, stream_sequences
 from scratchlm.model import Transformer, build_model
@@ -75,17 +75,45 @@ def _read_weights(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str
                          f"or {torch_files.NANOGPT_FILE} (nanoGPT)")
 
 
+def _sentencepiece_file(directory: Path) -> Path | None:
+    """A SentencePiece model beside the weights (T5's spiece.model, tokenizer.model), used when there is no
+    tokenizer.json."""
+    if (directory / "tokenizer.json").is_file():
+        return None
+    for name in ("tokenizer.model", "spiece.model"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _tokenizer_from_file(tok_file: Path) -> Tokenizer:
+    """A byte-level BPE ``Tokenizer``, or a ``Unigram`` for a SentencePiece .model or a Unigram tokenizer.json
+    (it offers the same interface)."""
+    from scratchlm.unigram import Unigram, is_unigram_tokenizer_json
+
+    if tok_file.suffix == ".model":
+        return Unigram.from_sentencepiece(tok_file)  # type: ignore[return-value]
+    try:
+        return Tokenizer.from_file(tok_file)
+    except UnsupportedError:
+        if is_unigram_tokenizer_json(tok_file):
+            return Unigram.from_tokenizer_json(tok_file)  # type: ignore[return-value]
+        raise
+
+
 def _read_tokenizer(directory: Path, override: Path | None,
                     weights: Path) -> tuple[Tokenizer, ChatTemplate, set[int]]:
     """Tokenizer, chat template and end-of-sequence ids from ``directory`` (the tokenizer from ``override``)."""
     model_dir = directory
     if override is not None:
-        tok_file = override / "tokenizer.json" if override.is_dir() else override
+        tok_file = _sentencepiece_file(override) or override / "tokenizer.json" if override.is_dir() else override
         if not tok_file.is_file():
             raise ModelFileError(f"tokenizer file not found: {tok_file}")
         directory = tok_file.parent
     else:
         tok_file = directory / "tokenizer.json"
+        if not tok_file.is_file():
+            tok_file = _sentencepiece_file(directory) or tok_file
         if not tok_file.is_file():
             hint = ""
             if weights.suffix in TORCH_SUFFIXES or (directory / "ckpt.pt").is_file():
@@ -93,7 +121,7 @@ def _read_tokenizer(directory: Path, override: Path | None,
                         "with, e.g. GPT-2's, beside the checkpoint or pass --tokenizer / tokenizer=; its char-level "
                         "meta.pkl is a pickle and is not read)")
             raise ModelFileError(f"missing tokenizer file: {tok_file}{hint}")
-    tokenizer = Tokenizer.from_file(tok_file)
+    tokenizer = _tokenizer_from_file(tok_file)
     tok_config = read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() \
         else {}
     for attr in ("bos_token", "eos_token"):

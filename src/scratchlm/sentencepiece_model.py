@@ -112,6 +112,8 @@ def parse_model(data: bytes) -> SentencePieceModel:
         raise ModelFileError("a piece of the SentencePiece model is not valid UTF-8; the file is corrupt") from None
     if not pieces:
         raise ModelFileError("the file holds no pieces: it is not a SentencePiece model file")
+    if not trainer and not normalizer:  # sentencepiece always writes both, after the pieces
+        raise ModelFileError("the SentencePiece model file has no trainer or normalizer settings; it is truncated")
 
     def flag(spec: dict, number: int, default: bool) -> bool:
         return bool(spec.get(number, default))

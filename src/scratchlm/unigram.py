@@ -443,9 +443,9 @@ class Unigram:
 
         Args:
             allowed_special: which special token texts in ``text`` become their ids: "all", "none" (encoded
-                as ordinary text, as sentencepiece itself does), or a set of special token texts. Text after
-                a special token gets no dummy prefix (HF's non-legacy Llama/T5 behaviour) with a ``.model``;
-                with a tokenizer.json, each stretch is normalised as HF tokenizers does.
+                as ordinary text, as sentencepiece itself does), or a set of special token texts. With a ``.model``,
+                the first stretch of text gets the dummy prefix and later ones (after a special token) do
+                not; with a tokenizer.json, each stretch is normalised as HF tokenizers does.
         """
         if allowed_special == "all":
             allowed = frozenset(self.special_tokens)
@@ -466,14 +466,15 @@ class Unigram:
         if pattern is None:
             return self._encode_ordinary(text, True)
         ids: list[int] = []
-        start = 0
+        start, first = 0, True
         for match in pattern.finditer(text):
             if match.start() > start:
-                ids += self._encode_ordinary(text[start:match.start()], start == 0)
+                ids += self._encode_ordinary(text[start:match.start()], first)
+                first = False
             ids.append(self.special_tokens[match.group()])
             start = match.end()
         if start < len(text):
-            ids += self._encode_ordinary(text[start:], start == 0)
+            ids += self._encode_ordinary(text[start:], first)
         return ids
 
     def tokenize(self, text: str) -> list[str]:
@@ -609,7 +610,9 @@ class Unigram:
             normalizer = HFNormalizer(spec.get("normalizer"), spec.get("pre_tokenizer"), spec.get("decoder"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ModelFileError(f"tokenizer file {path} is malformed ({type(e).__name__}: {e})") from None
-        return cls(pieces, normalizer, bool(model.get("byte_fallback")), special_tokens=added)
+        # tokenizer.json does not name BOS/EOS (tokenizer_config.json does): take SentencePiece's usual ones
+        return cls(pieces, normalizer, bool(model.get("byte_fallback")), special_tokens=added,
+                   bos_token="<s>" if "<s>" in added else None, eos_token="</s>" if "</s>" in added else None)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Unigram:
