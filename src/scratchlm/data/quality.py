@@ -164,32 +164,33 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def _ngram_ids(word_ids: np.ndarray, n: int) -> np.ndarray:
-    """An id per n-gram position: equal n-grams get equal ids (64-bit polynomial hash, then np.unique)."""
-    m = len(word_ids) - n + 1
-    key = np.zeros(m, dtype=np.uint64)
+def _ngram_keys(word_ids: np.ndarray, largest: int) -> dict[int, np.ndarray]:
+    """For n = 1..largest, a 64-bit key per n-gram position (a polynomial hash: key_n = key_(n-1) * M + id).
+
+    Equal n-grams get equal keys; distinct ones collide with probability ~2^-64 per pair.
+    """
+    keys = {1: word_ids}
     with np.errstate(over="ignore"):
-        for j in range(n):
-            key = key * np.uint64(0x100000001B3) + word_ids[j:j + m]
-    return np.unique(key, return_inverse=True)[1].reshape(-1)
+        for n in range(2, largest + 1):
+            keys[n] = keys[n - 1][:-1] * np.uint64(0x100000001B3) + word_ids[n - 1:]
+    return keys
 
 
 def ngram_fractions(words: list[str]) -> dict[str, float]:
     """Top n-gram (n = 2..4) and duplicate n-gram (n = 5..10) character fractions of ``words``."""
     out = {f"top_{n}gram": 0.0 for n in TOP_NGRAMS} | {f"dup_{n}gram": 0.0 for n in DUP_NGRAMS}
-    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     total = int(lengths.sum())
     if total == 0:
         return out
-    vocabulary: dict[str, int] = {}
-    word_ids = np.fromiter((vocabulary.setdefault(w, len(vocabulary) + 1) for w in words), dtype=np.uint64,
-                           count=len(words))
+    # Python's string hash as the word id: equal words, equal ids (within this process, which is all we need).
+    word_ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
     starts = np.concatenate([[0], np.cumsum(lengths)])
+    keys = _ngram_keys(word_ids, min(len(words), max(DUP_NGRAMS)))
     for n in TOP_NGRAMS + DUP_NGRAMS:
         if len(words) < n:
             continue
-        ids = _ngram_ids(word_ids, n)
-        counts = np.bincount(ids)
+        _, ids, counts = np.unique(keys[n], return_inverse=True, return_counts=True)
         if n in TOP_NGRAMS:
             top = int(counts.max())
             if top > 1:  # an n-gram seen once is no repetition
@@ -223,7 +224,7 @@ def measure(text: str, stop_words: tuple[str, ...] = GOPHER_STOP_WORDS, ngrams: 
     per_word = max(1, n_words)
     dup_lines, dup_line_chars = _duplicates(lines)
     dup_paragraphs, dup_paragraph_chars = _duplicates(paragraphs)
-    present = {w.casefold() for w in words}
+    present = set(map(str.casefold, words))
     out = {
         "words": float(n_words),
         "mean_word_length": sum(map(len, words)) / per_word,
@@ -231,7 +232,7 @@ def measure(text: str, stop_words: tuple[str, ...] = GOPHER_STOP_WORDS, ngrams: 
         "ellipsis_ratio": sum(text.count(e) for e in ELLIPSES) / per_word,
         "bullet_lines": sum(line.startswith(BULLETS) for line in lines) / max(1, len(lines)),
         "ellipsis_lines": sum(line.endswith(ELLIPSES) for line in lines) / max(1, len(lines)),
-        "alpha_words": sum(1 for w in words if _LETTER.search(w)) / per_word,
+        "alpha_words": sum(1 for w in words if w.isalpha() or _LETTER.search(w)) / per_word,
         "stop_words": float(sum(w in present for w in stop_words)),
         "dup_lines": dup_lines / max(1, len(lines)),
         "dup_paragraphs": dup_paragraphs / max(1, len(paragraphs)),
