@@ -119,6 +119,7 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.encoder_cli",
     "scratchlm.rag.cli",
     "scratchlm.compress.cli",
+    "scratchlm.seq2seq.cli",
     "scratchlm.agent.cli",
     "scratchlm.explain.cli",
     "scratchlm.data.cli",

@@ -168,13 +168,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor,
-                mask: AttentionMask) -> torch.Tensor:
+                mask: AttentionMask, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of x [B, T, C] over itself, or with ``context`` [B, S, C] over that: cross-attention, the
+        encoder-decoder link of Vaswani et al. 2017, section 3.2.3 (queries from x, keys and values from the
+        encoder's output; ``scratchlm.seq2seq``)."""
         B, T, _ = x.shape
         cfg = self.config
-        q, k, v = self.project_qkv(x)
+        if context is None:
+            q, k, v = self.project_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(context), self.v_proj(context)
+        S = k.shape[1]  # keys: T in self-attention
         q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        k = k.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(B, S, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
