@@ -122,6 +122,7 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.seq2seq.cli",
     "scratchlm.agent.cli",
     "scratchlm.explain.cli",
+    "scratchlm.estimate_cli",
     "scratchlm.data.cli",
 ]
 
