@@ -108,6 +108,7 @@ async function send(text) {
   const box = body.parentElement;
   box.classList.add("streaming");
   let reply = "";
+  const tokens = [];  // logprobs entries of the reply: {token, logprob, top_logprobs: [{token, logprob}]}
   state.controller = new AbortController();
   setBusy(true);
   status("generating…");
@@ -121,6 +122,7 @@ async function send(text) {
         temperature: parseFloat($("temperature").value),
         max_tokens: parseInt($("max-tokens").value, 10) || 256,
         stream_options: { include_usage: true },
+        logprobs: true, top_logprobs: 5,  // for the "why this token" view
       }),
     });
     if (!response.ok) throw new Error(await errorText(response));
@@ -131,6 +133,7 @@ async function send(text) {
       if (chunk.error) throw new Error(chunk.error.message);
       if (chunk.usage) usage = chunk.usage;
       for (const choice of chunk.choices) {
+        if (choice.logprobs && choice.logprobs.content) tokens.push(...choice.logprobs.content);
         if (choice.delta && choice.delta.content) {
           reply += choice.delta.content;
           renderContent(body, reply);
@@ -150,6 +153,7 @@ async function send(text) {
     }
   } finally {
     box.classList.remove("streaming");
+    if (tokens.length) addWhyButton(box, body, tokens);
     box.dataset.done = "true";
     // What was received stays in the conversation, even when stopped early.
     state.history.push({ role: "assistant", content: reply });
@@ -158,7 +162,56 @@ async function send(text) {
   }
 }
 
+// "Why this token": the reply as its tokens; clicking one shows the alternatives the model weighed for it
+// (the top_logprobs the server returned). Token texts are shown with visible spaces and newlines.
+function tokenLabel(text) { return text.replace(/ /g, "␣").replace(/\n/g, "↵").replace(/\t/g, "⇥") || "∅"; }
+function percent(logprob) {
+  const p = Math.exp(logprob);
+  return (100 * p).toFixed(p < 0.001 ? 3 : 1) + "%";
+}
+
+function closePopover() { document.querySelectorAll(".token-popover").forEach((node) => node.remove()); }
+
+function showPopover(span, entry) {
+  closePopover();
+  const pop = el("div", "token-popover");
+  pop.append(el("div", "chosen", `chosen: ${tokenLabel(entry.token)}  ${percent(entry.logprob)}`));
+  const list = el("ol");
+  for (const alt of entry.top_logprobs || []) {
+    const item = el("li", alt.token === entry.token ? "picked" : null);
+    item.append(el("span", "alt", tokenLabel(alt.token)), el("span", "prob", percent(alt.logprob)));
+    list.append(item);
+  }
+  pop.append(list);
+  document.body.append(pop);
+  const rect = span.getBoundingClientRect();
+  pop.style.left = `${Math.min(rect.left + window.scrollX, window.innerWidth - pop.offsetWidth - 8)}px`;
+  pop.style.top = `${rect.bottom + window.scrollY + 4}px`;
+}
+
+function addWhyButton(box, body, tokens) {
+  const view = el("div", "token-view");
+  tokens.forEach((entry) => {
+    const span = el("span", "token", entry.token);
+    span.title = `${percent(entry.logprob)}: click for the alternatives`;
+    span.addEventListener("click", (event) => { event.stopPropagation(); showPopover(span, entry); });
+    view.append(span);
+  });
+  view.hidden = true;
+  const button = el("button", "why", "why this token?");
+  button.type = "button";
+  button.addEventListener("click", () => {
+    view.hidden = !view.hidden;
+    body.hidden = !view.hidden;
+    button.textContent = view.hidden ? "why this token?" : "show the text";
+    closePopover();
+  });
+  box.append(view, button);
+}
+
 function init() {
+  document.addEventListener("click", closePopover);
+  document.addEventListener("keydown", (event) => { if (event.key === "Escape") closePopover(); });
   $("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
