@@ -55,11 +55,15 @@ class DocumentSearch:
         return "\n\n".join(out)
 
     def tool(self):
-        """The ``search`` tool (one argument, ``query``)."""
+        """The ``search`` tool (one argument, ``query``).
+
+        The query has no description on purpose: SmolLM2-135M copied the one it had ("what to look for") as its
+        query, and the search then ranked the answering passage third; without one it wrote "ZX-4021" and "How to
+        Restart a Wireless Router" for tasks about them, which rank it first (tests/test_agent_search.py)."""
         from scratchlm.tools import Tool
 
-        schema = {"type": "object", "properties": {"query": {"type": "string", "description": "what to look for"}},
-                  "required": ["query"], "additionalProperties": False}
+        schema = {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"],
+                  "additionalProperties": False}
         return Tool("search", "Search the user's documents; returns the best passages with their sources.",
                     schema, function=self.search)
 
