@@ -205,3 +205,18 @@ def test_attention_page_runs_in_chromium_and_shades_what_the_query_attends_to(tm
     for k in range(len(view.ids)):
         assert shown[k] == pytest.approx(float(weights[k]), abs=1.5e-3)
         assert alphas[k] == pytest.approx(float(weights[k]), abs=6e-3)  # the browser keeps alpha in 1/255 steps
+
+
+def test_attention_page_refuses_a_size_no_browser_opens_and_keeps_chosen_layers():
+    from scratchlm.errors import ConfigError
+    from scratchlm.explain.html import page_data
+    from scratchlm.explain.views import Explanation
+
+    T = 300
+    view = Explanation(model="m", ids=list(range(T)), tokens=["t"] * T, positions=[],
+                       attention=torch.full((1, 1, 1, 1), 0.5).expand(30, 9, T, T))  # no memory for 30 layers
+    with pytest.raises(ConfigError, match="--layers"):
+        page_data(view)
+    data = page_data(view, layers=[4, 29])
+    assert data["layers"] == [5, 30] and len(data["attention"]) == 2
+    assert len(data["attention"][0][0]) == T * (T + 1) // 2 and data["attention"][1][8][-1] == 500

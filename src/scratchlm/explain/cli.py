@@ -51,7 +51,7 @@ def ours_to_replace(directory: Path, force: bool) -> bool:
 
 
 def write_attention(view, directory: Path, layers: list[int], force: bool, progress: bool) -> None:
-    """The heat maps of ``layers`` and the page ``attention.html`` (all layers) into ``directory``, atomically:
+    """The heat maps of ``layers`` and the page ``attention.html`` into ``directory``, atomically:
     an earlier output is set aside and comes back if writing the new one fails."""
     from scratchlm.explain.html import render_page
     from scratchlm.explain.plots import save_heatmaps
@@ -63,7 +63,7 @@ def write_attention(view, directory: Path, layers: list[int], force: bool, progr
     try:
         with atomic_dir(directory) as tmp:
             save_heatmaps(view.attention[layers], view.tokens, tmp, progress, layer_numbers=[n + 1 for n in layers])
-            (tmp / PAGE_NAME).write_text(render_page(view), encoding="utf-8")
+            (tmp / PAGE_NAME).write_text(render_page(view, layers), encoding="utf-8")
     except BaseException:
         if aside is not None:
             os.replace(aside / "previous", directory)
@@ -91,6 +91,9 @@ def cmd_explain(args: argparse.Namespace) -> None:
     view = explain(llm, text, top_k=args.top_k, chat=args.chat, reply_tokens=args.reply_tokens,
                    attention=bool(args.attention), lens=not args.no_lens)
     if args.attention:
+        from scratchlm.explain.html import page_data
+
+        page_data(view, layers)  # too large a page fails here, before any file is written
         write_attention(view, Path(args.attention), layers, args.force, show_progress(args))
         print(f"wrote {len(layers) * llm.config.n_heads} heat maps and attention.html to {args.attention}",
               file=sys.stderr)
@@ -115,8 +118,8 @@ def register(sub) -> None:
                    help="print JSON (a `positions` list, one entry per token, and the logit lens) instead of tables")
     p.add_argument("--attention", metavar="DIR", default=None,
                    help="write a PNG heat map per layer and head, and attention.html to browse them, into DIR")
-    p.add_argument("--layers", default=None, help="heat maps only for these layers, e.g. 1,15,30 or 1-4 "
-                                                  "(default all; the HTML page always has all)")
+    p.add_argument("--layers", default=None, help="heat maps and page only for these layers, e.g. 1,15,30 or 1-4 "
+                                                  "(default all)")
     p.add_argument("--chat", action="store_true",
                    help="treat TEXT as a user message: render it with the chat template, let the model reply "
                         "(greedy) and explain the prompt and the reply")

@@ -20,6 +20,7 @@ import re
 
 import torch
 
+from scratchlm.errors import ConfigError
 from scratchlm.explain.views import Explanation
 
 PAGE = """<!doctype html>
@@ -60,7 +61,7 @@ td, th { padding: 1px 8px; border-bottom: 1px solid #eee; text-align: left; whit
 <script>
 "use strict";
 const data = JSON.parse(document.getElementById("data").textContent);
-const T = data.tokens.length, H = data.heads, L = data.layers;
+const T = data.tokens.length, H = data.heads, L = data.layers.length;
 let query = T - 1;
 const $ = (id) => document.getElementById(id);
 function el(tag, text) {
@@ -116,7 +117,7 @@ function draw() {
   }
 }
 function init() {
-  for (let l = 0; l < L; l++) $("layer").append(new Option(`${l + 1}`, l));
+  for (let l = 0; l < L; l++) $("layer").append(new Option(`${data.layers[l]}`, l));
   $("head").append(new Option("mean of heads", -1));
   for (let h = 0; h < H; h++) $("head").append(new Option(`${h + 1}`, h));
   data.tokens.forEach((label, k) => {
@@ -145,21 +146,31 @@ init();
 """
 
 
-def page_data(view: Explanation) -> dict:
-    """What the page needs, compact: weights in thousandths, lower triangle only."""
+MAX_WEIGHTS = 8_000_000  # numbers on one page (~30 MB of JSON): a browser still opens it in a second or two
+
+
+def page_data(view: Explanation, layers: list[int] | None = None) -> dict:
+    """What the page needs, compact: weights in thousandths, lower triangle only, of ``layers`` (0-based;
+    default all)."""
     if view.attention is None:
         raise ValueError("the page needs the attention weights: explain(..., attention=True)")
     n_layers, n_heads, T, _ = view.attention.shape
+    layers = list(range(n_layers)) if layers is None else layers
+    numbers = len(layers) * n_heads * T * (T + 1) // 2
+    if numbers > MAX_WEIGHTS:
+        raise ConfigError(f"the attention page would hold {numbers:,} weights ({len(layers)} layers x {n_heads} "
+                          f"heads x {T} tokens squared / 2), too many for a browser: choose fewer layers with "
+                          "--layers or a shorter text")
     rows = torch.tril_indices(T, T)  # row by row: (0,0), (1,0), (1,1), (2,0), ...
-    thousandths = (view.attention[:, :, rows[0], rows[1]] * 1000).round().int().tolist()
+    thousandths = (view.attention[layers][:, :, rows[0], rows[1]] * 1000).round().int().tolist()
     return {"model": view.model, "tokens": view.tokens, "ids": view.ids, "prompt_tokens": view.prompt_tokens,
-            "layers": n_layers, "heads": n_heads, "attention": thousandths, "positions": view.positions,
-            "lens": view.lens}
+            "layers": [n + 1 for n in layers], "heads": n_heads, "attention": thousandths,
+            "positions": view.positions, "lens": view.lens}
 
 
-def render_page(view: Explanation) -> str:
-    """The HTML page for ``view`` as a string."""
-    data = json.dumps(page_data(view), ensure_ascii=False, separators=(",", ":"))
+def render_page(view: Explanation, layers: list[int] | None = None) -> str:
+    """The HTML page for ``view`` as a string, with the weights of ``layers`` (0-based; default all)."""
+    data = json.dumps(page_data(view, layers), ensure_ascii=False, separators=(",", ":"))
     # Inside <script>, "</script" (any case) or "<!--" in a token would end or confuse the element.
     data = data.replace("<", "\\u003c")
     title = f"{view.model}, {len(view.ids)} tokens".replace("&", "&amp;").replace("<", "&lt;")
