@@ -72,14 +72,26 @@ def test_the_decoder_needs_cross_attention():
     assert with_exact >= 0.5, with_exact
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    folder = tmp_path / "data"
+def write_data(folder):
     folder.mkdir()
     for split, numbers in (("train", range(0, 400, 3)), ("valid", range(1, 60, 7)), ("test", range(2, 40, 9))):
         (folder / f"{split}.tsv").write_text("".join(f"{english(n)}\t{french(n)}\n" for n in numbers),
                                              encoding="utf-8")
     return folder
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return write_data(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A data folder and a translator trained on it for one step (for the CLI's error tests)."""
+    root = tmp_path_factory.mktemp("seq2seq")
+    data = write_data(root / "data")
+    assert main(["seq2seq", "train", str(data), "--out", str(root / "model"), "--max-steps", "1", *TINY]) == 0
+    return data, root / "model"
 
 
 def test_train_resume_translate_bleu(data_dir, tmp_path, capsys):
@@ -121,10 +133,8 @@ def test_train_resume_translate_bleu(data_dir, tmp_path, capsys):
      "divisible"),
     (["train", "--out", "{tmp}/nowhere", "--resume"], "no checkpoint to resume from"),
 ])
-def test_cli_errors_are_one_line(args, message, data_dir, tmp_path, capsys):
-    model = tmp_path / "model"
-    if "{model}" in args:
-        assert main(["seq2seq", "train", str(data_dir), "--out", str(model), "--max-steps", "1", *TINY]) == 0
+def test_cli_errors_are_one_line(args, message, trained, tmp_path, capsys):
+    data_dir, model = trained
     (tmp_path / "bad.tsv").write_text("one\tun\ntwo\n", encoding="utf-8")
     capsys.readouterr()
     filled = [a.format(tmp=tmp_path, model=model, data=data_dir) for a in args]

@@ -14,10 +14,10 @@ import sys
 
 # flag -> (TrainConfig field, type, help)
 TRAIN_FLAGS = {
-    "--max-steps": ("max_steps", int, "optimizer steps (default 3000)"),
+    "--max-steps": ("max_steps", int, "optimizer steps (default 1000)"),
     "--batch-size": ("batch_size", int, "pairs per step (default 64)"),
     "--lr": ("lr", float, "peak learning rate (default 1e-3)"),
-    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps (default 200)"),
+    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps (default 100)"),
     "--eval-interval": ("eval_interval", int, "evaluate, report BLEU and checkpoint every this many steps"),
     "--seed": ("seed", int, "random seed (weights, batches, validation split of a single file)"),
 }

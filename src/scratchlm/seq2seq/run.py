@@ -50,8 +50,8 @@ COMMAND = "seq2seq train"
 DEFAULT_MODEL = {"d_model": 128, "n_heads": 4, "n_encoder_layers": 3, "n_decoder_layers": 3, "d_ff": 512,
                  "max_source_length": 32, "max_target_length": 32, "positions": "sinusoidal", "dropout": 0.0,
                  "norm_position": "pre", "cross_attention": True}
-DEFAULT_TRAIN = TrainConfig(max_steps=3000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=200, weight_decay=0.01,
-                            beta2=0.98, grad_clip=1.0, eval_interval=500, eval_batches=8)
+DEFAULT_TRAIN = TrainConfig(max_steps=1000, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.01,
+                            beta2=0.98, grad_clip=1.0, eval_interval=250, eval_batches=8)
 DEFAULT_VOCAB = 512
 MODEL_FIELDS = tuple(DEFAULT_MODEL)
 TRAIN_FIELDS = tuple(f.name for f in fields(TrainConfig))
