@@ -205,7 +205,8 @@ def test_clean_removes_planted_near_duplicates_and_the_counts_add_up(tmp_path):
 def test_verify_keeps_candidates_whose_estimated_similarity_is_below_the_threshold(tmp_path):
     """32 bands of 4 rows make a pair of Jaccard ~0.6 a candidate almost surely; --verify then keeps it."""
     rng = random.Random(2)
-    words = [rng.choice(pseudo_words(300)) for _ in range(400)]
+    vocabulary = pseudo_words(300)
+    words = [rng.choice(vocabulary) for _ in range(400)]
     variant = list(words)
     for i in range(0, 400, 25):
         variant[i] = "other"  # 16 edits break 80 of 396 shingles: Jaccard ~ 316 / 476 ~ 0.66
@@ -256,6 +257,17 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, monkeypatch, args, conten
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert not (tmp_path / "out").exists()  # nothing half-written
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_an_output_inside_an_input_folder_is_not_read_again(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [good_document(seed=1), good_document(seed=2)])
+    clean_corpus([corpus], corpus / "clean")
+    report = clean_corpus([corpus], corpus / "clean", force=True)  # the first run's shards are not inputs
+    assert report["inputs"] == [str(corpus / "a.jsonl")] and report["documents_in"] == 2
+    report = clean_corpus([corpus / "clean"], tmp_path / "again")  # named, an output is an input like any other
+    assert report["documents_kept"] == 2
 
 
 def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path, capsys):

@@ -130,16 +130,23 @@ def exact_key(text: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def input_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """The files the inputs stand for (folders expanded to their .txt/.md/.jsonl files), each once."""
+def input_files(inputs: Iterable[str | Path], out: Path | None = None) -> list[Path]:
+    """The files the inputs stand for (folders expanded to their .txt/.md/.jsonl files), each once.
+
+    A folder that holds ``out`` does not bring in a previous output's shards (``out`` itself, named, does).
+    """
     files: list[Path] = []
     seen: set[Path] = set()
     inputs = list(inputs)
     if not inputs:
         raise DataError("no input given: name text files, folders or .jsonl files to clean")
+    out = out.resolve() if out is not None else None
     for item in inputs:
+        inside_out = out is not None and Path(item).resolve().is_relative_to(out)
         for path in list_sources(item):
             resolved = path.resolve()
+            if out is not None and not inside_out and resolved.is_relative_to(out):
+                continue
             if resolved not in seen:
                 seen.add(resolved)
                 files.append(path)
@@ -368,7 +375,7 @@ def clean_corpus(inputs: Iterable[str | Path], out: str | Path, options: CleanOp
     """
     options = options or CleanOptions()
     out = Path(out).expanduser()
-    files = input_files(inputs)
+    files = input_files(inputs, out)
     _check_out(out, force)
     total = sum(f.stat().st_size for f in files)
     consumed = [0]
