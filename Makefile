@@ -49,6 +49,11 @@ test: $(VENV)/.dev
 	$(VENV)/bin/scratchlm pull all-minilm-l6-v2
 	$(PY) -m pytest -q
 
+# The course (notebooks/, docs/course.md) in JupyterLab, from the dev extras.
+.PHONY: notebooks
+notebooks: $(VENV)/.dev
+	$(VENV)/bin/jupyter lab notebooks/
+
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 
