@@ -223,6 +223,13 @@ def test_verify_keeps_candidates_whose_estimated_similarity_is_below_the_thresho
     assert 0.5 <= example["estimated_jaccard"] <= 0.8 and example["similar_to"].endswith("in.jsonl:1")
 
 
+def test_text_files_and_jsonl_with_a_byte_order_mark_read_as_utf8(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "first"}).encode() + b"\n")
+    (tmp_path / "bom.txt").write_bytes("\ufeffsecond\r\n".encode())
+    clean_corpus([tmp_path / "bom.jsonl", tmp_path / "bom.txt"], tmp_path / "out", NO_FILTERS)
+    assert kept_texts(tmp_path / "out") == ["first", "second\r\n"]
+
+
 def test_cli_clean_prints_the_table_and_replaces_only_its_own_output(tmp_path, capsys):
     data = write_jsonl(tmp_path / "in.jsonl", [good_document(seed=s) for s in range(3)] + [good_document()])
     out = tmp_path / "clean"

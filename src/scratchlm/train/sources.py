@@ -99,7 +99,7 @@ def utf8_lines(source: Path, consumed: list[int] | None = None) -> Iterator[str]
         with open(source, "rb") as f:
             for number, raw in enumerate(f, start=1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading byte-order mark dropped
                 except UnicodeDecodeError as exc:
                     raise DataError(
                         f"{source}: invalid UTF-8 at byte offset {offset + exc.start} (line {number}, byte "
