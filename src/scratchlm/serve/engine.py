@@ -10,7 +10,7 @@ its last token. The worker loops:
     -> decode: one token for every request past its prefill, all rows in one forward pass (with ``--draft``,
        each row's drafted tokens too: ``speculative_step.py``; with ``--context-shift``, a row whose cache is
        full first drops the oldest half of its tokens after the first ``keep``: ``generate.shift_context``)
-    -> embeddings: at most ``prefill_chunk`` tokens of waiting embedding inputs
+    -> embeddings: at most ``prefill_chunk`` tokens of waiting embedding inputs (``embed_step.py``)
 
 so requests join and leave between steps, and a long prompt is prefilled in chunks between decode steps
 instead of stalling the streams already running (Yu et al. 2022, "Orca", iteration-level scheduling;
@@ -28,20 +28,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from scratchlm.errors import ConfigError
 from scratchlm.generate import ContextShift, Sequence, shift_context
 from scratchlm.model import KVCache
+from scratchlm.serve.embed_step import EmbedJob, embed_some
 from scratchlm.serve.events import Event, GenerationJob, QueueFullError, Ticket, TokenLogprob, token_logprob
 from scratchlm.serve.metrics import ServerMetrics
 from scratchlm.serve.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache, reuse_prefix, shared_prefix
 from scratchlm.serve.speculative_step import speculative_step
 
-__all__ = ["Engine", "Event", "GenerationJob", "QueueFullError", "Ticket", "TokenLogprob", "cache_rows",
-           "shared_prefix"]
+__all__ = ["Engine", "Event", "GenerationJob", "QueueFullError", "Ticket", "TokenLogprob", "shared_prefix"]
 log = logging.getLogger("scratchlm.serve")
 
 MIN_SHARED = 8  # a joiner sharing this many prompt tokens with one being prefilled waits a step to copy them
@@ -85,27 +84,6 @@ class _Active:
         return self.head + fed[self.head_end:] if self.seq.shifts else fed
 
 
-@dataclass
-class _EmbedJob:
-    inputs: list[list[int]]
-    ticket: Ticket
-    vectors: list[torch.Tensor | None] = field(default_factory=list)
-    next: int = 0
-    adapter: int = 0
-
-
-def cache_rows(cache: KVCache, start: int, stop: int) -> KVCache:
-    """A KVCache whose rows are rows ``start:stop`` of ``cache``, sharing its memory (no copy).
-
-    ``Transformer.hidden_states`` copies rows in and out when ``rows=`` picks a strict subset; a view of
-    contiguous rows lets it work in place.
-    """
-    view = KVCache.__new__(KVCache)
-    view.max_len = cache.max_len
-    view.k, view.v, view.lengths = cache.k[:, start:stop], cache.v[:, start:stop], cache.lengths[start:stop]
-    return view
-
-
 def static_window(cache: KVCache, rows: int, max_rows: int) -> KVCache:
     """The view of ``cache`` that the compiled decode step runs on: the first ``rows`` rows rounded up to a power
     of two (at most ``max_rows``) and the first positions up to a power of two past the longest row (at least
@@ -116,7 +94,7 @@ def static_window(cache: KVCache, rows: int, max_rows: int) -> KVCache:
     bucket = 1
     while bucket < rows:
         bucket *= 2
-    view = cache_rows(cache, 0, min(bucket, max_rows))
+    view = cache.rows(0, min(bucket, max_rows))
     length = MIN_CACHE
     while length <= int(view.lengths.max()):
         length *= 2
@@ -166,7 +144,7 @@ class Engine:
             self.drafter = make_drafter(llm.draft_model(draft), self.model, max_batch, self.max_len)
         self.slots: list[_Active | None] = [None] * max_batch
         self._waiting: deque[_Active] = deque()
-        self._embeds: deque[_EmbedJob] = deque()
+        self._embeds: deque[EmbedJob] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="scratchlm-engine", daemon=True)
@@ -209,7 +187,7 @@ class Engine:
         with self._cond:
             if len(self._embeds) >= self.max_queue:
                 raise QueueFullError("the server is busy (embedding queue full): retry later")
-            self._embeds.append(_EmbedJob(inputs, ticket, [None] * len(inputs), adapter=adapter))
+            self._embeds.append(EmbedJob(inputs, ticket, [None] * len(inputs), adapter=adapter))
             self._cond.notify()
         return ticket
 
@@ -274,7 +252,7 @@ class Engine:
         if decoding:
             self._decode(decoding)
         if self._embeds:
-            self._embed_some()
+            embed_some(self)
 
     def _release(self, active: _Active) -> None:
         self.slots[active.slot] = None
@@ -337,7 +315,7 @@ class Engine:
         for row, (active, n) in enumerate(group):
             ids[row, :n] = torch.tensor(active.job.prompt_ids[active.done: active.done + n])
         lengths = torch.tensor([n for _, n in group], device=self.device)
-        view = cache_rows(self.cache, first, first + len(group))
+        view = self.cache.rows(first, first + len(group))
         self._select([active.job.adapter for active, _ in group])
         hidden = self.model.hidden_states(ids, view, input_lengths=lengths)  # (rows, width, C)
         for row, (active, n) in enumerate(group):
@@ -392,7 +370,7 @@ class Engine:
             view = static_window(self.cache, rows, self.max_batch)
             rows = view.lengths.shape[0]
         else:
-            view = cache_rows(self.cache, 0, rows)
+            view = self.cache.rows(0, rows)
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         adapter_ids = [0] * rows  # idle and prefilling rows: the base (their dummy token's output is dropped)
         for active in decoding:
@@ -469,42 +447,6 @@ class Engine:
             m.record(m.completion_tokens.inc, active.generated)
             self._release(active)
         self._emit(active, event)
-
-    # ---- embeddings ---------------------------------------------------------------------------------
-    def _embed_some(self) -> None:
-        """Embed up to ``prefill_chunk`` tokens of inputs (at least one input) as one right-padded batch.
-
-        With right padding and causal attention, real tokens never attend to the padding after them, so
-        each input's states equal those of the input alone; the mean runs over its real tokens only.
-        """
-        job = self._embeds[0]
-        if job.ticket.cancelled:
-            self._embeds.popleft()
-            return
-        batch, budget = [], self.prefill_chunk
-        while job.next < len(job.inputs) and (not batch or len(job.inputs[job.next]) <= budget):
-            batch.append(job.next)
-            budget -= len(job.inputs[job.next])
-            job.next += 1
-        sizes = [len(job.inputs[i]) for i in batch]
-        lengths = torch.tensor(sizes, device=self.device)
-        ids = torch.zeros(len(batch), max(sizes), dtype=torch.long, device=self.device)
-        for row, i in enumerate(batch):
-            ids[row, : sizes[row]] = torch.tensor(job.inputs[i])
-        self._select([job.adapter] * len(batch))
-        hidden = self.model.hidden_states(ids).float()  # (B, T, C)
-        real = (torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]).float()  # (B, T)
-        mean = (hidden * real[..., None]).sum(1) / lengths[:, None]
-        vectors = torch.nn.functional.normalize(mean, dim=-1)
-        for row, i in enumerate(batch):
-            job.vectors[i] = vectors[row].cpu()
-        if job.next == len(job.inputs):
-            self._embeds.popleft()
-            self.metrics.record(self.metrics.prompt_tokens.inc, sum(len(x) for x in job.inputs))
-            try:
-                job.ticket.sink(job.vectors)
-            except Exception:
-                pass
 
     def _fail_all(self, message: str) -> None:
         for active in self.slots:

@@ -2,7 +2,7 @@
 
 ``speculative.py`` holds the drafters, the draft length policy and the rejection rule; this module applies them to
 the engine's slots, whose rows run side by side in one right-padded forward pass over a view of the engine's KV
-cache (``engine.cache_rows``): each row keeps the drafts that verification accepts and its cache length is cut
+cache (``KVCache.rows``): each row keeps the drafts that verification accepts and its cache length is cut
 back to them, exactly as ``speculative.verify_step`` does for ``generate``.
 """
 
@@ -18,11 +18,9 @@ def speculative_step(engine, decoding: list) -> bool:
     whose draft length policy asks, then one forward pass over every decoding row's last token and its drafts;
     each row keeps its accepted drafts (the rejection rule of ``speculative.verify_token``) and its cache is cut
     back to them. Returns False, having done nothing, when no row drafts: the plain step runs instead."""
-    from scratchlm.serve.engine import cache_rows
-
     cache, max_len = engine.cache, engine.max_len
     rows = max(a.slot for a in engine.slots if a is not None) + 1
-    view = cache_rows(cache, 0, rows)
+    view = cache.rows(0, rows)
     # One right-padded pass: the fullest row (decoding or prefilling) bounds how far any row can draft.
     cap = max_len - 1 - int(view.lengths.max())
     asking, ks = [], []
