@@ -5,6 +5,7 @@
     scratchlm train --out runs/mine --resume                 # continue it: same data, options, schedule
     scratchlm train --out runs/mine --resume --max-steps 8000  # ...and train it longer
     torchrun --nproc_per_node 2 -m scratchlm.cli train     # data-parallel over 2 processes
+    torchrun --nproc_per_node 4 -m scratchlm.cli train --parallel fsdp+tp --tp 2   # FSDP x tensor parallel
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sample-tokens", type=int, default=None, help="tokens per sample at each evaluation (0: none)")
     g.add_argument("--prompt", default=None, help="text the samples start from (default a newline)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from scratchlm.train.parallel.mesh import add_parallel_flags
+
+    add_parallel_flags(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -81,6 +85,7 @@ def _dest(flag: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from scratchlm.train.parallel.mesh import parallel_from_args
     from scratchlm.train.run import RunOptions, run_training
 
     train = {name: getattr(args, _dest(flag)) for flag, (name, _, _) in TRAIN_FLAGS.items()
@@ -97,5 +102,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         data=args.data, preset=args.preset, out=args.out, train=train, model=model, vocab_size=args.vocab_size,
         tokenizer=args.tokenizer, text_field=args.text_field, val_fraction=args.val_fraction, resume=args.resume,
         force=args.force, device=args.device, progress=not args.no_progress,
-        sample_tokens=args.sample_tokens, prompt=args.prompt,
+        sample_tokens=args.sample_tokens, prompt=args.prompt, parallel=parallel_from_args(args),
+        dist_timeout=args.dist_timeout,
     ))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,11 +38,16 @@ class Dist:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> Dist:
+DEFAULT_TIMEOUT = 300.0  # seconds a collective waits for a missing process before failing (torch's default: 30 min)
+
+
+def init_distributed(device: str = "auto", timeout: float | None = None) -> Dist:
     """Join the process group when started by torchrun; a single-process Dist otherwise.
 
     Args:
         device: "cpu", "cuda" or "auto" (CUDA when available).
+        timeout: seconds any collective may wait for the others; a dead or stuck process then ends the job with an
+            error instead of a hang (None: DEFAULT_TIMEOUT).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,7 +59,11 @@ def init_distributed(device: str = "auto") -> Dist:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        from scratchlm.train.parallel.mesh import check_backend
+
+        check_backend(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                timeout=timedelta(seconds=timeout or DEFAULT_TIMEOUT))
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 

@@ -144,8 +144,8 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
           dist: Dist | None = None, reporter=None, load_model: Callable[[Path], None] | None = None,
           loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
           evaluate_fn: Callable[[nn.Module, Sequence[Batch]], dict] | None = None,
-          lr_scale: Callable[[str], float] | None = None, before_step: Callable[[int], None] | None = None
-          ) -> TrainResult:
+          lr_scale: Callable[[str], float] | None = None, before_step: Callable[[int], None] | None = None,
+          parallel=None) -> TrainResult:
     """Train ``model`` for ``config.max_steps`` optimizer steps (counting steps already done when resuming).
 
     Args:
@@ -168,12 +168,17 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
         lr_scale: each trained parameter's multiple of the learning rate, by name (discriminative rates).
         before_step: called with the step number before each step (gradual unfreezing sets ``requires_grad``
             there; a parameter without a gradient is left untouched by the optimizer).
+        parallel: a ``train.parallel.ParallelPlan`` (FSDP, ZeRO-1, tensor or pipeline parallelism) instead of
+            plain DDP; it shards ``model`` in place (a pipeline rank trains only its stage).
     """
     dist = dist or Dist()
     if out_dir is not None and save_model is None:
         raise ConfigError("train(out_dir=...) needs save_model, the function that writes the model files of a "
                           "checkpoint (for example save_model_dir with the tokenizer)")
     device = dist.device
+    if parallel is not None:  # sharding replaces the parameters: before the optimizer sees them
+        model.gradient_checkpointing = config.activation_checkpointing
+        model = parallel.apply(model, config.dtype)
     names = {p: n for n, p in model.named_parameters()}
     if trainable is not None:
         unknown = sorted(set(trainable) - set(names.values()))
@@ -184,10 +189,14 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
     params = [(n, p) for p, n in names.items() if p.requires_grad]
     optimizer = make_optimizer(params, config.lr, config.weight_decay, (config.beta1, config.beta2),
                                config.fused_optimizer, config.optimizer, config.momentum, lr_scale)
+    if parallel is not None:
+        optimizer = parallel.wrap_optimizer(optimizer)
     model.gradient_checkpointing = config.activation_checkpointing
     model.train()
     forward = torch.compile(model) if config.compile else model
-    if dist.enabled:
+    if parallel is not None:
+        forward = parallel.wrap_forward(forward)
+    elif dist.enabled:
         device_ids = [dist.local_rank] if "cuda" in device else None
         forward = nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
     decay_steps = config.decay_steps or config.max_steps
@@ -195,19 +204,32 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
 
     # Where training stands; this dict (plus RNG states and data position) is trainer_state.json.
     state = {"step": 0, "best_val_loss": None, "best_step": None, "evals_without_improvement": 0, "tokens": 0}
-    torch.manual_seed(config.seed + dist.rank)  # dropout masks differ per process, as in nanoGPT
+    # Dropout masks differ per data-parallel replica, as in nanoGPT (tensor-parallel ranks of a replica share them).
+    torch.manual_seed(config.seed + (parallel.dp_rank if parallel is not None else dist.rank))
     if resume_from is not None:
-        state = _resume(Path(resume_from), model, optimizer, names, batches, dist, state, load_model)
+        state = _resume(Path(resume_from), model, optimizer, names, batches, dist, state, load_model, parallel)
 
     def save(kind: str, with_optimizer: bool) -> None:
         # Every process takes part in gathering RNG and data states; only rank 0 writes.
+        write_model, opt = save_model, None
+        if parallel is not None and parallel.sharded and out_dir is not None:
+            # Every process writes its shards (torch.distributed.checkpoint) next to the checkpoint; rank 0 moves
+            # them inside the new checkpoint directory before its atomic swap, and makes model.safetensors.
+            from scratchlm.train.parallel.dcp_checkpoint import prepare_staging, save_sharded, with_sharded_state
+
+            staging = prepare_staging(out_dir / kind, dist)
+            save_sharded(staging, model, optimizer if with_optimizer else None)
+            write_model = with_sharded_state(save_model, staging)
+        elif with_optimizer:
+            if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: gather the shards on rank 0
+                optimizer.consolidate_state_dict(to=0)
+            opt = optimizer_tensors(optimizer, names) if dist.is_main or parallel is None else None
         rng = gather_json(dist, ckpt.capture_rng())
         data = gather_json(dist, batches.state_dict() if hasattr(batches, "state_dict") else None)
-        opt = optimizer_tensors(optimizer, names) if with_optimizer else None
         if dist.is_main and out_dir is not None:
             trainer_state = {**state, "rng": rng, "data": data, "world_size": dist.world_size,
                              "train_config": config.to_dict(), "model_config": model.config.to_dict()}
-            ckpt.write_checkpoint(out_dir / kind, save_model, opt, trainer_state)
+            ckpt.write_checkpoint(out_dir / kind, write_model, opt, trainer_state)
 
     result = TrainResult(state["step"], None, None, state["best_val_loss"])
     started = time.perf_counter()
@@ -228,8 +250,14 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             last_micro = micro == config.grad_accum_steps - 1
+            if parallel is not None and parallel.pipelined:  # every micro-batch's forward and backward, scheduled
+                with autocast_context(config.dtype, device):
+                    loss_sum += parallel.pipeline_step(x, y, config.grad_accum_steps)
+                tokens += x.numel()
+                continue
             # DDP all-reduces gradients in backward; only the last micro-step needs to.
-            no_sync = forward.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()
+            ddp = dist.enabled and isinstance(forward, nn.parallel.DistributedDataParallel)
+            no_sync = forward.no_sync() if ddp and not last_micro else contextlib.nullcontext()
             with no_sync:
                 with autocast_context(config.dtype, device):
                     loss = lm_loss(forward(x), y) if loss_fn is None else loss_fn(forward, x, y)
@@ -238,15 +266,20 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
             tokens += x.numel()
 
         # The loss every process reports is the mean over all of them (what one process would see).
-        step_loss, tokens = all_reduce_sum(dist, loss_sum.item() / config.grad_accum_steps, tokens)
-        step_loss /= dist.world_size
+        if parallel is not None:
+            step_loss, tokens = parallel.global_loss(loss_sum.item() / config.grad_accum_steps, tokens)
+        else:
+            step_loss, tokens = all_reduce_sum(dist, loss_sum.item() / config.grad_accum_steps, tokens)
+            step_loss /= dist.world_size
         if not math.isfinite(step_loss):
             last = ckpt.resolve_checkpoint(out_dir / "last") if out_dir is not None else None
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise TrainingError(f"the loss became {step_loss} at step {step + 1}; {kept}. Lower --lr, keep "
                                 "--grad-clip on, or train in float32, then resume or start again")
         grad_norm = None
-        if config.grad_clip > 0:
+        if parallel is not None:
+            grad_norm = parallel.finish_gradients([p for _, p in params], config.grad_clip)
+        elif config.grad_clip > 0:
             grad_norm = float(nn.utils.clip_grad_norm_([p for _, p in params], config.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -262,7 +295,8 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
         done = state["step"] >= config.max_steps
         if val_batches is not None and (state["step"] % config.eval_interval == 0 or done):
             if evaluate_fn is None:
-                val_loss = evaluate(model, val_batches, config, dist)
+                val_loss = (evaluate(model, val_batches, config, dist) if parallel is None
+                            else parallel.evaluate(model, val_batches, config))
                 metrics = {"val_ppl": math.exp(min(val_loss, 50))}
             else:
                 metrics = dict(evaluate_fn(model, val_batches))
@@ -295,7 +329,7 @@ def train(model: nn.Module, config: TrainConfig, batches: Iterator[Batch], val_b
 
 
 def _resume(directory: Path, model: nn.Module, optimizer, names, batches, dist: Dist, state: dict,
-            load_model: Callable[[Path], None] | None = None) -> dict:
+            load_model: Callable[[Path], None] | None = None, parallel=None) -> dict:
     """Load weights, optimizer, data position and RNG states from a checkpoint; returns its trainer state."""
     from safetensors.torch import load_file
 
@@ -303,7 +337,18 @@ def _resume(directory: Path, model: nn.Module, optimizer, names, batches, dist: 
     if found is None:
         raise TrainingError(f"no checkpoint to resume from in {directory}: train without --resume first")
     saved = ckpt.read_trainer_state(found)
-    if load_model is not None:
+    from scratchlm.train.parallel.dcp_checkpoint import DCP_DIR, load_sharded, load_zero1_tensors
+
+    if load_model is None and (found / DCP_DIR).is_dir():  # written shard by shard: read into any layout
+        ckpt.check_resume_config(found, model.config)
+        if hasattr(optimizer, "consolidate_state_dict"):
+            raise TrainingError(f"{found} was written by a sharded run (fsdp, tp or pp); resume it with one of "
+                                "those --parallel modes, dp, or one process, not zero1")
+        load_sharded(found / DCP_DIR, model, optimizer)
+    elif parallel is not None and parallel.sharded:
+        raise TrainingError(f"{found} holds whole tensors (a single-process, dp or zero1 run): resume it with "
+                            f"--parallel dp or zero1 (or one process), not {parallel.mode}")
+    elif load_model is not None:
         load_model(found)
     else:
         ckpt.check_resume_config(found, model.config)
@@ -313,7 +358,11 @@ def _resume(directory: Path, model: nn.Module, optimizer, names, batches, dist: 
         if missing or unexpected:
             raise TrainingError(f"checkpoint {found} does not fit the model (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})")
-    load_optimizer_tensors(optimizer, names, ckpt.read_optimizer_tensors(found))
+    if not (found / DCP_DIR).is_dir():
+        if hasattr(optimizer, "consolidate_state_dict"):
+            load_zero1_tensors(optimizer, names, ckpt.read_optimizer_tensors(found))
+        else:
+            load_optimizer_tensors(optimizer, names, ckpt.read_optimizer_tensors(found))
     same_world = saved.get("world_size") == dist.world_size
     if same_world:
         ckpt.restore_rng(saved["rng"][dist.rank])

@@ -85,6 +85,10 @@ class RunOptions:
     progress: bool = True
     sample_tokens: int | None = None  # 0: no samples
     prompt: str | None = None
+    # FSDP, ZeRO-1, tensor or pipeline parallelism under torchrun (train.parallel.ParallelConfig); None: DDP. How
+    # the run is laid out, not what it trains: not recorded, so a resume may choose another layout.
+    parallel: object | None = None
+    dist_timeout: float | None = None  # seconds a collective waits for the other processes (None: 300)
 
 
 def run_training(opts: RunOptions) -> TrainResult:
@@ -93,11 +97,25 @@ def run_training(opts: RunOptions) -> TrainResult:
     device = opts.device
     if device is None and opts.resume:  # the device is needed before the record is merged
         device = ((read_record(out, "train") or {}).get("options") or {}).get("device")
-    dist = init_distributed(device or "auto")
+    dist = init_distributed(device or "auto", opts.dist_timeout)
     try:
         return _run(opts, out, dist)
+    except RuntimeError as exc:  # a peer died or hung: gloo/NCCL timed out or lost the connection
+        if not (dist.enabled and _peer_failure(exc)):
+            raise
+        raise TrainingError(f"process {dist.rank} of {dist.world_size}: a collective failed "
+                            f"({str(exc).splitlines()[0][:200]}); another process probably died or hangs, see its "
+                            "log; resume with --resume from the last checkpoint") from None
     finally:
         shutdown(dist)
+
+
+def _peer_failure(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another process died or stopped answering (gloo, NCCL messages)."""
+    text = str(exc)
+    return isinstance(exc, torch.distributed.DistError) or any(
+        mark in text for mark in ("Timed out", "timed out", "Connection closed", "Connection reset", "NCCL error",
+                                  "Broken pipe"))
 
 
 def _out_dir(opts: RunOptions) -> Path:
@@ -176,27 +194,44 @@ def _run(opts: RunOptions, out: Path, dist: Dist) -> TrainResult:
                     "vocab_size": tokenizer.vocab_size, "name": preset.name}
     model_config = ModelConfig(**model_fields)
     prepared.check_fits(model_config.context_length)
+    plan = None
+    if opts.parallel is not None:
+        from scratchlm.train.parallel import ParallelPlan
+
+        plan = ParallelPlan(opts.parallel, dist, model_config, config.batch_size)
+        say(f"parallel: {opts.parallel.mode}, mesh {plan.shape} over {dist.world_size} process(es)")
     torch.manual_seed(config.seed)  # the same initial weights on every process and every run
     model = Transformer(model_config).to(dist.device)
     say(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model_config.n_layers} layers, d_model "
         f"{model_config.d_model}, context {model_config.context_length}, vocabulary {model_config.vocab_size}; "
         f"data: {prepared.meta['train_tokens']:,} training and {prepared.meta['val_tokens']:,} validation tokens")
 
+    # Data-parallel replicas draw different rows; the ranks of one replica (tensor or pipeline) the same ones.
+    replica, replicas = (plan.dp_rank, plan.dp_size) if plan is not None else (dist.rank, dist.world_size)
     batches = RandomBatches(prepared.train(), config.batch_size, model_config.context_length, config.seed,
-                            dist.rank, dist.world_size)
-    val = eval_batches(prepared.val(), config.batch_size, model_config.context_length, config.eval_batches,
-                       dist.rank, dist.world_size)
+                            replica, replicas)
+    if plan is not None:
+        val = plan.share_eval_batches(eval_batches(prepared.val(), config.batch_size, model_config.context_length,
+                                                   config.eval_batches))
+    else:
+        val = eval_batches(prepared.val(), config.batch_size, model_config.context_length, config.eval_batches,
+                           replica, replicas)
     reporter = None
     n_sample, prompt = options["sample_tokens"], options["prompt"]
+    if plan is not None and plan.sharded and n_sample > 0:  # rank 0 alone cannot run a sharded forward
+        say("samples are off under a sharded --parallel mode: generate from OUT/best after training")
+        n_sample = 0
     if dist.is_main:
         sample = (lambda: sample_text(model, tokenizer, prompt, n_sample)) if n_sample > 0 else None
         reporter = TrainingReport(out, progress=opts.progress, sample=sample)
 
     def save_model(directory: Path) -> None:
-        save_model_dir(directory, model.config, model.canonical_state_dict(), tokenizer)
+        from scratchlm.train.parallel.dcp_checkpoint import model_weights  # from the shards of a sharded run
+
+        save_model_dir(directory, model_config, model_weights(directory, model), tokenizer)
 
     result = train(model, config, batches, val, out_dir=out, save_model=save_model, resume_from=resume_dir,
-                   dist=dist, reporter=reporter)
+                   dist=dist, reporter=reporter, parallel=plan)
     if dist.is_main and n_sample > 0:
         text = sample_text(model, tokenizer, prompt, 2 * n_sample, seed=config.seed)
         say(f"\nA sample from the trained model (step {result.step}, prompt {prompt!r}):\n{prompt}{text}\n")
