@@ -40,13 +40,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import regex
 
 from scratchlm.data.minhash import (
     SHINGLE_UNITS,
     LSHIndex,
     Permutations,
+    SignatureStore,
     estimate_jaccard,
     lsh_parameters,
     minhash,
@@ -300,29 +300,6 @@ def _first_filter(doc, options, seen, index, perms, tallies, unpacked, kept_sour
                 signatures.append(kept_id, signature)
             index.insert(signature, kept_id, keys)
     return None
-
-
-class SignatureStore:
-    """The MinHash signatures of the kept documents by kept number, in one growing uint32 array (for --verify).
-
-    Kept documents without shingles (no word in them) get no signature and are never a candidate.
-    """
-
-    def __init__(self, num_perm: int):
-        self.data = np.zeros((1024, num_perm), dtype=np.uint32)
-
-    def append(self, kept_id: int, signature: np.ndarray) -> None:
-        if kept_id >= len(self.data):
-            grown = np.zeros((max(2 * len(self.data), kept_id + 1), self.data.shape[1]), dtype=np.uint32)
-            grown[:len(self.data)] = self.data
-            self.data = grown
-        self.data[kept_id] = signature
-
-    def __getitem__(self, kept_id: int) -> np.ndarray:
-        return self.data[kept_id]
-
-    def nbytes(self) -> int:
-        return self.data.nbytes
 
 
 # --------------------------------------------------------------------------------------------------

@@ -208,3 +208,26 @@ class LSHIndex:
     def approximate_bytes(self) -> int:
         """A rough size of the index: ~100 bytes per band entry (a dict slot, a 64-bit int key)."""
         return 100 * sum(len(t) for t in self.tables)
+
+
+class SignatureStore:
+    """The MinHash signatures of the kept documents by kept number, in one growing uint32 array (``clean --verify``).
+
+    Kept documents without shingles (no word in them) get no signature and are never a candidate.
+    """
+
+    def __init__(self, num_perm: int):
+        self.data = np.zeros((1024, num_perm), dtype=np.uint32)
+
+    def append(self, kept_id: int, signature: np.ndarray) -> None:
+        if kept_id >= len(self.data):
+            grown = np.zeros((max(2 * len(self.data), kept_id + 1), self.data.shape[1]), dtype=np.uint32)
+            grown[:len(self.data)] = self.data
+            self.data = grown
+        self.data[kept_id] = signature
+
+    def __getitem__(self, kept_id: int) -> np.ndarray:
+        return self.data[kept_id]
+
+    def nbytes(self) -> int:
+        return self.data.nbytes
