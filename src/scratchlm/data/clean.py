@@ -18,9 +18,9 @@ add up: documents in = kept + the sum over filters.
 
 Memory. Documents stream one at a time from the inputs to the shards (a text file is one document, a JSONL file
 is read line by line), so memory does not grow with the corpus' size in bytes but with the number of documents
-kept: per distinct document one 64-bit hash in a set (~70 bytes), and per kept document ``bands`` entries in the
-LSH tables (~100 bytes each) and 8 bytes of provenance: about 1 KB per kept document with the defaults
-(9 bands), 1 GB for a million; ``verify`` adds the kept signatures, 4 bytes per permutation (512 bytes with 128).
+kept: per distinct document one 64-bit hash in a set (70-140 bytes), and per kept document ``bands`` entries in
+the LSH tables (~70 bytes each) and 8 bytes of provenance: under 1 KB per kept document with the defaults
+(9 bands), under 1 GB for a million; ``verify`` adds the kept signatures, 4 bytes per permutation (512 bytes with 128).
 Fewer bands (a lower --num-perm) shrink it; the largest document must fit in memory.
 """
 
