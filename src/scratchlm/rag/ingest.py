@@ -141,6 +141,8 @@ def ingest(store: Store, embedder: Embedder, paths: Iterable[str | Path], glob: 
             if source not in present and any(source.startswith(r) for r in roots):
                 store.remove_document(source)
                 report.removed.append(source)
+    if report.added or report.updated or report.removed:
+        store.warm()
     report.seconds = time.perf_counter() - start
     return report
 

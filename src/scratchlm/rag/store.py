@@ -2,7 +2,7 @@
 
 Two engines implement it with the same schema and behaviour:
 
-- ``SQLiteStore`` (``sqlite_store.py``): one file, stdlib ``sqlite3``, FTS5 for BM25, exact vector search in torch;
+- ``SQLiteStore`` (``sqlite_store.py``): one file, stdlib ``sqlite3``, BM25 and exact vector search in memory;
 - ``PostgresStore`` (``postgres_store.py``): PostgreSQL with pgvector (HNSW) and ``tsvector`` full-text search.
 
 ``open_store(location, embedder)`` picks the engine from the location: a ``postgresql://`` URL or a file path.
@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 
 from scratchlm.errors import ScratchLMError
+from scratchlm.rag.bm25 import tokens
 
 SCHEMA_VERSION = "1"
 
@@ -90,14 +91,9 @@ def glob_to_regex(pattern: str) -> str:
 
 
 def keyword_terms(text: str) -> list[str]:
-    """Query terms for the keyword index: lower-cased runs of letters and digits, each once, in order.
-
-    This is FTS5's ``unicode61`` tokenizer's notion of a token (without its diacritics folding), so that the
-    same words reach BM25 on both engines and in the benchmark's bm25s reference."""
-    seen: dict[str, None] = {}
-    for term in re.findall(r"[^\W_]+", text.lower()):
-        seen.setdefault(term, None)
-    return list(seen)
+    """Query terms for the keyword index: the distinct ``bm25.tokens`` of ``text``, in order (a repeated word
+    counts once, as in bm25s). Both stores and the benchmark's bm25s reference use these tokens."""
+    return list(dict.fromkeys(tokens(text)))
 
 
 class Store:
@@ -135,6 +131,9 @@ class Store:
         """(chunk id, cosine similarity) of the ``k`` chunks nearest to ``query`` [dim], best first;
         ``where`` is a glob on the source path."""
         raise NotImplementedError
+
+    def warm(self) -> None:
+        """Build now what the first search would otherwise build (``ingest`` calls it at its end)."""
 
     def keyword_search(self, query: str, k: int, where: str | None = None) -> list[tuple[int, float]]:
         """(chunk id, keyword score, higher is better) of the ``k`` best keyword matches of ``query``."""
