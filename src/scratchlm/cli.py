@@ -120,6 +120,8 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.rag.cli",
     "scratchlm.compress.cli",
     "scratchlm.seq2seq.cli",
+    "scratchlm.vision.cli",
+    "scratchlm.diffusion.cli",
     "scratchlm.agent.cli",
     "scratchlm.explain.cli",
     "scratchlm.estimate_cli",
