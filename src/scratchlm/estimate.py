@@ -206,10 +206,12 @@ def run_cost(train_flops: float, hardware: Hardware) -> dict[str, float]:
 
 
 def estimate(config: ModelConfig, tokens: float | None = None, batch_size: int = 1, seq_len: int | None = None,
-             precision: str = "mixed", sharding: str = "none", devices: int = 1, checkpointing: bool = False,
+             precision: str = "mixed", sharding: str = "none", devices: int = 1,
              inference_dtype: str = "float32", inference_batch: int = 1, kv_bytes: int = 4,
              hardware: Hardware | None = None) -> dict:
-    """Everything above in one JSON-ready dict. ``tokens``: training tokens (default Chinchilla-optimal)."""
+    """Everything above in one JSON-ready dict. ``tokens``: training tokens (default Chinchilla-optimal). Training
+    memory comes twice: ``training_memory`` without activation checkpointing, ``training_memory_checkpointed``
+    with it."""
     hardware = hardware or Hardware(devices=devices)
     T = seq_len or config.context_length
     if T > config.context_length:
@@ -222,7 +224,7 @@ def estimate(config: ModelConfig, tokens: float | None = None, batch_size: int =
     per_token = flops(config, T)
     train_flops = per_token["train_per_token"] * tokens
     memory = {
-        "training_memory": training_memory(config, batch_size, T, precision, sharding, devices, checkpointing),
+        "training_memory": training_memory(config, batch_size, T, precision, sharding, devices, False),
         "training_memory_checkpointed": training_memory(config, batch_size, T, precision, sharding, devices, True),
         "inference_memory": inference_memory(config, inference_batch, config.context_length, inference_dtype, kv_bytes),
     }

@@ -103,7 +103,8 @@ def print_report(r: dict) -> None:
           f"micro-batch {t['batch_size']} x {t['seq_len']}):")
     for key in ("weights", "gradients", "optimizer"):
         print(f"  {key:<28} {gib(t[key + '_bytes']):>14}")
-    print(f"  {'activations':<28} {gib(t['activations_bytes']):>14}   (checkpointed: {gib(c['activations_bytes'])})")
+    print(f"  {'activations':<28} {gib(t['activations_bytes']):>14}   (with activation checkpointing: "
+          f"{gib(c['activations_bytes'])})")
     print(f"  {'all parts':<28} {gib(t['total_bytes']):>14}   (checkpointed: {gib(c['total_bytes'])})")
     print(f"  {'peak':<28} {gib(t['peak_bytes']):>14}   (checkpointed: {gib(c['peak_bytes'])}; activations or "
           "gradients, not both)")
@@ -124,7 +125,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
                         devices=args.devices)
     report = estimate(config, tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
                       precision=args.precision, sharding=args.sharding, devices=args.devices,
-                      checkpointing=args.checkpointing, inference_dtype=args.inference_dtype,
+                      inference_dtype=args.inference_dtype,
                       inference_batch=args.inference_batch, kv_bytes=4 if args.kv_dtype == "float32" else 2,
                       hardware=hardware)
     if args.json:
@@ -152,7 +153,6 @@ def register(sub) -> None:
     g.add_argument("--sharding", choices=SHARDING, default="none",
                    help="ZeRO stage 1-3 or FSDP (= ZeRO-3) across --devices (default none)")
     g.add_argument("--devices", type=int, default=1, help="devices training together (default 1)")
-    g.add_argument("--checkpointing", action="store_true", help="the training total with activation checkpointing")
     g = p.add_argument_group("inference")
     g.add_argument("--inference-dtype", choices=WEIGHT_BYTES, default="float32", help="weight type (default float32)")
     g.add_argument("--inference-batch", type=int, default=1, help="sequences generated together (default 1)")
