@@ -5,10 +5,10 @@ BPE grows a vocabulary from bytes upward; the Unigram trainer starts from far to
 1. **Normalise and count words.** The text is normalised and split into words that start with ``▁`` (the
    pipeline the tokenizer itself runs, ``scratchlm.unigram.HFNormalizer``); each distinct word is kept once
    with its count. Characters outside the most frequent ``character_coverage`` share become unknown.
-2. **Seed vocabulary.** Every substring of the words (up to ``max_piece_length`` characters) that occurs at
-   least twice and is *right-branching* (followed by two different characters somewhere: the internal nodes
-   of a suffix tree, which sentencepiece finds with a suffix array) is a candidate, scored by frequency x
-   length; the best ``seed_size`` and every character start, with log-probabilities from those scores.
+2. **Seed vocabulary.** Every substring of the distinct sentences (up to ``max_piece_length`` characters)
+   that occurs at least twice and is *right-branching* (followed by two different characters somewhere: the
+   internal nodes of a suffix tree, which sentencepiece finds with a suffix array) is a candidate, scored by
+   frequency x length; the best ``seed_size`` and every character start, with log-probabilities from those.
    Pieces may not mix scripts (Latin with Han, letters with digits or punctuation) nor hold ``▁`` inside.
 3. **EM.** E-step: for each word, the forward-backward algorithm over its lattice of pieces gives each
    piece's expected count. M-step: drop pieces expected less than 0.5 times; the rest get
@@ -188,23 +188,29 @@ class _Model:
         return expected, objective
 
 
-def _seed_pieces(words: Counter[str], chars: Counter[str], seed_size: int, max_length: int) -> list[tuple[str, float]]:
-    """Every character, and the ``seed_size`` best right-branching substrings occurring twice or more,
-    scored by frequency x length, as log-probabilities."""
+def _seed_pieces(sentences: Iterable[str], chars: Counter[str], seed_size: int,
+                 max_length: int) -> list[tuple[str, float]]:
+    """Every character, and the ``seed_size`` best substrings of the normalised sentences that occur at least
+    twice and are right-branching, scored by frequency x length, as log-probabilities.
+
+    Right-branching substrings (followed by two different characters somewhere, the end of a sentence
+    counting as one) are the internal nodes of the sentences' suffix tree, which sentencepiece enumerates
+    with a suffix array; the others are prefixes of a longer substring that is just as frequent. As there,
+    each distinct sentence counts once.
+    """
     counts: Counter[str] = Counter()
     first_next: dict[str, str] = {}
     branching: set[str] = set()
-    for word, freq in words.items():
-        n = len(word)
+    for sentence in sentences:
+        n = len(sentence)
         for i in range(n):
             for j in range(i + 2, min(n, i + max_length) + 1):
-                sub = word[i:j]
-                if UNK_CHAR in sub:
-                    break
-                counts[sub] += freq
-                following = word[j] if j < n else ""
-                seen = first_next.setdefault(sub, following)
-                if seen != following or freq > 1 and not following:
+                sub = sentence[i:j]
+                if sub[-1] == SPACE or sub[-1] == UNK_CHAR:
+                    break  # pieces hold "▁" only at the start, and never the unknown character
+                counts[sub] += 1
+                following = sentence[j] if j < n else "\0"
+                if first_next.setdefault(sub, following) != following:
                     branching.add(sub)
     candidates = [(sub, counts[sub] * len(sub)) for sub in branching
                   if counts[sub] >= 2 and is_valid_piece(sub, max_length)]
@@ -310,12 +316,22 @@ def train_unigram(
         decoder = metaspace
     normalizer = HFNormalizer(NORMALIZATIONS[normalization], metaspace, decoder)
 
-    # 1. words and characters
+    # 1. sentences, words and characters. sentencepiece reads a line as a sentence; with normalisations that
+    # turn newlines into spaces, so do we (the words are the same either way).
     split_specials = regex.compile("|".join(regex.escape(t) for t in sorted(specials, key=len, reverse=True)))
-    words: Counter[str] = Counter()
+    by_line = normalization != "identity"
+    sentences: Counter[str] = Counter()
     for text in texts:
         for k, part in enumerate(split_specials.split(text)):
-            words.update(normalizer.words(part, k == 0))
+            for line in part.split("\n") if by_line else (part,):
+                sentence = "".join(normalizer.words(line, k == 0))
+                if sentence:
+                    sentences[sentence] += 1
+    words: Counter[str] = Counter()
+    for sentence, freq in sentences.items():
+        for word in normalizer._split_re.split(sentence):
+            if word:
+                words[word] += freq
     if not words:
         raise DataError("cannot train a tokenizer on empty text: give a corpus with some text")
     chars: Counter[str] = Counter()
@@ -336,12 +352,13 @@ def train_unigram(
         for word, freq in words.items():
             merged[rare.sub(UNK_CHAR, word)] += freq
         words = merged
+        sentences = Counter({rare.sub(UNK_CHAR, sentence): 1 for sentence in sentences})
     n_pieces = vocab_size - n_reserved
 
     # 2. seed, 3./4. EM and pruning
     from tqdm.auto import tqdm
 
-    model = _Model(_seed_pieces(words, Counter(required), seed_size, max_piece_length))
+    model = _Model(_seed_pieces(sentences, Counter(required), seed_size, max_piece_length))
     word_list, freq_list = list(words), list(words.values())
     desired = int(vocab_size * 1.1)
     bar = tqdm(total=len(model.pieces), desc="Unigram pruning", unit="piece", disable=not progress)
