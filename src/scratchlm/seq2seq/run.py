@@ -31,6 +31,7 @@ from scratchlm.seq2seq.data import (
     EOS,
     PairBatches,
     encode_pairs,
+    encode_source,
     fixed_batches,
     load_pairs,
     special_ids,
@@ -185,7 +186,10 @@ def train_translator(opts: Seq2SeqOptions, say=print) -> dict:
     batches = PairBatches(encoded["train"], train_config.batch_size, ids_for_batches, train_config.seed)
     val = fixed_batches(encoded["valid"], train_config.batch_size, ids_for_batches)[: train_config.eval_batches]
     translator = Translator(model, source_tok, target_tok)
-    bleu_pairs = pairs["valid"][: options["bleu_pairs"]]
+    # Translation is scored on the pairs whose source fits the encoder (the others were left out above).
+    fits = {split: [p for p in split_pairs if len(encode_source(source_tok, p[0])) <= config.max_source_length]
+            for split, split_pairs in pairs.items()}
+    bleu_pairs = fits["valid"][: options["bleu_pairs"]]
     last_scores: dict = {}
 
     def evaluate_fn(m: Seq2Seq, batches) -> dict:
@@ -219,12 +223,12 @@ def train_translator(opts: Seq2SeqOptions, say=print) -> dict:
     model.eval()
     scores = {"step": result.step, "train_seconds": result.elapsed, "best_val_loss": result.best_val_loss,
               **{k: v for k, v in last_scores.items() if k.startswith("valid_")}}
-    if "test" in pairs:
+    if fits.get("test"):
         for beam in sorted({1, options["beam_size"]}):
-            for k, v in translator.bleu(pairs["test"], beam_size=beam).items():
+            for k, v in translator.bleu(fits["test"], beam_size=beam).items():
                 scores[f"test_{k}_beam{beam}"] = v
         beam = options["beam_size"]
-        say(f"test ({len(pairs['test']):,} held-out pairs): BLEU {scores['test_bleu_beam1']:.2f} greedy, "
+        say(f"test ({len(fits['test']):,} held-out pairs): BLEU {scores['test_bleu_beam1']:.2f} greedy, "
             f"{scores[f'test_bleu_beam{beam}']:.2f} with beam {beam}; exact match "
             f"{scores['test_exact_match_beam1']:.1%} greedy")
     atomic_write_json(out / "results.json", scores)
