@@ -106,8 +106,8 @@ def test_training_resumes_exactly(tmp_path):
 
     options = dict(batch_size=16, eval_interval=4, warmup_steps=1, progress=False, **TINY)
     whole = train_clip(tmp_path / "whole", max_steps=4, **options)
-    train_clip(tmp_path / "parts", max_steps=2, picture=False, **options)
-    parts = train_clip(tmp_path / "parts", max_steps=4, resume=True, progress=False, picture=False)
+    train_clip(tmp_path / "parts", max_steps=2, pictures=False, **options)
+    parts = train_clip(tmp_path / "parts", max_steps=4, resume=True, progress=False, pictures=False)
     for (name, a), (_, b) in zip(whole.model.state_dict().items(), parts.model.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
     assert 0.0 <= whole.zero_shot <= 1.0 and set(whole.per_template) == set(HELDOUT_TEMPLATES)

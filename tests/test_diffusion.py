@@ -146,12 +146,13 @@ def test_training_resumes_exactly(tmp_path):
     options = dict(batch_size=8, channels=8, num_steps=100, eval_interval=4, warmup_steps=1, progress=False,
                    eval_samples=0, final_samples=0)
     whole = train_diffusion(tmp_path / "whole", tmp_path / "clip", max_steps=4, **options)
-    train_diffusion(tmp_path / "parts", tmp_path / "clip", max_steps=2, **options)
+    train_diffusion(tmp_path / "parts", tmp_path / "clip", max_steps=2, pictures=False, **options)
     parts = train_diffusion(tmp_path / "parts", max_steps=4, resume=True, progress=False, eval_samples=0,
-                            final_samples=0)
+                            final_samples=0, pictures=False)
     for (name, a), (_, b) in zip(whole.model.unet.state_dict().items(), parts.model.unet.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
     loaded = DiffusionModel.load(tmp_path / "whole")
     assert loaded.schedule.num_steps == 100 and (tmp_path / "whole" / "clip" / "model.safetensors").is_file()
+    assert (tmp_path / "whole" / "loss.png").is_file() and not (tmp_path / "parts" / "loss.png").exists()
     with pytest.raises(ConfigError, match="--clip"):
         train_diffusion(tmp_path / "none", None, max_steps=1)

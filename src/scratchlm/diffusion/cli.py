@@ -93,9 +93,9 @@ def write_images(images, out: Path) -> None:
     for index, image in enumerate(ink):
         save_png(image, out / f"{index}.png")
     save_grid(ink, out / "grid.png")
-    print(f"wrote {len(ink)} images to {out} ({', '.join(f'{i}.png' for i in range(min(len(ink), 3)))}"
-          f"{', ...' if len(ink) > 3 else ''}; {ink.shape[-1]}x{ink.shape[-1]} grayscale, light digit on black) "
-          f"and grid.png")
+    names = ", ".join(f"{i}.png" for i in range(min(len(ink), 3))) + (", ..." if len(ink) > 3 else "")
+    print(f"wrote {len(ink)} image{'s' if len(ink) != 1 else ''} to {out} ({names}; {ink.shape[-1]}x{ink.shape[-1]} "
+          "grayscale, light digit on black) and grid.png")
 
 
 def _bar(args: argparse.Namespace, total: int):

@@ -100,8 +100,12 @@ def guided_accuracy(unet: UNet, schedule: NoiseSchedule, vectors: torch.Tensor, 
 
 
 def train_diffusion(out: str | Path, clip: str | Path | None = None, *, resume: bool = False, force: bool = False,
-                    progress: bool = True, eval_samples: int = 10, final_samples: int = 20, **given) -> DiffusionRun:
-    """Train (or resume) the diffusion model in ``out``, conditioned on the CLIP in ``clip`` (a directory)."""
+                    progress: bool = True, eval_samples: int = 10, final_samples: int = 20, pictures: bool = True,
+                    **given) -> DiffusionRun:
+    """Train (or resume) the diffusion model in ``out``, conditioned on the CLIP in ``clip`` (a directory).
+
+    ``eval_samples``/``final_samples``: guided samples per digit judged at each evaluation / at the end (0: none);
+    ``pictures``: draw ``loss.png``."""
     out = Path(out)
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
@@ -145,7 +149,7 @@ def train_diffusion(out: str | Path, clip: str | Path | None = None, *, resume: 
     result = run_training(unet, options, out, batches, val, loss_fn=loss_fn, evaluate_fn=evaluate_fn,
                           save_model=save_model, load_model=lambda d: load_unet_weights(unet, d), resume=resume,
                           progress=progress, pixels_per_image=config.image_size ** 2, metric="guided_acc",
-                          metric_label="judge reads the requested digit (guided)")
+                          metric_label="judge reads the requested digit (guided)", plot=pictures)
     model = DiffusionModel(unet, schedule, clip_model)
     model.save(out, clip_dir=options["clip"])
     accuracy = guided_accuracy(unet, schedule, vectors, judge, final_samples) if final_samples else float("nan")

@@ -122,10 +122,13 @@ class VisionReport(TrainingReport):
 
 def run_training(model, options: dict, out: Path, batches, val_batches, *, loss_fn: Callable,
                  evaluate_fn: Callable, save_model: Callable[[Path], None], load_model: Callable[[Path], None],
-                 resume: bool, progress: bool, pixels_per_image: int, metric: str, metric_label: str) -> TrainResult:
-    """Train ``model`` through ``scratchlm.train.loop.train`` with the run's options, checkpoints in ``out``."""
+                 resume: bool, progress: bool, pixels_per_image: int, metric: str, metric_label: str,
+                 plot: bool = True) -> TrainResult:
+    """Train ``model`` through ``scratchlm.train.loop.train`` with the run's options, checkpoints in ``out``
+    (``plot``: draw ``loss.png``)."""
     config = TrainConfig(**{k: options[k] for k in TRAIN_FIELDS}, eval_batches=max(1, len(val_batches)))
     reporter = VisionReport(out, progress, pixels_per_image, metric, metric_label)
+    reporter.plot = plot
     resume_from = ckpt.resolve_checkpoint(out / "last") if resume else None
     return train(model, config, batches, val_batches, out_dir=out, save_model=save_model, resume_from=resume_from,
                  reporter=reporter, load_model=load_model, loss_fn=loss_fn, evaluate_fn=evaluate_fn)

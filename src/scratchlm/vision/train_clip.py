@@ -45,9 +45,9 @@ def zero_shot_accuracy(model: CLIP, data: DigitSet, templates: tuple[str, ...]) 
 
 
 def train_clip(out: str | Path, *, resume: bool = False, force: bool = False, progress: bool = True,
-               picture: bool = True, **given) -> CLIPRun:
+               pictures: bool = True, **given) -> CLIPRun:
     """Train (or resume) a CLIP in ``out``; ``given`` overrides ``DEFAULTS`` (``max_steps=...``, ``lr=...``).
-    ``picture``: draw ``retrieval.png`` at the end."""
+    ``pictures``: draw ``loss.png`` and ``retrieval.png``."""
     out = Path(out)
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
@@ -73,13 +73,13 @@ def train_clip(out: str | Path, *, resume: bool = False, force: bool = False, pr
     result = run_training(model, options, out, batches, val, loss_fn=loss_fn, evaluate_fn=evaluate_fn,
                           save_model=model.save, load_model=model.load_weights, resume=resume, progress=progress,
                           pixels_per_image=config.image_size ** 2, metric="zero_shot_acc",
-                          metric_label="zero-shot accuracy (held-out templates)")
+                          metric_label="zero-shot accuracy (held-out templates)", plot=pictures)
     model.eval()
     model.save(out)
     per_template = {t: zero_shot_accuracy(model, test_set, (t,)) for t in HELDOUT_TEMPLATES}
     run = CLIPRun(model, zero_shot_accuracy(model, test_set, HELDOUT_TEMPLATES), per_template,
                   zero_shot_accuracy(model, test_set, TRAIN_TEMPLATES), result, out)
-    if picture:
+    if pictures:
         draw_retrieval(model, test_set, out / "retrieval.png")
     return run
 
