@@ -59,12 +59,12 @@ def expected_bytes(mode: str, config, world: int, tp: int, pp: int) -> int:
     with torch.device("meta"):
         model = Transformer(config)
     total = sum(p.numel() for p in model.parameters())
-    if mode == "dp":
-        return 16 * total
-    if mode == "zero1":
-        return 8 * total + 8 * total // world
-    if mode == "fsdp":
-        return 16 * total // world
+    if mode in ("dp", "zero1", "fsdp"):  # scratchlm estimate's formula (src/scratchlm/estimate.py)
+        from scratchlm.estimate import training_memory
+
+        sharding = {"dp": "none", "zero1": "zero1", "fsdp": "fsdp"}[mode]
+        m = training_memory(config, 1, precision="float32", sharding=sharding, devices=world)
+        return int(m["weights_bytes"] + m["gradients_bytes"] + m["optimizer_bytes"])
     split = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("_proj.weight",)))
     if mode == "tp":
         return 16 * (total - split + split // tp)
