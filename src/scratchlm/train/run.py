@@ -97,7 +97,13 @@ def run_training(opts: RunOptions) -> TrainResult:
     device = opts.device
     if device is None and opts.resume:  # the device is needed before the record is merged
         device = ((read_record(out, "train") or {}).get("options") or {}).get("device")
-    dist = init_distributed(device or "auto", opts.dist_timeout)
+    try:
+        dist = init_distributed(device or "auto", opts.dist_timeout)
+    except RuntimeError as exc:  # the others did not come to the rendezvous within the timeout
+        if not _peer_failure(exc):
+            raise
+        raise TrainingError(f"could not connect to the other processes ({str(exc).splitlines()[0][:200]}); check "
+                            "that every node started, or raise --dist-timeout") from None
     try:
         return _run(opts, out, dist)
     except RuntimeError as exc:  # a peer died or hung: gloo/NCCL timed out or lost the connection
