@@ -185,19 +185,7 @@ class Tokenizer:
         return ids
 
     def _special_pattern(self, allowed_special: str | set[str]) -> regex.Pattern | None:
-        if allowed_special == "all":
-            allowed = frozenset(self.special_tokens)
-        elif allowed_special == "none":
-            allowed = frozenset()
-        elif isinstance(allowed_special, (set, frozenset)):
-            allowed = frozenset(allowed_special)
-            unknown = allowed - self.special_tokens.keys()
-            if unknown:
-                raise ConfigError(f"allowed_special names tokens that are not special tokens: {sorted(unknown)}")
-        else:
-            raise ConfigError(
-                f"allowed_special must be 'all', 'none' or a set of special tokens, not {allowed_special!r}"
-            )
+        allowed = allowed_specials(allowed_special, self.special_tokens)
         if not allowed:
             return None
         if allowed not in self._special_patterns:
@@ -400,6 +388,22 @@ def _pretokenizer_name(pre: dict | None) -> str:
         "(ByteLevel; Digits + ByteLevel; GPT-4 Split + ByteLevel)"
     )
 
+
+
+def allowed_specials(allowed_special: str | set[str], special_tokens: dict[str, int]) -> frozenset[str]:
+    """The special token texts that ``encode(text, allowed_special=...)`` turns into their ids: "all", "none" or a
+    set of special token texts (each must be one)."""
+    if allowed_special == "all":
+        return frozenset(special_tokens)
+    if allowed_special == "none":
+        return frozenset()
+    if isinstance(allowed_special, (set, frozenset)):
+        allowed = frozenset(allowed_special)
+        unknown = allowed - special_tokens.keys()
+        if unknown:
+            raise ConfigError(f"allowed_special names tokens that are not special tokens: {sorted(unknown)}")
+        return allowed
+    raise ConfigError(f"allowed_special must be 'all', 'none' or a set of special tokens, not {allowed_special!r}")
 
 
 class StreamDecoder:

@@ -45,7 +45,7 @@ from scratchlm.sentencepiece_model import (
     PrecompiledCharsMap,
     parse_model,
 )
-from scratchlm.tokenizer import StreamDecoder
+from scratchlm.tokenizer import StreamDecoder, allowed_specials
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 UNK_PENALTY = 10.0  # unk score = min_score - 10 (kUnkPenalty in sentencepiece's unigram_model.cc)
@@ -447,18 +447,7 @@ class Unigram:
                 the first stretch of text gets the dummy prefix and later ones (after a special token) do
                 not; with a tokenizer.json, each stretch is normalised as HF tokenizers does.
         """
-        if allowed_special == "all":
-            allowed = frozenset(self.special_tokens)
-        elif allowed_special == "none":
-            allowed = frozenset()
-        elif isinstance(allowed_special, (set, frozenset)):
-            allowed = frozenset(allowed_special)
-            unknown = allowed - self.special_tokens.keys()
-            if unknown:
-                raise ConfigError(f"allowed_special names tokens that are not special tokens: {sorted(unknown)}")
-        else:
-            raise ConfigError(f"allowed_special must be 'all', 'none' or a set of special tokens, not "
-                              f"{allowed_special!r}")
+        allowed = allowed_specials(allowed_special, self.special_tokens)
         if allowed not in self._special_re:
             texts = sorted(allowed, key=len, reverse=True)
             self._special_re[allowed] = regex.compile("|".join(map(regex.escape, texts))) if texts else None
