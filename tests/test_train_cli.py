@@ -165,7 +165,7 @@ def test_the_python_snippets_in_docs_training_md_run(tmp_path, monkeypatch, caps
     from scratchlm.formats.checkpoint import save_model_dir
 
     root = Path(__file__).resolve().parents[1]
-    pipeline, loop, bpe, finetune = python_blocks((root / "docs" / "training.md").read_text(encoding="utf-8"))
+    pipeline, loop, bpe, unigram, finetune = python_blocks((root / "docs" / "training.md").read_text(encoding="utf-8"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "examples").symlink_to(root / "examples")
 
@@ -176,6 +176,15 @@ def test_the_python_snippets_in_docs_training_md_run(tmp_path, monkeypatch, caps
     assert scope["result"].step == 20 and repr(scope["result"]) in capsys.readouterr().out
     exec(bpe, scope := {})
     assert "To be, or not to be" in capsys.readouterr().out and (tmp_path / "tokenizer.json").is_file()
+    # The Unigram snippet loads runs/uni/tokenizer.json, which the page's CLI block trains: train a small one.
+    from scratchlm.unigram_train import train_unigram
+
+    text = (root / "src" / "scratchlm" / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:60_000]
+    (tmp_path / "runs" / "uni").mkdir(parents=True)
+    train_unigram(text.splitlines(), vocab_size=300).save(tmp_path / "runs" / "uni" / "tokenizer.json")
+    exec(unigram, scope := {})
+    printed = capsys.readouterr().out.splitlines()
+    assert "▁" in printed[0] and printed[1] == "To be, or not to be"
     # The fine-tuning snippet as written, on a tiny model instead of SmolLM2 and with fewer steps.
     llm = tiny_llm("llama", seed=0, context_length=1024)  # the task's examples are ~300 bytes
     save_model_dir(tmp_path / "tiny", llm.config, llm.model.canonical_state_dict(), llm.tokenizer)
