@@ -1,7 +1,7 @@
 """RL moves behaviour: GRPO on checkable arithmetic, PPO against a learned reward model (issue 19, items 6b, 6c).
 
-    python benchmarks/align_rl.py grpo [--steps 40] [--record]
-    python benchmarks/align_rl.py ppo [--reward-model DIR] [--steps 30] [--record]
+    python benchmarks/align_rl.py grpo [--steps 20] [--record]
+    python benchmarks/align_rl.py ppo [--reward-model DIR] [--steps 15] [--record]
 
 grpo: SmolLM2-135M-Instruct, LoRA, ``scripts/make_arithmetic.py`` prompts, reward
 ``scratchlm.align.rewards:final_number_reward`` (1 when the last number of the answer is right). Held-out figures
@@ -14,6 +14,11 @@ figures on the test prompts: the reward model's mean score of sampled and of gre
 answers in the style, and the KL to the reference (summed over a completion, nats).
 
 Both print wall time per phase; the issue's target is each demonstration within 15 minutes on 2 cores.
+
+Defaults (2026-12-02): GRPO 20 steps and PPO 15 steps with KL coefficient 0.1. The 2026-12-01 runs at 40 / 30 steps
+took 28 / 35 minutes; GRPO's held-out reward had made most of its gain by step 20, and PPO at KL coefficient 0.05
+drifted to 11 nats/completion from the reference while finding phrasings the reward model likes without the style
+(reward hacking): a shorter run on a tighter leash is the fairer demonstration.
 """
 
 from __future__ import annotations
@@ -138,13 +143,13 @@ def run_ppo(args, work: Path) -> tuple[str, list[tuple]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo", choices=["grpo", "ppo"])
-    parser.add_argument("--steps", type=int, default=None, help="RL steps (grpo 40, ppo 30)")
+    parser.add_argument("--steps", type=int, default=None, help="RL steps (grpo 20, ppo 15)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per step (grpo 4, ppo 16)")
     parser.add_argument("--num-generations", dest="group_size", type=int, default=8, help="GRPO samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="grpo 24, ppo 32")
     parser.add_argument("--temperature", type=float, default=None, help="grpo 0.7, ppo 1.0")
     parser.add_argument("--lr", type=float, default=None, help="grpo 2e-4, ppo 1e-4")
-    parser.add_argument("--kl-coef", type=float, default=None, help="grpo 0.04, ppo 0.05")
+    parser.add_argument("--kl-coef", type=float, default=None, help="grpo 0.04, ppo 0.1")
     parser.add_argument("--eval-interval", type=int, default=None)
     parser.add_argument("--max-eval-prompts", type=int, default=64)
     parser.add_argument("--reward-model", default=None, help="ppo: a reward model directory to reuse")
@@ -154,8 +159,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    defaults = {"grpo": dict(steps=40, batch_size=4, max_new_tokens=24, temperature=0.7, lr=2e-4, kl_coef=0.04),
-                "ppo": dict(steps=30, batch_size=16, max_new_tokens=32, temperature=1.0, lr=1e-4, kl_coef=0.05)}
+    defaults = {"grpo": dict(steps=20, batch_size=4, max_new_tokens=24, temperature=0.7, lr=2e-4, kl_coef=0.04),
+                "ppo": dict(steps=15, batch_size=16, max_new_tokens=32, temperature=1.0, lr=1e-4, kl_coef=0.1)}
     for key, value in defaults[args.demo].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
