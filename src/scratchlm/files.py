@@ -53,9 +53,10 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ModelFileError(f"{path} is not valid JSON: {exc}") from None
 
 
-# A directory holding one of these is one of our outputs (an HF or scratchlm model, a tokenizer): --force may
-# replace it. Any other non-empty directory might be the user's own folder, so it is never replaced.
-OUTPUT_MARKERS = ("config.json", "model_config.json", "tokenizer.json")
+# A directory holding one of these is one of our outputs (an HF or scratchlm model, a tokenizer, the heat maps and
+# page of `explain --attention`): --force may replace it. Any other non-empty directory might be the user's own
+# folder, so it is never replaced.
+OUTPUT_MARKERS = ("config.json", "model_config.json", "tokenizer.json", "attention.html")
 
 
 def check_destination(path: Path, force: bool, want_dir: bool) -> None:
