@@ -20,34 +20,28 @@ sentencepiece's optimised encoder (``unigram_model.cc``, float32 path scores inc
 the same way) and an HF ``tokenizer.json`` with a Unigram model, where it reproduces HF tokenizers
 (float64 scores; the Metaspace pre-tokenizer's word split; normalizers NFC/NFD/NFKC/NFKD, Lowercase,
 Precompiled, Replace, Prepend, Strip, Sequence). ``tests/test_unigram.py`` checks ids against both libraries.
+
+Beside this module: ``unigram_normalize`` (step 2, both normalisers), ``unigram_files`` (reading ``.model`` and
+``tokenizer.json``, writing ``tokenizer.json``), ``unigram_train`` (the trainer), ``sentencepiece_model`` (the
+``.model`` protobuf and its precompiled rules).
 """
 
 from __future__ import annotations
 
-import base64
 import codecs
-import json
 import os
-import unicodedata
 from array import array
-from pathlib import Path
 
 import regex
 
-from scratchlm.errors import ConfigError, ModelFileError, UnsupportedError
-from scratchlm.files import atomic_write_bytes, read_json
-from scratchlm.sentencepiece_model import (
-    BYTE,
-    CONTROL,
-    NORMAL,
-    UNKNOWN,
-    USER_DEFINED,
-    PrecompiledCharsMap,
-    parse_model,
-)
+from scratchlm.errors import ConfigError, ModelFileError
+from scratchlm.sentencepiece_model import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED
 from scratchlm.tokenizer import StreamDecoder, allowed_specials
+from scratchlm.unigram_files import is_unigram_tokenizer_json
+from scratchlm.unigram_normalize import SPACE, HFNormalizer, SentencePieceNormalizer
 
-SPACE = "\u2581"  # "▁", SentencePiece's visible space
+__all__ = ["SPACE", "UNK_PENALTY", "HFNormalizer", "SentencePieceNormalizer", "Unigram", "is_unigram_tokenizer_json"]
+
 UNK_PENALTY = 10.0  # unk score = min_score - 10 (kUnkPenalty in sentencepiece's unigram_model.cc)
 FLT_MIN = 1.17549435e-38  # sentencepiece starts max_score at FLT_MIN, so user-defined pieces score ~ -0.1
 
@@ -59,179 +53,6 @@ def _replace_each_byte(error: UnicodeDecodeError) -> tuple[str, int]:
 
 
 codecs.register_error("scratchlm-each-byte", _replace_each_byte)
-
-
-class SentencePieceNormalizer:
-    """sentencepiece's ``Normalizer``: rules from the charsmap, whitespace trimmed and escaped as ``▁``."""
-
-    def __init__(self, charsmap: bytes = b"", add_dummy_prefix: bool = True, remove_extra_whitespaces: bool = True,
-                 escape_whitespaces: bool = True, user_defined: list[str] | tuple[str, ...] = ()):
-        self.trie = PrecompiledCharsMap(charsmap) if charsmap else None
-        self.add_dummy_prefix = add_dummy_prefix
-        self.remove_extra_whitespaces = remove_extra_whitespaces
-        self.escape_whitespaces = escape_whitespaces
-        self.user_defined = sorted(set(user_defined), key=len, reverse=True)
-        self._user_re = regex.compile("|".join(map(regex.escape, self.user_defined))) if self.user_defined else None
-        self._plain: dict[str, bool] = {}  # character -> no rule starts with it
-
-    def _prefix(self, text: str, i: int) -> tuple[str, int]:
-        """The normalised form of the longest rule (or user-defined piece, or single character) at ``text[i]``,
-        and how many characters it consumes (sentencepiece's ``NormalizePrefix``)."""
-        if self._user_re is not None:
-            match = self._user_re.match(text, i)
-            if match:
-                return match.group(), match.end() - i
-        c = text[i]
-        if self.trie is None:
-            return c, 1
-        plain = self._plain.get(c)
-        if plain is None:
-            plain = self._plain[c] = not self.trie.starts_rule(c.encode("utf-8", "surrogatepass"))
-        if plain:
-            return c, 1
-        window = text[i:i + 32].encode("utf-8", "surrogatepass")
-        match = self.trie.longest_match(window, 0)
-        if match is None:
-            return c, 1
-        length, replacement = match
-        return replacement.decode("utf-8", "replace"), len(window[:length].decode("utf-8", "surrogatepass"))
-
-    def __call__(self, text: str, dummy_prefix: bool = True) -> str:
-        i, n = 0, len(text)
-        if self.remove_extra_whitespaces:  # leading whitespace (as normalised) is dropped
-            while i < n:
-                piece, used = self._prefix(text, i)
-                if piece != " ":
-                    break
-                i += used
-        if i >= n:
-            return ""
-        space = SPACE if self.escape_whitespaces else " "
-        out = [space] if self.add_dummy_prefix and dummy_prefix else []
-        prev_space = self.remove_extra_whitespaces
-        while i < n:
-            piece, used = self._prefix(text, i)
-            if prev_space:
-                piece = piece.lstrip(" ")
-            if piece:
-                out.append(piece.replace(" ", space) if self.escape_whitespaces else piece)
-                prev_space = piece.endswith(" ")
-            i += used
-            if not self.remove_extra_whitespaces:
-                prev_space = False
-        normalized = "".join(out)
-        if self.remove_extra_whitespaces:
-            normalized = normalized.rstrip(space)
-        return normalized
-
-
-class HFNormalizer:
-    """An HF tokenizers normalizer + Metaspace pre-tokenizer pipeline, from tokenizer.json's JSON."""
-
-    UNICODE_FORMS = {"NFC", "NFD", "NFKC", "NFKD"}
-
-    def __init__(self, normalizer: dict | None, pre_tokenizer: dict | None, decoder: dict | None = None):
-        self.spec = {"normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "decoder": decoder}
-        self.steps = self._flatten(normalizer)
-        pre = pre_tokenizer or {}
-        if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 1:
-            pre = pre["pretokenizers"][0]
-        if pre and pre.get("type") != "Metaspace":
-            raise UnsupportedError(f"Unigram pre_tokenizer {pre.get('type')!r} is not supported (Metaspace or none)")
-        self.metaspace = bool(pre)
-        self.replacement = pre.get("replacement", SPACE)
-        scheme = pre.get("prepend_scheme")
-        if scheme is None:  # tokenizers < 0.14 wrote add_prefix_space instead
-            scheme = "always" if pre.get("add_prefix_space", True) else "never"
-        self.prepend_scheme = scheme
-        self.split = bool(pre.get("split", True))
-        self._split_re = regex.compile(f"(?={regex.escape(self.replacement)})")
-
-    def _flatten(self, spec: dict | None) -> list[tuple]:
-        if not spec:
-            return []
-        kind = spec.get("type")
-        if kind == "Sequence":
-            return [step for s in spec.get("normalizers", []) for step in self._flatten(s)]
-        if kind in self.UNICODE_FORMS:
-            return [(kind,)]
-        if kind == "Lowercase":
-            return [("lower",)]
-        if kind == "Precompiled":
-            blob = base64.b64decode(spec.get("precompiled_charsmap") or "")
-            return [("charsmap", PrecompiledCharsMap(blob))] if blob else []
-        if kind == "Replace":
-            pattern = spec["pattern"]
-            compiled = regex.compile(pattern["Regex"] if "Regex" in pattern else regex.escape(pattern["String"]))
-            return [("replace", compiled, spec["content"])]
-        if kind == "Prepend":
-            return [("prepend", spec["prepend"])]
-        if kind == "Strip":
-            return [("strip", spec.get("strip_left", True), spec.get("strip_right", True))]
-        raise UnsupportedError(f"tokenizer normalizer {kind!r} is not supported for Unigram models")
-
-    def normalize(self, text: str) -> str:
-        for step in self.steps:
-            if step[0] in self.UNICODE_FORMS:
-                text = unicodedata.normalize(step[0], text)
-            elif step[0] == "lower":
-                text = text.lower()
-            elif step[0] == "charsmap":
-                text = _apply_charsmap(step[1], text)
-            elif step[0] == "replace":
-                text = step[1].sub(lambda _m, s=step[2]: s, text)
-            elif step[0] == "prepend":
-                text = step[1] + text if text else text
-            elif step[0] == "strip":
-                text = text.lstrip() if step[1] else text
-                text = text.rstrip() if step[2] else text
-        return text
-
-    def decoder_strips(self) -> tuple[bool, tuple[int, int]]:
-        """From the tokenizer.json decoder: whether the first token loses its leading ``▁`` (Metaspace), and
-        how many spaces come off the start and end of the decoded text (Strip)."""
-        decoder = self.spec.get("decoder") or {}
-        steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
-        first, left, right = False, 0, 0
-        for step in steps:
-            if step.get("type") == "Metaspace":
-                scheme = step.get("prepend_scheme") or ("always" if step.get("add_prefix_space", True) else "never")
-                first = scheme != "never"
-            elif step.get("type") == "Strip" and step.get("content", " ") == " ":
-                left, right = int(step.get("start", 0)), int(step.get("stop", 0))
-        return first, (left, right)
-
-    def words(self, text: str, first: bool) -> list[str]:
-        """Normalise one stretch of text (between special tokens) and split it as the pre-tokenizer does."""
-        text = self.normalize(text)
-        if not self.metaspace:
-            return [text] if text else []
-        text = text.replace(" ", self.replacement)
-        prepend = self.prepend_scheme == "always" or (self.prepend_scheme == "first" and first)
-        if prepend and text and not text.startswith(self.replacement):
-            text = self.replacement + text
-        if not self.split:
-            return [text] if text else []
-        return [w for w in self._split_re.split(text) if w]
-
-
-def _apply_charsmap(trie: PrecompiledCharsMap, text: str) -> str:
-    """Longest-match rewriting with a precompiled charsmap (no whitespace handling)."""
-    out, i = [], 0
-    data_cache: dict[str, bool] = {}
-    while i < len(text):
-        c = text[i]
-        if c not in data_cache:
-            data_cache[c] = trie.starts_rule(c.encode("utf-8", "surrogatepass"))
-        match = trie.longest_match(text[i:i + 32].encode("utf-8", "surrogatepass"), 0) if data_cache[c] else None
-        if match is None:
-            out.append(c)
-            i += 1
-        else:
-            window = text[i:i + 32].encode("utf-8", "surrogatepass")
-            out.append(match[1].decode("utf-8", "replace"))
-            i += len(window[:match[0]].decode("utf-8", "surrogatepass"))
-    return "".join(out)
 
 
 class Unigram:
@@ -552,69 +373,28 @@ class Unigram:
         """A decoder for ids that arrive one at a time, as during generation (``▁`` always becomes a space)."""
         return StreamDecoder(self, skip_special)  # type: ignore[arg-type]
 
-    # ---- files ----------------------------------------------------------------------------------------
+    # ---- files (scratchlm.unigram_files does the reading and writing) ---------------------------------
 
     @classmethod
     def from_sentencepiece(cls, path: str | os.PathLike) -> Unigram:
         """Load a SentencePiece ``.model`` file (``tokenizer.model``, ``spiece.model``) of type unigram."""
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ModelFileError(f"SentencePiece model {path} does not exist") from None
-        except OSError as e:
-            raise ModelFileError(f"cannot read SentencePiece model {path}: {e}") from None
-        model = parse_model(data)
-        if model.model_type != "unigram":
-            raise UnsupportedError(f"{path} is a SentencePiece {model.model_type!r} model; only unigram models are "
-                                   "supported (Llama 1/2's tokenizer.model is 'bpe': load its tokenizer.json)")
-        if model.treat_whitespace_as_suffix:
-            raise UnsupportedError(f"{path}: treat_whitespace_as_suffix=true is not supported")
-        user_defined = [p for p, _, t in model.pieces if t == USER_DEFINED]
-        normalizer = SentencePieceNormalizer(model.precompiled_charsmap, model.add_dummy_prefix,
-                                             model.remove_extra_whitespaces, model.escape_whitespaces, user_defined)
-        control = [p for p, _, t in model.pieces if t == CONTROL]
-        bos = model.trainer.get(46, b"<s>")
-        eos = model.trainer.get(47, b"</s>")
-        bos, eos = (t.decode() if isinstance(t, bytes) else t for t in (bos, eos))
-        return cls(model.pieces, normalizer, model.byte_fallback, model.unk_surface,
-                   bos_token=bos if bos in control else None, eos_token=eos if eos in control else None)
+        from scratchlm.unigram_files import read_sentencepiece
+
+        return read_sentencepiece(path)
 
     @classmethod
     def from_tokenizer_json(cls, path: str | os.PathLike) -> Unigram:
         """Load an HF ``tokenizer.json`` whose model is Unigram."""
-        spec = read_json(Path(path))
-        try:
-            model = spec["model"]
-            if model.get("type") != "Unigram":
-                raise UnsupportedError(f"{path}: tokenizer model {model.get('type')!r} is not Unigram")
-            added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
-            unk_id = model.get("unk_id")
-            if unk_id is None:
-                raise UnsupportedError(f"{path}: a Unigram model without unk_id is not supported")
-            pieces = []
-            for i, (piece, score) in enumerate(model["vocab"]):
-                kind = UNKNOWN if i == unk_id else CONTROL if added.get(piece) == i else NORMAL
-                pieces.append((piece, float(score), kind))
-            normalizer = HFNormalizer(spec.get("normalizer"), spec.get("pre_tokenizer"), spec.get("decoder"))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ModelFileError(f"tokenizer file {path} is malformed ({type(e).__name__}: {e})") from None
-        # tokenizer.json does not name BOS/EOS (tokenizer_config.json does): take SentencePiece's usual ones
-        return cls(pieces, normalizer, bool(model.get("byte_fallback")), special_tokens=added,
-                   bos_token="<s>" if "<s>" in added else None, eos_token="</s>" if "</s>" in added else None)
+        from scratchlm.unigram_files import read_tokenizer_json
+
+        return read_tokenizer_json(path)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Unigram:
         """Load a ``tokenizer.json`` (Unigram), a SentencePiece ``.model``, or a directory holding one."""
-        path = Path(path)
-        if path.is_dir():
-            for name in ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.model"):
-                if (path / name).is_file():
-                    return cls.from_file(path / name)
-            raise ModelFileError(f"{path} holds no tokenizer.json, tokenizer.model or spiece.model")
-        if path.suffix == ".json":
-            return cls.from_tokenizer_json(path)
-        return cls.from_sentencepiece(path)
+        from scratchlm.unigram_files import read_unigram
+
+        return read_unigram(path)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write an HF ``tokenizer.json`` (Unigram model) that HF tokenizers loads and encodes identically.
@@ -622,30 +402,6 @@ class Unigram:
         Only tokenizers that follow HF's semantics (trained here, or loaded from a tokenizer.json) can be
         saved: a ``.model``'s sentencepiece normaliser has no exact tokenizer.json equivalent.
         """
-        if not isinstance(self.normalizer, HFNormalizer):
-            raise UnsupportedError("a tokenizer loaded from a SentencePiece .model cannot be saved as tokenizer.json; "
-                                   "copy the .model file instead")
-        spec = {
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [
-                {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True}
-                for t, i in sorted(self.special_tokens.items(), key=lambda item: item[1])
-            ],
-            "normalizer": self.normalizer.spec["normalizer"],
-            "pre_tokenizer": self.normalizer.spec["pre_tokenizer"],
-            "post_processor": None,
-            "decoder": self.normalizer.spec["decoder"],
-            "model": {"type": "Unigram", "unk_id": self.unk_id, "byte_fallback": self.byte_fallback,
-                      "vocab": [[p, s] for p, s, _ in self.pieces]},
-        }
-        atomic_write_bytes(Path(path), json.dumps(spec, ensure_ascii=False).encode("utf-8"))
+        from scratchlm.unigram_files import write_tokenizer_json
 
-
-def is_unigram_tokenizer_json(path: str | os.PathLike) -> bool:
-    """Whether a tokenizer.json holds a Unigram model (read cheaply: only the model's type is needed)."""
-    try:
-        spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(spec, dict) and isinstance(spec.get("model"), dict) and spec["model"].get("type") == "Unigram"
+        write_tokenizer_json(self, path)

@@ -34,7 +34,8 @@ import regex
 
 from scratchlm.errors import ConfigError, DataError
 from scratchlm.sentencepiece_model import CONTROL, NORMAL, UNKNOWN
-from scratchlm.unigram import SPACE, UNK_PENALTY, HFNormalizer, Unigram
+from scratchlm.unigram import UNK_PENALTY, Unigram
+from scratchlm.unigram_normalize import SPACE, HFNormalizer
 
 UNK_CHAR = "\u2047"  # "⁇": stands for a character outside the covered set (sentencepiece's kUNKChar)
 DEFAULT_SPECIALS = ["<s>", "</s>"]

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from scratchlm.cli_options import add_engine_flags, add_force_flag, add_model_argument, add_progress_flag, show_progress
@@ -38,39 +35,19 @@ def parse_layers(text: str | None, n_layers: int) -> list[int]:
     return [n - 1 for n in dict.fromkeys(chosen)]
 
 
-PAGE_NAME = "attention.html"
-
-
-def ours_to_replace(directory: Path, force: bool) -> bool:
-    """Whether ``directory`` is an earlier ``--attention`` output that ``--force`` may replace; any other existing
-    path goes through ``files.check_destination`` (which refuses to replace a folder it does not know)."""
-    if force and directory.is_dir() and (directory / PAGE_NAME).is_file():
-        return True
-    check_destination(directory, force, want_dir=True)
-    return False
+PAGE_NAME = "attention.html"  # in files.OUTPUT_MARKERS: --force may replace a folder that holds it
 
 
 def write_attention(view, directory: Path, layers: list[int], force: bool, progress: bool) -> None:
-    """The heat maps of ``layers`` and the page ``attention.html`` into ``directory``, atomically:
-    an earlier output is set aside and comes back if writing the new one fails."""
+    """The heat maps of ``layers`` and the page ``attention.html`` into ``directory``, atomically
+    (``files.atomic_dir``): an earlier output stays whole until the new one is complete, and a folder that is not
+    one of our outputs is never replaced."""
     from scratchlm.explain.html import render_page
     from scratchlm.explain.plots import save_heatmaps
 
-    aside = None
-    if ours_to_replace(directory, force):
-        aside = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".old"))
-        os.replace(directory, aside / "previous")
-    try:
-        with atomic_dir(directory) as tmp:
-            save_heatmaps(view.attention[layers], view.tokens, tmp, progress, layer_numbers=[n + 1 for n in layers])
-            (tmp / PAGE_NAME).write_text(render_page(view, layers), encoding="utf-8")
-    except BaseException:
-        if aside is not None:
-            os.replace(aside / "previous", directory)
-        raise
-    finally:
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+    with atomic_dir(directory, force=force) as tmp:
+        save_heatmaps(view.attention[layers], view.tokens, tmp, progress, layer_numbers=[n + 1 for n in layers])
+        (tmp / PAGE_NAME).write_text(render_page(view, layers), encoding="utf-8")
 
 
 def cmd_explain(args: argparse.Namespace) -> None:
@@ -85,7 +62,7 @@ def cmd_explain(args: argparse.Namespace) -> None:
     if args.reply_tokens < 0:
         raise ConfigError(f"--reply-tokens must be 0 or more, got {args.reply_tokens}")
     if args.attention:
-        ours_to_replace(Path(args.attention), args.force)  # refuse before the slow load
+        check_destination(Path(args.attention), args.force, want_dir=True)  # refuse before the slow load
     llm = load_llm(args)
     layers = parse_layers(args.layers, llm.config.n_layers)
     view = explain(llm, text, top_k=args.top_k, chat=args.chat, reply_tokens=args.reply_tokens,
