@@ -1,19 +1,42 @@
-"""Serving throughput and latency: concurrent streaming clients against `scratchlm serve` on SmolLM2.
+"""Serving throughput and latency: concurrent streaming clients against `scratchlm serve` and llama.cpp's
+`llama-server` on the same SmolLM2 GGUF.
 
-    .venv/bin/python benchmarks/serve.py               # prints a table
-    .venv/bin/python benchmarks/serve.py --record      # ... and appends it to benchmarks/RESULTS.md
+    bash benchmarks/setup_llamacpp.sh                              # once: builds llama-server (outside the repo)
+    .venv/bin/python benchmarks/serve.py --part batching           # ours vs llama-server: prints the tables
+    .venv/bin/python benchmarks/serve.py --part batching --record  # ... and appends them to benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/serve.py --record                  # every part (batching, prefix, adapters)
 
-Method: the server runs in its own process (`scratchlm --threads 2 serve smollm2-135m-instruct`), the clients
-in this one (httpx, asyncio). For 1, 4 and 16 concurrent clients, each client sends streaming chat requests
-one after the other (a closed loop), every request a different question, greedy, exactly --tokens new tokens
-(ignore_eos), usage from `stream_options.include_usage`. Per level:
+`--part batching` takes about 6 minutes on an idle 2-core machine (two repeats). Without the llama-server binary
+(`--llama-server PATH`, default $LLAMA_SERVER or /work/peers/llama-server/bin/llama-server) its column is left out
+with a notice.
+
+Method: each server runs in its own process, the clients in this one (httpx, asyncio). For 1, 4 and 16 concurrent
+clients, each client sends streaming chat requests one after the other (a closed loop), every request a different
+question, greedy, exactly --tokens new tokens (ignore_eos), usage from `stream_options.include_usage`. Per level:
 
 - aggregate throughput = completion tokens of all requests / wall time from the first request to the last;
-- time to first token (TTFT) = from sending a request to receiving its first text chunk; p50 and p95.
+- time to first token (TTFT) = from sending a request to receiving its first text chunk; p50 and p95;
+- peak RSS of the server's process tree over its whole run (start, warm-up and all levels): the largest sum of
+  the tree's resident sets, sampled every 50 ms, or the root process's own high-water mark if larger.
 
-The peer is the same server with batching switched off (`--max-batch 1`), at 16 clients: what continuous
-batching buys over serving one request at a time. Targets (issue 4): throughput at 16 clients >= 4x the
-single-client rate, p95 TTFT at 16 clients < 2 s. The machine is shared: the load average is recorded.
+The servers, with the same load and the same environment (GOMP_SPINCOUNT as the scratchlm command sets it):
+
+- `scratchlm --threads 2 serve smollm2-135m-instruct --max-len 256` (16 batch slots by default; the engine that
+  `scratchlm info` reports under "runs as");
+- llama.cpp's `llama-server -m <the same GGUF> -t 2 -tb 2 -np 16 -c 4096`: 16 slots of 256 positions, as ours
+  (a request needs about 105: its prompt and 64 new tokens); continuous batching is its default. Built by
+  benchmarks/setup_llamacpp.sh from the llama.cpp tree in the llama-cpp-python sdist that benchmarks/decode.py
+  measures;
+- unless --no-baseline: `scratchlm serve --max-batch 1` at 16 clients (what continuous batching buys over one
+  request at a time), and once, at 16 clients, scratchlm with its default 2048 positions per slot (the memory a
+  plain `scratchlm serve` takes: its key/value cache is allocated, and zeroed, for every slot at start).
+
+Both get a warm-up (one request, then 16 at once) before the levels; the order of the two servers alternates
+between repeats. Targets (issue 4): throughput at 16 clients >= 4x the single-client rate, p95 TTFT at 16 clients
+< 2 s; (issue 11) at 16 clients: aggregate tokens/s >= 1.0x llama-server's, p95 TTFT <= llama-server's, peak RSS
+<= 1.5x llama-server's. Both servers also answer one plain greedy question first, printed side by side (their
+texts may part after a few tokens: llama.cpp rounds activations to 8 bits in its matrix products). The machine
+is shared: the load average is recorded.
 
 `--part prefix` (issue 14): prefix caching. TTFT of a chat request whose ~1,000-token system prompt an earlier
 request already sent (warm) against one whose system prompt is new (cold: its first line differs), alternating,
@@ -36,7 +59,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,40 +67,24 @@ from pathlib import Path
 
 import httpx
 from common import append_results, machine
+from serve_procs import (
+    SLOT_CONTEXT,
+    free_port,
+    llama_server_command,
+    running,
+    scratchlm_command,
+    start_server,  # noqa: F401 (serve_cache.py imports it from here)
+)
 
 from scratchlm.cpu import set_wait_policy
 
 set_wait_policy()  # as the scratchlm command does, for the in-process decode steps of --part adapters (before torch)
 
-ROOT = Path(__file__).resolve().parent.parent
+LLAMA_SERVER = os.environ.get("LLAMA_SERVER", "/work/peers/llama-server/bin/llama-server")
+LEVELS = [(1, 3), (4, 2), (16, 2)]  # (clients, requests per client)
+OURS = f"scratchlm --max-len {SLOT_CONTEXT}"
 TOPICS = ["the moon", "volcanoes", "bread", "rivers", "chess", "owls", "glass", "trains", "tea", "bees",
           "clouds", "copper", "maps", "salt", "violins", "deserts", "snow", "paper", "whales", "bridges"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, max_batch: int, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "scratchlm.cli", "--threads", str(threads), "serve", model, "--port", str(port),
-           "--max-batch", str(max_batch), "--max-queue", "256", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not become ready")
 
 
 async def one_request(client: httpx.AsyncClient, model: str, question: str | list[dict], tokens: int) -> dict:
@@ -125,7 +131,7 @@ async def run_level(url: str, model: str | list[str], clients: int, per_client: 
     return {"clients": clients, "requests": len(results), "tokens": sum(r["tokens"] for r in results),
             "wall": wall, "tok_s": sum(r["tokens"] for r in results) / wall,
             "ttft_p50": statistics.median(ttfts), "ttft_p95": percentile(ttfts, 0.95),
-            "load": os.getloadavg()[0]}
+            "prompt_tokens": statistics.median(r["prompt_tokens"] for r in results), "load": os.getloadavg()[0]}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -136,15 +142,59 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def measure(model: str, max_batch: int, levels: list[tuple[int, int]], tokens: int, threads: int,
-            extra: tuple[str, ...] = (), models: list[str] | None = None) -> list[dict]:
-    proc, url = start_server(model, max_batch, threads, *extra)
-    served = models or httpx.get(url + "/v1/models").json()["data"][0]["id"]
-    try:
-        asyncio.run(run_level(url, served, 1, 1, 8))  # warm-up
-        return [asyncio.run(run_level(url, served, c, n, tokens)) for c, n in levels]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+            extra: tuple[str, ...] = (), models: list[str] | None = None, llama_server: str | None = None,
+            reply: dict | None = None) -> list[dict]:
+    """Run the client levels against a fresh server (``llama_server``: that binary on ``model``'s GGUF, else
+    scratchlm); every result carries the server's peak RSS over the whole run (``rss``, bytes). With ``reply``
+    (a dict), the server's greedy answer to REPLY_QUESTION is stored in it first, under the server's name."""
+    port = free_port()
+    if llama_server:
+        cmd, name = llama_server_command(llama_server, gguf_path(model), max_batch, threads, port), "llama-server"
+    else:
+        cmd, name = scratchlm_command(model, max_batch, threads, port, *extra), "scratchlm"
+    with running(cmd, port, name) as (url, sampler):
+        served = models or httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        if reply is not None:
+            reply[name] = greedy_reply(url, served if isinstance(served, str) else served[0])
+        asyncio.run(run_level(url, served, 1, 1, 8))  # warm-up: one stream, then a full batch
+        asyncio.run(run_level(url, served, max_batch, 1, 8))
+        results = [asyncio.run(run_level(url, served, c, n, tokens)) for c, n in levels]
+        rss = sampler.stop()
+    for r in results:
+        r["rss"] = rss
+    return results
+
+
+REPLY_QUESTION = "What is the capital of France? Answer in one sentence, then name one famous building there."
+
+
+def greedy_reply(url: str, model: str, tokens: int = 48) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": REPLY_QUESTION}], "max_tokens": tokens,
+            "temperature": 0}
+    response = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+    response.raise_for_status()
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def gguf_path(model: str) -> Path:
+    """The GGUF file behind a model name or path (llama-server needs the file itself)."""
+    from scratchlm.hub import resolve
+
+    path = resolve(model)
+    if path.suffix != ".gguf":
+        raise SystemExit(f"llama-server needs a GGUF file, and {model} is {path}: pass --no-llama-server")
+    return path
+
+
+def llama_server_binary(args) -> str | None:
+    """The llama-server to race, or None (with a notice) when it is not built or not wanted."""
+    if args.no_llama_server:
+        return None
+    if not (os.path.isfile(args.llama_server) and os.access(args.llama_server, os.X_OK)):
+        print(f"notice: no llama-server at {args.llama_server}: its column is left out (build it with "
+              "`bash benchmarks/setup_llamacpp.sh`, or pass --llama-server PATH)", file=sys.stderr)
+        return None
+    return args.llama_server
 
 
 def main() -> None:
@@ -154,6 +204,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="times the whole measurement is repeated")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-baseline", action="store_true", help="skip the --max-batch 1 peer")
+    parser.add_argument("--llama-server", default=LLAMA_SERVER, metavar="PATH",
+                        help=f"llama.cpp's server binary to race (default $LLAMA_SERVER or {LLAMA_SERVER})")
+    parser.add_argument("--no-llama-server", action="store_true", help="skip the llama-server column")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     parser.add_argument("--part", choices=("batching", "prefix", "adapters", "all"), default="all",
                         help="what to measure (default all)")
@@ -175,53 +228,107 @@ def main() -> None:
 
 
 def batching_part(args) -> str:
-    levels = [(1, 3), (4, 2), (16, 2)]  # (clients, requests per client)
+    llama = llama_server_binary(args)
     rows: dict[tuple[str, int], list[dict]] = {}
+    replies: dict[str, str] = {}
+    # (row name, slots, scratchlm's extra flags, llama-server binary): the race gives both servers the same
+    # context per slot; scratchlm's default (2048 positions per slot) is measured once more, at 16 clients.
+    race = [(OURS, 16, ("--max-len", str(SLOT_CONTEXT)), None), *((("llama-server", 16, (), llama),) if llama else ())]
     for repeat in range(args.repeats):
-        for r in measure(args.model, 16, levels, args.tokens, args.threads):
-            rows.setdefault(("batched", r["clients"]), []).append(r)
-            print(f"[{repeat + 1}/{args.repeats}] batched   {r['clients']:>2} clients: {r['tok_s']:6.1f} tok/s, "
-                  f"TTFT p50 {r['ttft_p50']:.2f} s p95 {r['ttft_p95']:.2f} s, load {r['load']:.1f}", flush=True)
+        for kind, slots, extra, binary in race if repeat % 2 == 0 else race[::-1]:  # alternate who goes first
+            for r in measure(args.model, slots, LEVELS, args.tokens, args.threads, extra, llama_server=binary,
+                             reply=replies if repeat == 0 else None):
+                rows.setdefault((kind, r["clients"]), []).append(r)
+                progress(repeat, args, kind, r)
         if not args.no_baseline:
             for r in measure(args.model, 1, [(16, 1)], args.tokens, args.threads):
-                rows.setdefault(("max-batch 1", r["clients"]), []).append(r)
-                print(f"[{repeat + 1}/{args.repeats}] max-batch 1 16 clients: {r['tok_s']:6.1f} tok/s, "
-                      f"TTFT p50 {r['ttft_p50']:.2f} s p95 {r['ttft_p95']:.2f} s, load {r['load']:.1f}", flush=True)
-    return report(rows, args)
+                rows.setdefault(("scratchlm --max-batch 1", r["clients"]), []).append(r)
+                progress(repeat, args, "scratchlm --max-batch 1", r)
+    if not args.no_baseline:
+        for r in measure(args.model, 16, [(16, 2)], args.tokens, args.threads):
+            rows.setdefault(("scratchlm, default --max-len", r["clients"]), []).append(r)
+            progress(args.repeats - 1, args, "scratchlm, default --max-len", r)
+    for name, text in replies.items():
+        print(f"{name} greedy reply to {REPLY_QUESTION!r}:\n    {text!r}")
+    return report(rows, args, replies)
 
 
-def report(rows: dict, args) -> str:
+def progress(repeat: int, args, kind: str, r: dict) -> None:
+    print(f"[{repeat + 1}/{args.repeats}] {kind:<24} {r['clients']:>2} clients: {r['tok_s']:6.1f} tok/s, TTFT p50 "
+          f"{r['ttft_p50']:.2f} s p95 {r['ttft_p95']:.2f} s, peak RSS {r['rss'] / 2**20:.0f} MiB, "
+          f"load {r['load']:.1f}", flush=True)
+
+
+def report(rows: dict, args, replies: dict[str, str]) -> str:
     import torch
 
     import scratchlm
+    from scratchlm.info import model_info
 
-    def med(rs, key):
-        return statistics.median(r[key] for r in rs)
+    def med(kind, clients, key):
+        return statistics.median(r[key] for r in rows[(kind, clients)])
 
-    single = med(rows[("batched", 1)], "tok_s")
+    ours = OURS
+    single = med(ours, 1, "tok_s")
     env = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} " if "OMP_WAIT_POLICY" in os.environ else ""
+    llama = any(kind == "llama-server" for kind, _ in rows)
+    peer = (f"; llama-server {llama_server_version(args.llama_server)}, `-t {args.threads} -tb {args.threads} -np 16 "
+            f"-c {16 * SLOT_CONTEXT}`" if llama else "; llama-server not run")
     lines = [
         f"## Serving: concurrent streaming clients ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
         "",
         f"Machine: {machine()} (shared with other jobs: load average shown). Python {platform.python_version()}, "
         f"torch {torch.__version__}, scratchlm {scratchlm.__version__}, server threads {args.threads}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}.",
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')} (both servers){peer}.",
         f"Command: `{env}.venv/bin/python benchmarks/serve.py {' '.join(sys.argv[1:])}` "
-        f"(model {args.model}, float32, {args.tokens} new tokens per request, greedy, chat prompts of about 40 "
-        f"tokens; median of {args.repeats} runs).",
+        f"(model {args.model}, scratchlm runs it as: {model_info(args.model)['runs as']}; {args.tokens} new tokens "
+        f"per request, greedy; median of {args.repeats} runs; peak RSS of the server's process tree).",
         "",
-        "| server | clients | requests | aggregate tok/s | vs 1 client | TTFT p50 | TTFT p95 | load avg |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server | clients | requests | prompt tokens | aggregate tok/s | vs 1 client | TTFT p50 | TTFT p95 | "
+        "peak RSS | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (kind, clients), rs in rows.items():
-        tok_s = med(rs, "tok_s")
-        lines.append(f"| {kind} | {clients} | {rs[0]['requests']} | {tok_s:.1f} | {tok_s / single:.2f}x | "
-                     f"{med(rs, 'ttft_p50'):.2f} s | {med(rs, 'ttft_p95'):.2f} s | {med(rs, 'load'):.1f} |")
-    at16 = med(rows[("batched", 16)], "tok_s") / single
-    p95 = med(rows[("batched", 16)], "ttft_p95")
+        tok_s = med(kind, clients, "tok_s")
+        lines.append(f"| {kind} | {clients} | {rs[0]['requests']} | {med(kind, clients, 'prompt_tokens'):.0f} | "
+                     f"{tok_s:.1f} | {tok_s / med(kind, 1, 'tok_s') if (kind, 1) in rows else tok_s / single:.2f}x | "
+                     f"{med(kind, clients, 'ttft_p50'):.2f} s | {med(kind, clients, 'ttft_p95'):.2f} s | "
+                     f"{med(kind, clients, 'rss') / 2**20:.0f} MiB | {med(kind, clients, 'load'):.1f} |")
+    at16 = med(ours, 16, "tok_s") / single
+    p95 = med(ours, 16, "ttft_p95")
     lines += ["", f"Targets: 16 clients / 1 client = {at16:.2f}x (target >= 4x: {'met' if at16 >= 4 else 'NOT met'}); "
               f"p95 TTFT at 16 clients {p95:.2f} s (target < 2 s: {'met' if p95 < 2 else 'NOT met'}).", ""]
+    if llama:
+        lines += ["scratchlm / llama-server, same clients, same prompts:", "",
+                  "| clients | aggregate tok/s | TTFT p50 | TTFT p95 | peak RSS |", "|---|---|---|---|---|"]
+        for clients, _ in LEVELS:
+            ratio = {key: med(ours, clients, key) / med("llama-server", clients, key)
+                     for key in ("tok_s", "ttft_p50", "ttft_p95", "rss")}
+            lines.append(f"| {clients} | {ratio['tok_s']:.2f}x | {ratio['ttft_p50']:.2f}x | {ratio['ttft_p95']:.2f}x | "
+                         f"{ratio['rss']:.2f}x |")
+        tok, ttft, rss = (med(ours, 16, k) / med("llama-server", 16, k) for k in ("tok_s", "ttft_p95", "rss"))
+        if ("scratchlm, default --max-len", 16) in rows:
+            default = med("scratchlm, default --max-len", 16, "rss") / med("llama-server", 16, "rss")
+            lines += ["", "With its default --max-len (2048 positions per slot) scratchlm's peak RSS is "
+                      f"{default:.2f}x llama-server's."]
+        lines += ["", "Targets at 16 clients (issue 11): aggregate tokens/s "
+                  f"{tok:.2f}x llama-server's (>= 1.0x: {'met' if tok >= 1 else 'NOT met'}); p95 TTFT {ttft:.2f}x "
+                  f"(<= 1.0x: {'met' if ttft <= 1 else 'NOT met'}); peak RSS {rss:.2f}x (<= 1.5x: "
+                  f"{'met' if rss <= 1.5 else 'NOT met'}).", ""]
+    if replies:
+        same = len(set(replies.values())) == 1
+        lines += [f"Greedy reply to \"{REPLY_QUESTION}\" ({'identical' if same else 'they differ'}):", ""]
+        lines += [f"- {name}: \"{text.strip()}\"" for name, text in replies.items()]
+        lines.append("")
     return "\n".join(lines)
+
+
+def llama_server_version(binary: str) -> str:
+    """llama-server's build line, e.g. "version: 1 (abc123)"."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+    found = [line.strip() for line in (out.stdout + out.stderr).splitlines() if line.startswith("version")]
+    return found[0].removeprefix("version: ") if found else "(version unknown)"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Build llama-cpp-python (the llama.cpp peer for benchmarks/decode.py) once, outside the repo, and install it
-# into a separate virtualenv that sees scratchlm's .venv packages. Never run in CI: it compiles llama.cpp
-# (about 6 minutes on 2 cores).
+# Build the llama.cpp peers once, outside the repo. Never run in CI: it compiles llama.cpp twice (about 6 minutes
+# for the wheel and 10 for the server on 2 idle cores).
 #
-#   bash benchmarks/setup_llamacpp.sh            # wheel in $WHEEL_DIR, peer venv in $PEER_VENV
+#   bash benchmarks/setup_llamacpp.sh            # wheel in $WHEEL_DIR, peer venv in $PEER_VENV, server in $SERVER_DIR
+#
+# 1. llama-cpp-python (the peer of benchmarks/decode.py), installed into a separate virtualenv that sees
+#    scratchlm's .venv packages.
+# 2. llama.cpp's own HTTP server, `llama-server` (the peer of benchmarks/serve.py), built from the llama.cpp tree
+#    that the same llama-cpp-python sdist vendors (vendor/llama.cpp), so both peers are the same llama.cpp
+#    version: $SERVER_DIR/bin/llama-server, one static binary. Each step is skipped when its result exists.
 #
 # Why these flags: a native build (-march=native) segfaults on the AMX Xeons of our machines in llama.cpp's
 # AMX kernel, so GGML_NATIVE=OFF builds the portable AVX/AVX2 variants; `pip wheel --no-cache-dir` keeps a
@@ -15,6 +20,7 @@ cd "$(dirname "$0")/.."
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 WHEEL_DIR="${WHEEL_DIR:-/work/peers/wheels}"
 PEER_VENV="${PEER_VENV:-/work/peers/llamacpp-venv}"
+SERVER_DIR="${SERVER_DIR:-/work/peers/llama-server}"
 
 if [ "${CI:-}" = "true" ]; then
     echo "setup_llamacpp.sh: refusing to compile llama.cpp in CI" >&2
@@ -45,3 +51,34 @@ echo "import site; site.addsitedir('$main_site')" > "$site/scratchlm_main_venv.p
 # llama-cpp-python's runtime dependencies are small and pure Python (numpy comes from .venv).
 "$PEER_VENV/bin/python" -m pip install --quiet --no-deps "$wheel" typing-extensions diskcache jinja2 MarkupSafe
 "$PEER_VENV/bin/python" -c 'import llama_cpp, scratchlm; print("llama_cpp", llama_cpp.__version__, "ready in", "'"$PEER_VENV"'")'
+
+# ---- llama-server -------------------------------------------------------------------------------------------
+# The same flags as the wheel (GGML_NATIVE=OFF: portable AVX2 kernels), plus what an offline machine needs:
+# no libcurl or OpenSSL (the benchmark talks plain HTTP on loopback and loads a local file), and no web UI (its
+# default fetches prebuilt assets from Hugging Face or runs npm). Static libraries, so the one binary can be
+# copied out of the build tree. `nice -n 19`: the machines these run on are shared.
+server_bin="$SERVER_DIR/bin/llama-server"
+if [ -x "$server_bin" ]; then
+    echo "reusing $server_bin"
+else
+    src="$SERVER_DIR/src/llama_cpp_python-$VERSION/vendor/llama.cpp"
+    if [ ! -f "$src/CMakeLists.txt" ]; then
+        mkdir -p "$SERVER_DIR/src"
+        # --no-binary for this one package only: ":all:" would also build its build dependencies from source.
+        .venv/bin/python -m pip download --no-deps --no-binary llama-cpp-python -d "$SERVER_DIR/src" \
+            "llama-cpp-python==$VERSION"
+        tar -xzf "$SERVER_DIR/src/llama_cpp_python-$VERSION.tar.gz" -C "$SERVER_DIR/src"
+    fi
+    if ! command -v cmake > /dev/null; then
+        echo "setup_llamacpp.sh: cmake is missing: install it (apt-get install -y cmake, or pip install cmake)" >&2
+        exit 1
+    fi
+    echo "building llama-server from $src into $SERVER_DIR (several minutes)..."
+    nice -n 19 cmake -S "$src" -B "$SERVER_DIR/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+        -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF \
+        -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF ${EXTRA_CMAKE_ARGS:-}
+    nice -n 19 cmake --build "$SERVER_DIR/build" --target llama-server -j "${JOBS:-2}"
+    install -D -m 755 "$SERVER_DIR/build/bin/llama-server" "$server_bin"
+fi
+"$server_bin" --version 2>&1 | grep -i version || true
+echo "llama-server ready: $server_bin"
