@@ -117,7 +117,7 @@ COMMAND_MODULES: list[str] = [
     "scratchlm.finetune.cli",
     "scratchlm.align.cli",
     "scratchlm.encoder_cli",
-    "scratchlm.rag.cli",
+    "scratchlm.rag_cli",
     "scratchlm.compress.cli",
     "scratchlm.seq2seq.cli",
     "scratchlm.vision.cli",

@@ -18,6 +18,9 @@ QUANT_MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # keep equal to quant.quantize.DEFAULT_GROUP_SIZE (tests/test_cli_options.py checks)
 MAX_DRAFT_TOKENS = 32  # keep equal to speculative.MAX_DRAFT_TOKENS (tests/test_speculative.py checks)
+# For the help texts only; LLM applies sampling.DEFAULT_SAMPLING (tests/test_startup.py checks the two are equal).
+# A copy because sampling.py imports torch, and building the parser must not (2.4 s of CPU per command).
+DEFAULT_SAMPLING = dict(max_new_tokens=256, temperature=0.7, top_k=40, min_p=0.05, repetition_penalty=1.1)
 
 
 def add_model_argument(p: argparse.ArgumentParser) -> None:
@@ -94,7 +97,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Sampling options; those not given take ``LLM``'s defaults (``sampling.DEFAULT_SAMPLING``, chosen for small
     models by benchmarks/sampling_defaults.py)."""
-    from scratchlm.sampling import DEFAULT_SAMPLING as D
+    D = DEFAULT_SAMPLING
 
     def default(name: str, off: str) -> str:
         return f"default {D[name]}; {off} turns it off" if D.get(name) is not None else "default off"

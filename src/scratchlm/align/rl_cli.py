@@ -17,7 +17,7 @@ from scratchlm.finetune.cli import add_lora_flags, add_run_flags, add_training_f
 
 
 def _add_common(p: argparse.ArgumentParser, algorithm: str) -> None:
-    from scratchlm.align.rl import DEFAULTS
+    from scratchlm.align.rl_defaults import DEFAULTS
 
     d = DEFAULTS[algorithm]
     p.add_argument("model", nargs="?", default=None,

@@ -3,7 +3,14 @@
 The folder also holds the bundled training corpus (``shakespeare.txt``, see ``train/sources.py``).
 """
 
-from scratchlm.data.clean import CleanOptions, clean_corpus, format_report
-from scratchlm.data.quality import QualityRules
+import importlib
 
-__all__ = ["CleanOptions", "QualityRules", "clean_corpus", "format_report"]
+# Loaded on first use (PEP 562), so that `scratchlm --help`, which imports data/cli.py, does not import numpy.
+_EXPORTS = {"CleanOptions": "clean", "clean_corpus": "clean", "format_report": "clean", "QualityRules": "quality"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -11,9 +11,15 @@ stream), ``views.py`` (the next-token view and ``explain``), ``lens.py`` (the lo
 browsable page), ``cli.py`` (``scratchlm explain``).
 """
 
-from scratchlm.explain.attention import Trace, attention_weights, trace
-from scratchlm.explain.labels import token_label
-from scratchlm.explain.lens import logit_lens
-from scratchlm.explain.views import Explanation, explain
+import importlib
 
-__all__ = ["Explanation", "Trace", "attention_weights", "explain", "logit_lens", "token_label", "trace"]
+# Loaded on first use (PEP 562), so that `scratchlm --help`, which imports explain/cli.py, does not import torch.
+_EXPORTS = {"Trace": "attention", "attention_weights": "attention", "trace": "attention", "token_label": "labels",
+            "logit_lens": "lens", "Explanation": "views", "explain": "views"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -14,14 +14,22 @@ Function-level API, for code that wants quantized weights without the module swa
     qweight, scales = quantize_int8(w); dequantize_int8(qweight, scales); Int8Linear(qweight, scales)
 """
 
-from scratchlm.quant.checkpoint import is_quantized_dir, load_quantized_dir, save_quantized
-from scratchlm.quant.embedding import QuantEmbedding
-from scratchlm.quant.int4 import GROUP_SIZES, Int4Linear, dequantize_int4, int4_linear, quantize_int4
-from scratchlm.quant.int8 import Int8Linear, dequantize_int8, int8_linear, quantize_int8
-from scratchlm.quant.quantize import MODES, build_quantized_model, quantization_of, quantize_model, quantized_state_dict
+import importlib
 
-__all__ = [
-    "GROUP_SIZES", "MODES", "Int4Linear", "Int8Linear", "QuantEmbedding", "build_quantized_model",
-    "dequantize_int4", "dequantize_int8", "int4_linear", "int8_linear", "is_quantized_dir", "load_quantized_dir",
-    "quantization_of", "quantize_int4", "quantize_int8", "quantize_model", "quantized_state_dict", "save_quantized",
-]
+# Loaded on first use (PEP 562), so that `scratchlm --help`, which imports quant/cli.py, does not import torch.
+_EXPORTS = {
+    "is_quantized_dir": "checkpoint", "load_quantized_dir": "checkpoint", "save_quantized": "checkpoint",
+    "QuantEmbedding": "embedding",
+    "GROUP_SIZES": "int4", "Int4Linear": "int4", "dequantize_int4": "int4", "int4_linear": "int4",
+    "quantize_int4": "int4",
+    "Int8Linear": "int8", "dequantize_int8": "int8", "int8_linear": "int8", "quantize_int8": "int8",
+    "MODES": "quantize", "build_quantized_model": "quantize", "quantization_of": "quantize",
+    "quantize_model": "quantize", "quantized_state_dict": "quantize",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -11,7 +11,8 @@
 
 Modules, one concept each: ``documents`` (readers), ``chunking``, ``store`` (the interface and schema),
 ``sqlite_store`` and ``postgres_store`` (the two engines), ``ingest``, ``search`` (dense, keyword, hybrid,
-rerank), ``answer`` (cited answers), ``summarize`` (map-reduce and refine), ``cli``.
+rerank), ``answer`` (cited answers), ``summarize`` (map-reduce and refine). The command line is
+``scratchlm/rag_cli.py``, outside the package: these imports load torch, and `scratchlm --help` must not.
 """
 
 from scratchlm.rag.answer import Answer, ask

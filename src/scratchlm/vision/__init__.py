@@ -6,6 +6,14 @@
 See docs/vision.md. The diffusion model that CLIP's text encoder conditions is ``scratchlm.diffusion``.
 """
 
-from scratchlm.vision.clip import CLIP, CLIPConfig, clip_loss
+import importlib
 
-__all__ = ["CLIP", "CLIPConfig", "clip_loss"]
+# Loaded on first use (PEP 562), so that `scratchlm --help`, which imports vision/cli.py, does not import torch.
+_EXPORTS = {"CLIP": "clip", "CLIPConfig": "clip", "clip_loss": "clip"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -9,7 +9,14 @@ parallelism, and checkpoints that reshard (``docs/distributed-training.md``).
     dcp_checkpoint.py  torch.distributed.checkpoint save/load, safe metadata reading
 """
 
-from scratchlm.train.parallel.mesh import MODES, ParallelConfig
-from scratchlm.train.parallel.plan import ParallelPlan
+import importlib
 
-__all__ = ["MODES", "ParallelConfig", "ParallelPlan"]
+# Loaded on first use (PEP 562), so that `scratchlm --help`, which imports train/cli.py, does not import torch.
+_EXPORTS = {"MODES": "mesh", "ParallelConfig": "mesh", "ParallelPlan": "plan"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

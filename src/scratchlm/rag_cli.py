@@ -5,7 +5,8 @@
     scratchlm rag ask docs.db "How do I rotate the API keys?"
     scratchlm rag summarize report.pdf --method refine
 
-Parsing only: each command calls the functions of ``scratchlm.rag``.
+Parsing only: each command calls the functions of ``scratchlm.rag``. This module sits outside the package so
+that building the parser does not run ``rag/__init__.py``, which imports torch (`scratchlm --help` stays quick).
 """
 
 from __future__ import annotations
