@@ -73,10 +73,11 @@ def run_curve(out: Path | None, parallel=None, dist: Dist | None = None, model_c
 
 
 # ---- tests --------------------------------------------------------------------------------------------------------
-def torchrun(n: int, out: Path, *jobs: str) -> None:
-    """Start the worker on ``n`` processes (gloo, one thread each) for ``jobs``; fail with its output if it fails."""
+def torchrun(n: int, out: Path, *jobs: str, script: str = __file__) -> None:
+    """Start ``script`` (by default this file's worker) on ``n`` processes (gloo, one thread each) with the arguments
+    ``out`` and ``jobs``; fail with its output if it fails."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                           __file__, str(out), *jobs], env=ENV, capture_output=True, text=True, timeout=1800)
+                           script, str(out), *jobs], env=ENV, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 

@@ -4,6 +4,9 @@
     scratchlm finetune smollm2-135m-instruct --data train.jsonl --method qlora --rank 16 --out runs/q
     scratchlm finetune --out runs/task --resume                    # continue exactly where it stopped
     scratchlm finetune --out runs/task --resume --max-steps 200    # ...and train it longer
+    torchrun --nproc_per_node 2 -m scratchlm.cli finetune smollm2-135m-instruct --data train.jsonl --out runs/dp
+    torchrun --nproc_per_node 2 -m scratchlm.cli finetune MODEL --data train.jsonl --method full --parallel fsdp \
+        --out runs/fsdp                                            # full fine-tuning, sharded (ZeRO-3)
     scratchlm merge smollm2-135m-instruct runs/task/best --out merged-model
     scratchlm chat smollm2-135m-instruct --adapter runs/task/best
 """
@@ -38,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--qat", choices=["int4"], default=None,
                    help="train through the int4 weights `scratchlm quantize --to int4` will make (lora or full)")
     add_group_size_flag(g, help="with --qat: int4 group, 32 (default), 64, 128 or channel; quantize with the same")
+    from scratchlm.train.parallel.mesh import add_parallel_flags
+
+    add_parallel_flags(p)  # under torchrun: dp (LoRA, QLoRA, full), zero1, fsdp, tp, fsdp+tp (full)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model and save the result")
@@ -144,9 +150,11 @@ def training_kwargs(args: argparse.Namespace) -> dict:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from scratchlm.finetune.run import FinetuneOptions, run_finetune
+    from scratchlm.train.parallel.mesh import parallel_from_args
 
     run_finetune(FinetuneOptions(**training_kwargs(args), **transfer_kwargs(args), qat=args.qat,
-                                 group_size=args.group_size))
+                                 group_size=args.group_size, parallel=parallel_from_args(args),
+                                 dist_timeout=args.dist_timeout))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

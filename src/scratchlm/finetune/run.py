@@ -33,7 +33,10 @@ from scratchlm.finetune.data import IGNORE, fixed_batches, load_examples, read_j
 from scratchlm.finetune.lora import DEFAULT_TARGETS, LoraSettings, apply_lora, lora_parameter_names, parse_targets
 from scratchlm.formats.checkpoint import save_model_dir
 from scratchlm.train import checkpoint as ckpt
+from scratchlm.train.distributed import Dist, main_process_first
 from scratchlm.train.loop import TrainConfig, TrainResult, lm_loss, train
+from scratchlm.train.parallel.dcp_checkpoint import model_weights
+from scratchlm.train.parallel.mesh import ParallelConfig, layout_record, resume_layout
 from scratchlm.train.record import RUN_FILE, describe_changes, merge_given, read_record, write_record
 from scratchlm.train.run import clear_out_dir
 from scratchlm.train.sources import fingerprint_sources
@@ -91,9 +94,14 @@ class FinetuneOptions:
     resume: bool = False
     force: bool = False  # replace a previous run in ``out``
     progress: bool = True
+    # Under torchrun: the layout (train.parallel.ParallelConfig; None: DDP, or on --resume the recorded one) and how
+    # long a collective waits for the others (finetune/parallel.py). Recorded in run.json as "layout", not options.
+    parallel: object | None = None
+    dist_timeout: float | None = None
 
 
-OPTION_NAMES = tuple(f.name for f in fields(FinetuneOptions) if f.name not in ("out", "resume", "force", "progress"))
+OPTION_NAMES = tuple(f.name for f in fields(FinetuneOptions)
+                     if f.name not in ("out", "resume", "force", "progress", "parallel", "dist_timeout"))
 
 
 def given_options(opts, names: tuple[str, ...] = OPTION_NAMES) -> dict:
@@ -117,7 +125,19 @@ def _data_fingerprints(options: dict) -> dict:
 
 def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
     """Fine-tune as ``opts`` says (or resume the run in ``opts.out``); returns the loop's result.
-    Checkpoints, curves and ``run.json`` go to ``opts.out``."""
+    Checkpoints, curves and ``run.json`` go to ``opts.out``. Under torchrun every process calls it (rank 0 prints
+    and writes the files; finetune/parallel.py)."""
+    from scratchlm.finetune.parallel import finetune_processes
+
+    with finetune_processes(opts.dist_timeout) as dist:
+        return _finetune(opts, dist, say if dist.is_main else _quiet)
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _finetune(opts: FinetuneOptions, dist: Dist, say) -> TrainResult:
     from scratchlm.llm import LLM
 
     if opts.out is None:
@@ -140,6 +160,14 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
         raise ConfigError(f"--epochs must be positive, got {o['epochs']}")
     if o["method"] != "full":
         LoraSettings(o["rank"], o["alpha"], o["dropout"])
+    parallel = opts.parallel
+    if opts.resume:  # the recorded layout when no --parallel flag is given; a change is said
+        parallel = resume_layout((read_record(out, "finetune") or {}).get("layout"), parallel, dist.world_size, say)
+    if dist.enabled or parallel is not None:
+        from scratchlm.finetune.parallel import check_parallel
+
+        check_parallel(o, (parallel or ParallelConfig()).mode)
+        (parallel or ParallelConfig()).shape(dist.world_size)  # a world size that does not factor: say it now
     if o.get("task") == "classify":  # {"text", "label"} data and a classification head
         from scratchlm.finetune.classify import run_classify
 
@@ -154,9 +182,10 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
         if path is not None:  # malformed lines, unknown roles, missing assistant turns: before loading
             for number, record in read_jsonl(path):
                 to_messages(record, f"{path}, line {number}")
-    if not opts.resume:
-        clear_out_dir(out, opts.force, "fine-tuning")
-        out.mkdir(parents=True, exist_ok=True)
+    with main_process_first(dist, "fine-tuning"):  # every process has read run.json by now; rank 0 may write
+        if not opts.resume and dist.is_main:
+            clear_out_dir(out, opts.force, "fine-tuning")
+            out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     llm = LLM.load(o["model"], dequantize=True, compile=False)  # training needs the float weights
@@ -210,6 +239,7 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
         say(f"quantization-aware training: the forward uses {o['qat']} weights (group "
             f"{o.get('group_size') or QAT_GROUP_SIZE}), as `scratchlm quantize --to {o['qat']}` will make them")
     _describe_memory(model, n_base, say)
+    model.to(dist.device)
 
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     from scratchlm.finetune.data import SFTBatches
@@ -217,18 +247,30 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
     batches = SFTBatches(train_examples, o["batch_size"], pad_id, o["seed"])
     val = fixed_batches(val_examples, o["batch_size"], pad_id) if val_examples else None
     config = _train_config(o, batches.batches_per_epoch)
+    plan, loss_fn, share = None, sft_loss, batches
+    if dist.enabled or parallel is not None:  # every process draws the global batches and keeps its rows
+        from scratchlm.finetune.parallel import ReplicaShare
+        from scratchlm.train.parallel import ParallelPlan
+
+        plan = ParallelPlan(parallel or ParallelConfig(), dist, model.config, o["batch_size"])
+        say(f"parallel: {plan.mode}, mesh {plan.shape} over {dist.world_size} process(es)")
+        share = ReplicaShare(batches, plan.dp_rank, plan.dp_size)
+        loss_fn = share.weighted(sft_loss)
+        val = plan.share_eval_batches(val) if val is not None else None
     say(f"{o['method']}: {config.max_steps} steps of {o['batch_size']} x {config.grad_accum_steps} examples "
         f"({config.max_steps * config.grad_accum_steps / batches.batches_per_epoch:.2f} epochs), lr {config.lr:g}")
     # Record the run with every value settled, so that --resume continues this very schedule.
     o.update(max_steps=config.max_steps, lr=config.lr, warmup_steps=config.warmup_steps,
              eval_interval=config.eval_interval, max_length=max_length)
-    write_record(out, "finetune", o, data_sha256=_data_fingerprints(o))
+    if dist.is_main:
+        write_record(out, "finetune", o, data_sha256=_data_fingerprints(o),
+                     layout=layout_record(parallel, dist.world_size))
 
     base_name = _base_name(o["model"])
 
     def save_model(directory: Path) -> None:
-        if settings is None:
-            save_model_dir(directory, model.config, model.canonical_state_dict(), tokenizer, template.source)
+        if settings is None:  # a sharded run's weights come from the shards in directory/distcp
+            save_model_dir(directory, model.config, model_weights(directory, model), tokenizer, template.source)
         else:
             from scratchlm.finetune.peft import save_adapter
 
@@ -241,10 +283,10 @@ def run_finetune(opts: FinetuneOptions, say=print) -> TrainResult:
 
     from scratchlm.train.report import TrainingReport
 
-    reporter = TrainingReport(out, progress=opts.progress, print_fn=None)
-    result = train(model, config, batches, val, trainable=trainable, out_dir=out, save_model=save_model,
-                   resume_from=resume_dir, reporter=reporter,
-                   load_model=load_model if settings is not None else None, loss_fn=sft_loss,
+    reporter = TrainingReport(out, progress=opts.progress, print_fn=None) if dist.is_main else None
+    result = train(model, config, share, val, trainable=trainable, out_dir=out, save_model=save_model,
+                   resume_from=resume_dir, reporter=reporter, dist=dist, parallel=plan,
+                   load_model=load_model if settings is not None else None, loss_fn=loss_fn,
                    lr_scale=controls.lr_scale if controls.layer_lr_decay != 1.0 else None,
                    before_step=controls.before_step(model, trainable) if trainable is not None else None)
     best = f"; best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
@@ -318,13 +360,20 @@ def sft_loss(forward: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
     In chat data most positions are prompt (no target); skipping their projection onto the 49k-word
     vocabulary saves the largest matrix product of those positions and its [B, T, V] logits.
     """
-    if not hasattr(forward, "hidden_states"):  # wrapped (compiled, DDP): the plain path
+    if not hasattr(forward, "hidden_states") or _fsdp_module(forward):  # wrapped (compiled, DDP, FSDP): plain path
         return lm_loss(forward(x), y)
     keep = y != IGNORE
     hidden = forward.hidden_states(x)[keep]  # (N, C): the positions with a target
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
     return F.cross_entropy(forward.logits(hidden).float(), y[keep])
+
+
+def _fsdp_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is sharded by FSDP2, whose weights are gathered only around ``forward``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def _train_config(o: dict, batches_per_epoch: int) -> TrainConfig:

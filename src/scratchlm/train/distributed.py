@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -71,6 +73,61 @@ def shutdown(d: Dist) -> None:
     """Leave the process group (a no-op for a single process)."""
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str = "auto", timeout: float | None = None) -> Iterator[Dist]:
+    """This process's ``Dist`` for the length of a training run (``train``, ``finetune``), as ``init_distributed``.
+
+    A peer that never comes to the rendezvous, dies or hangs makes gloo and NCCL raise RuntimeErrors with their
+    own long messages; here they become one-line ``TrainingError``s that say what to do. The process group is
+    left at the end when this call joined it (a caller that joined it already keeps it, as the tests' workers do).
+    """
+    from scratchlm.errors import TrainingError
+
+    joined = not (dist.is_available() and dist.is_initialized())
+    try:
+        d = init_distributed(device, timeout)
+    except RuntimeError as exc:  # the others did not come to the rendezvous within the timeout
+        if not peer_failure(exc):
+            raise
+        raise TrainingError(f"could not connect to the other processes ({str(exc).splitlines()[0][:200]}); check "
+                            "that every node started, or raise --dist-timeout") from None
+    try:
+        yield d
+    except RuntimeError as exc:  # a peer died or hung: gloo/NCCL timed out or lost the connection
+        if not (d.enabled and peer_failure(exc)):
+            raise
+        raise TrainingError(f"process {d.rank} of {d.world_size}: a collective failed "
+                            f"({str(exc).splitlines()[0][:200]}); another process probably died or hangs, see its "
+                            "log; resume with --resume from the last checkpoint") from None
+    finally:
+        if joined:
+            shutdown(d)
+
+
+@contextmanager
+def main_process_first(d: Dist, what: str = "training") -> Iterator[None]:
+    """Around what rank 0 alone does before a run (clearing the output directory, preparing data): every process
+    learns afterwards whether it failed (a collective, like a barrier), so that all of them stop with rank 0's
+    one-line message instead of the others waiting for it in a collective or failing with a broken connection."""
+    from scratchlm.errors import ScratchLMError, TrainingError
+
+    failure = None
+    try:
+        yield
+    except ScratchLMError as exc:
+        failure = exc
+    if broadcast_flag(d, failure is not None):
+        raise failure or TrainingError(f"process 0 stopped before {what}; its message says why")
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Whether a collective failed because another process died or stopped answering (gloo, NCCL messages)."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        mark in text for mark in ("Timed out", "timed out", "Connection closed", "Connection reset", "NCCL error",
+                                  "Broken pipe"))
 
 
 def barrier(d: Dist) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from scratchlm.config import ModelConfig
-from scratchlm.errors import ConfigError, DataError, ScratchLMError, TrainingError, UnsupportedError
+from scratchlm.errors import ConfigError, DataError, TrainingError, UnsupportedError
 from scratchlm.files import atomic_write_json, read_json
 from scratchlm.formats.checkpoint import CONFIG_FILE, save_model_dir
 from scratchlm.model import Transformer
@@ -47,8 +47,9 @@ from scratchlm.train.data import (
     prepare_dataset,
     tokenizer_fingerprint,
 )
-from scratchlm.train.distributed import Dist, broadcast_flag, init_distributed, shutdown
+from scratchlm.train.distributed import Dist, main_process_first, process_group
 from scratchlm.train.loop import TrainConfig, TrainResult, train
+from scratchlm.train.parallel.mesh import layout_record, parallel_config, resume_layout
 from scratchlm.train.presets import PRESETS, Preset, get_preset
 from scratchlm.train.record import RUN_FILE, describe_changes, merge_given, read_record, write_record
 from scratchlm.train.report import TrainingReport, sample_text
@@ -86,7 +87,8 @@ class RunOptions:
     sample_tokens: int | None = None  # 0: no samples
     prompt: str | None = None
     # FSDP, ZeRO-1, tensor or pipeline parallelism under torchrun (train.parallel.ParallelConfig); None: DDP. How
-    # the run is laid out, not what it trains: not recorded, so a resume may choose another layout.
+    # the run is laid out, not what it trains: run.json records it ("layout"), and a resume given no --parallel
+    # flags under torchrun keeps the recorded mode; another layout is allowed and said (mesh.resume_layout).
     parallel: object | None = None
     dist_timeout: float | None = None  # seconds a collective waits for the other processes (None: 300)
 
@@ -97,31 +99,8 @@ def run_training(opts: RunOptions) -> TrainResult:
     device = opts.device
     if device is None and opts.resume:  # the device is needed before the record is merged
         device = ((read_record(out, "train") or {}).get("options") or {}).get("device")
-    try:
-        dist = init_distributed(device or "auto", opts.dist_timeout)
-    except RuntimeError as exc:  # the others did not come to the rendezvous within the timeout
-        if not _peer_failure(exc):
-            raise
-        raise TrainingError(f"could not connect to the other processes ({str(exc).splitlines()[0][:200]}); check "
-                            "that every node started, or raise --dist-timeout") from None
-    try:
+    with process_group(device or "auto", opts.dist_timeout) as dist:  # peer failures: one-line errors
         return _run(opts, out, dist)
-    except RuntimeError as exc:  # a peer died or hung: gloo/NCCL timed out or lost the connection
-        if not (dist.enabled and _peer_failure(exc)):
-            raise
-        raise TrainingError(f"process {dist.rank} of {dist.world_size}: a collective failed "
-                            f"({str(exc).splitlines()[0][:200]}); another process probably died or hangs, see its "
-                            "log; resume with --resume from the last checkpoint") from None
-    finally:
-        shutdown(dist)
-
-
-def _peer_failure(exc: RuntimeError) -> bool:
-    """Whether a collective failed because another process died or stopped answering (gloo, NCCL messages)."""
-    text = str(exc)
-    return isinstance(exc, torch.distributed.DistError) or any(
-        mark in text for mark in ("Timed out", "timed out", "Connection closed", "Connection reset", "NCCL error",
-                                  "Broken pipe"))
 
 
 def _out_dir(opts: RunOptions) -> Path:
@@ -174,20 +153,17 @@ def _run(opts: RunOptions, out: Path, dist: Dist) -> TrainResult:
     say = print if dist.is_main else (lambda *a, **k: None)
 
     # Rank 0 settles the options and the data and writes run.json; the others then read both.
-    resume_dir, failure = None, None
-    if dist.is_main:
-        try:
+    resume_dir = None
+    with main_process_first(dist, "training"):
+        if dist.is_main:
             if opts.resume:
-                resume_dir, tokenizer, prepared = _resume_run(out, opts, say)
+                resume_dir, tokenizer, prepared = _resume_run(out, opts, say, dist.world_size)
             else:
-                tokenizer, prepared = _new_run(out, opts, say)
-        except ScratchLMError as exc:
-            failure = exc
-    # Every process learns whether rank 0 got ready (a collective, like a barrier), so that they all stop with a
-    # one-line message, not the others with a broken-connection traceback.
-    if broadcast_flag(dist, failure is not None):
-        raise failure or TrainingError("process 0 stopped before training; its message says why")
-    options = read_record(out, "train")["options"]
+                tokenizer, prepared = _new_run(out, opts, say, dist.world_size)
+    record = read_record(out, "train")
+    options = record["options"]
+    # The layout rank 0 settled (the flags, or on resume the recorded one): the same on every process.
+    parallel = opts.parallel if "layout" not in record else parallel_config(record["layout"])
     if opts.resume:
         resume_dir = ckpt.resolve_checkpoint(out / "last")
     if not dist.is_main:
@@ -201,11 +177,11 @@ def _run(opts: RunOptions, out: Path, dist: Dist) -> TrainResult:
     model_config = ModelConfig(**model_fields)
     prepared.check_fits(model_config.context_length)
     plan = None
-    if opts.parallel is not None:
+    if parallel is not None:
         from scratchlm.train.parallel import ParallelPlan
 
-        plan = ParallelPlan(opts.parallel, dist, model_config, config.batch_size)
-        say(f"parallel: {opts.parallel.mode}, mesh {plan.shape} over {dist.world_size} process(es)")
+        plan = ParallelPlan(parallel, dist, model_config, config.batch_size)
+        say(f"parallel: {parallel.mode}, mesh {plan.shape} over {dist.world_size} process(es)")
     torch.manual_seed(config.seed)  # the same initial weights on every process and every run
     model = Transformer(model_config).to(dist.device)
     say(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model_config.n_layers} layers, d_model "
@@ -250,8 +226,9 @@ def _run(opts: RunOptions, out: Path, dist: Dist) -> TrainResult:
     return result
 
 
-def _new_run(out: Path, opts: RunOptions, say) -> tuple[Tokenizer, PreparedData]:
-    """Rank 0's start of a new run: clear ``out``, build the tokenizer and token files, record the options."""
+def _new_run(out: Path, opts: RunOptions, say, world_size: int = 1) -> tuple[Tokenizer, PreparedData]:
+    """Rank 0's start of a new run: clear ``out``, build the tokenizer and token files, record the options and the
+    layout."""
     preset = get_preset(opts.preset or DEFAULT_PRESET)
     options = resolve_options(opts, preset)  # validates the values before anything is deleted
     clear_out_dir(out, opts.force, "training")
@@ -264,7 +241,8 @@ def _new_run(out: Path, opts: RunOptions, say) -> tuple[Tokenizer, PreparedData]
                                progress=opts.progress)
     tokenizer.save(out / "data" / "tokenizer.json")
     atomic_write_json(out / "data" / "tokenizer_config.json", {"eos_token": tokenizer.eos_token})
-    write_record(out, "train", options, prepared=_data_summary(prepared), tokenizer=tokenizer_fingerprint(tokenizer))
+    write_record(out, "train", options, prepared=_data_summary(prepared), tokenizer=tokenizer_fingerprint(tokenizer),
+                 layout=layout_record(opts.parallel, world_size))
     return tokenizer, prepared
 
 
@@ -274,9 +252,9 @@ def _data_summary(prepared: PreparedData) -> dict:
             "bytes": {s: (prepared.directory / f"{s}.bin").stat().st_size for s in ("train", "val")}}
 
 
-def _resume_run(out: Path, opts: RunOptions, say) -> tuple[Path, Tokenizer, PreparedData]:
-    """Rank 0's start of a resumed run: merge the given options into the recorded ones, check the token
-    files, update run.json. Nothing in ``out/data`` is written."""
+def _resume_run(out: Path, opts: RunOptions, say, world_size: int = 1) -> tuple[Path, Tokenizer, PreparedData]:
+    """Rank 0's start of a resumed run: merge the given options into the recorded ones, choose the layout, check
+    the token files, update run.json. Nothing in ``out/data`` is written."""
     resume_dir = ckpt.resolve_checkpoint(out / "last")
     if resume_dir is None:
         raise TrainingError(f"no checkpoint to resume from in {out / 'last'}: start the run without --resume "
@@ -300,9 +278,10 @@ def _resume_run(out: Path, opts: RunOptions, say) -> tuple[Path, Tokenizer, Prep
     if record.get("tokenizer") is not None and tokenizer_fingerprint(tokenizer) != record["tokenizer"]:
         raise TrainingError(f"the tokenizer in {resume_dir} is not the one this run started with; the checkpoint "
                             f"does not belong to {out / RUN_FILE}: start a new run (--force or another --out)")
-    resumed = [*record.get("resumed", []), {"step": state["step"], "changed": changes}]
-    extra = {k: v for k, v in record.items() if k not in ("version", "command", "options", "resumed")}
-    write_record(out, "train", options, **extra, resumed=resumed)
+    layout = layout_record(resume_layout(record.get("layout"), opts.parallel, world_size, say), world_size)
+    resumed = [*record.get("resumed", []), {"step": state["step"], "changed": changes, "layout": layout}]
+    extra = {k: v for k, v in record.items() if k not in ("version", "command", "options", "resumed", "layout")}
+    write_record(out, "train", options, **extra, resumed=resumed, layout=layout)
     return resume_dir, tokenizer, prepared
 
 

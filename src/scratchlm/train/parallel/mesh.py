@@ -155,3 +155,45 @@ def parallel_from_args(args) -> ParallelConfig | None:
                              else "fsdp" if args.cpu_offload else "dp")
     return ParallelConfig(mode=mode, tp=args.tp, pp=args.pp, schedule=args.pp_schedule,
                           microbatches=args.microbatches, cpu_offload=args.cpu_offload)
+
+
+# ---- the layout a run records (run.json) and how a resume picks its own ------------------------------------------
+def layout_record(parallel: ParallelConfig | None, world_size: int) -> dict:
+    """How a run is laid out, as ``run.json`` keeps it: the world size and the parallel config (None: DDP)."""
+    return {"world_size": world_size, "parallel": parallel.to_dict() if parallel is not None else None}
+
+
+def describe_layout(layout: dict) -> str:
+    """``"fsdp over 2 processes"``, ``"one process"``, ``"tp (tp=2) over 4 processes"``."""
+    n, parallel = layout.get("world_size", 1), layout.get("parallel")
+    if parallel is None:
+        return "one process" if n == 1 else f"dp over {n} processes"
+    extra = [f"{k}={parallel[k]}" for k in ("tp", "pp", "microbatches") if parallel.get(k) is not None]
+    if parallel.get("mode") == "pp":
+        extra.append(f"schedule {parallel['schedule']}")
+    if parallel.get("cpu_offload"):
+        extra.append("cpu offload")
+    details = f" ({', '.join(extra)})" if extra else ""
+    return f"{parallel['mode']}{details} over {n} process{'es' if n != 1 else ''}"
+
+
+def parallel_config(layout: dict) -> ParallelConfig | None:
+    """The ParallelConfig of a recorded layout (None: plain DDP or one process)."""
+    return ParallelConfig(**layout["parallel"]) if layout.get("parallel") is not None else None
+
+
+def resume_layout(recorded: dict | None, given: ParallelConfig | None, world_size: int,
+                  say=print) -> ParallelConfig | None:
+    """The layout of a resumed run: the flags given, else (under torchrun) the recorded mode; says when it changed.
+
+    A checkpoint reads into another layout (``dcp_checkpoint.py``), so a change is allowed, and said, since it changes
+    the speed and memory of the run and, for a world size change, the random streams of dropout.
+    """
+    chosen = given
+    if given is None and world_size > 1 and recorded and recorded.get("parallel") is not None:
+        chosen = parallel_config(recorded)
+        say(f"parallel: {chosen.mode} as recorded in run.json (give --parallel to choose another)")
+    if recorded is not None and recorded != layout_record(chosen, world_size):
+        say(f"layout changed: saved by {describe_layout(recorded)}, resumed on "
+            f"{describe_layout(layout_record(chosen, world_size))}; the checkpoint is read into the new layout")
+    return chosen
