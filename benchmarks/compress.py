@@ -1,7 +1,7 @@
 """Model compression on SmolLM2-135M, perplexity on held-out text (issue 15, item 5).
 
-    python benchmarks/compress.py --part gptq [--samples 128 --seq-len 512 --eval-tokens 8192] [--act-order]
-        [--settings int4-64,int4-channel,int3-64,int4-32]
+    python benchmarks/compress.py --part gptq [--samples 128 --seq-len 512 --eval-tokens 8192]
+        [--settings int4-64,int4-channel,int3-64,int4-32] [--act-order [on|both]] [--passes one-pass|both]
     python benchmarks/compress.py --part qat [--steps 100 --batch-size 4 --train-len 256 --lr 1e-4]
 
 Text: the bundled Shakespeare corpus; its first 90% calibrates (GPTQ) and trains (QAT), the last 10% is held
@@ -55,6 +55,17 @@ def held_out_ppl(model, ids: torch.Tensor, context: int) -> float:
     return perplexity(model, ids, context=context, stride=context).perplexity
 
 
+def gptq_variants(args) -> list[tuple[bool, bool]]:
+    """(act_order, sequential) pairs to run for each setting, from --act-order and --passes."""
+    orders = {"off": [False], "on": [True], "both": [False, True]}[args.act_order]
+    passes = {"sequential": [True], "one-pass": [False], "both": [True, False]}[args.passes]
+    return [(a, q) for q in passes for a in orders]
+
+
+def variant_name(act_order: bool, sequential: bool) -> str:
+    return f"{'act-order' if act_order else 'columns in order'}, {'sequential' if sequential else 'one pass'}"
+
+
 def part_gptq(args, llm, train_path: Path, eval_ids: torch.Tensor) -> str:
     from scratchlm.quant import quantize_model
     from scratchlm.quant.calibration import calibration_tokens
@@ -69,28 +80,31 @@ def part_gptq(args, llm, train_path: Path, eval_ids: torch.Tensor) -> str:
                for bits, group in (s.removeprefix("int").split("-") for s in args.settings.split(","))]
     rows = []
     for bits, group in configs:
-        result = {}
-        for method in ("rtn", "gptq"):
+        model = copy.deepcopy(base)
+        quantize_model(model, "int4", group, bits=bits)
+        ppl_rtn = held_out_ppl(model, eval_ids, args.context)
+        del model
+        print(f"int{bits} group {group} rtn: perplexity {ppl_rtn:.3f}", flush=True)
+        rtn_up = ppl_rtn - ppl_float
+        for act_order, sequential in gptq_variants(args):
             model = copy.deepcopy(base)
             start = time.perf_counter()
-            if method == "rtn":
-                quantize_model(model, "int4", group, bits=bits)
-            else:
-                gptq_quantize_model(model, tokens, group, bits, act_order=args.act_order, progress=True)
+            gptq_quantize_model(model, tokens, group, bits, act_order=act_order, sequential=sequential,
+                                progress=True)
             took = time.perf_counter() - start
-            result[method] = held_out_ppl(model, eval_ids, args.context)
-            print(f"int{bits} group {group} {method}: perplexity {result[method]:.3f} (quantized in {took:.0f} s)",
-                  flush=True)
+            ppl = held_out_ppl(model, eval_ids, args.context)
             del model
-        rtn_up, gptq_up = result["rtn"] - ppl_float, result["gptq"] - ppl_float
-        removed = 1 - gptq_up / rtn_up if rtn_up > 0 else float("nan")
-        rows.append(f"| int{bits} group {group} | {result['rtn']:.3f} (+{100 * rtn_up / ppl_float:.2f}%) | "
-                    f"{result['gptq']:.3f} (+{100 * gptq_up / ppl_float:.2f}%) | "
-                    f"{'n/a (RTN adds nothing)' if math.isnan(removed) else f'{100 * removed:.0f}%'} |")
-    head = (f"float32 perplexity {ppl_float:.3f}; GPTQ on {args.samples} x {args.seq_len} calibration tokens"
-            f"{', act-order' if args.act_order else ''}\n\n"
-            "| setting | RTN perplexity (increase) | GPTQ perplexity (increase) | RTN increase GPTQ removes |\n"
-            "|---|---|---|---|\n")
+            up = ppl - ppl_float
+            removed = 1 - up / rtn_up if rtn_up > 0 else float("nan")
+            row = (f"| int{bits} group {group} | {variant_name(act_order, sequential)} | "
+                   f"{ppl_rtn:.3f} (+{100 * rtn_up / ppl_float:.2f}%) | {ppl:.3f} (+{100 * up / ppl_float:.2f}%) | "
+                   f"{'n/a (RTN adds nothing)' if math.isnan(removed) else f'{100 * removed:.0f}%'} | {took:.0f} s |")
+            print(row, flush=True)  # each row as it comes: a stopped run still leaves its finished rows
+            rows.append(row)
+    head = (f"float32 perplexity {ppl_float:.3f}; GPTQ on {args.samples} x {args.seq_len} calibration tokens, "
+            "damping 0.01\n\n"
+            "| setting | GPTQ variant | RTN perplexity (increase) | GPTQ perplexity (increase) "
+            "| RTN increase GPTQ removes | GPTQ time |\n|---|---|---|---|---|---|\n")
     return head + "\n".join(rows) + "\n"
 
 
@@ -166,13 +180,18 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512, help="gptq: tokens per calibration window")
     p.add_argument("--settings", default="int4-64,int4-channel,int3-64,int4-32",
                    help="gptq: comma-separated intBITS-GROUP settings to compare")
-    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing input energy")
+    p.add_argument("--act-order", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                   help="gptq: quantize columns by decreasing input energy (on), or run both orders (both)")
+    p.add_argument("--passes", default="sequential", choices=["sequential", "one-pass", "both"],
+                   help="gptq: Hessians layer after layer within a block (sequential, the default of "
+                        "gptq_quantize_model) or all from one pass of the float block (one-pass), or both")
     p.add_argument("--steps", type=int, default=100, help="qat: optimizer steps of each fine-tune")
     p.add_argument("--batch-size", type=int, default=4, help="qat: windows per step")
     p.add_argument("--train-len", type=int, default=256, help="qat: tokens per training window")
     p.add_argument("--lr", type=float, default=1e-4, help="qat: AdamW learning rate")
     p.add_argument("--qat-group", default="channel", help="qat: int4 group (channel, 32, 64 or 128)")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--note", default="", help="a sentence added to the RESULTS.md section (e.g. the machine's load)")
     args = p.parse_args()
     if args.qat_group != "channel":
         args.qat_group = int(args.qat_group)
@@ -196,8 +215,8 @@ def main() -> None:
     section = (f"\n## Compression: {args.part} ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
                f"Machine: {machine()}, torch {torch.__version__}, {args.threads} threads, load average {load:.1f} at "
                f"the end ({took / 60:.0f} min). Command: `{command}`. {args.model}, held-out perplexity on "
-               f"{len(eval_ids) - 1} tokens (last 10% of the bundled Shakespeare, windows of {args.context}).\n\n"
-               + table)
+               f"{len(eval_ids) - 1} tokens (last 10% of the bundled Shakespeare, windows of {args.context})."
+               + (f" {args.note}" if args.note else "") + "\n\n" + table)
     print(section)
     if not args.no_append:
         append_results(section)

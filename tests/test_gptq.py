@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import tiny_llm
 from scratchlm.cli import main
 from scratchlm.formats.checkpoint import save_model_dir
 from scratchlm.llm import LLM
-from scratchlm.quant.calibration import block_inputs, calibration_tokens, inputs_of, run_block
+from scratchlm.quant.calibration import block_inputs, block_linears, calibration_tokens, inputs_of, run_block
 from scratchlm.quant.gptq import Hessian, gptq_quantize, gptq_quantize_model
 from scratchlm.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
 
@@ -76,6 +77,29 @@ def test_gptq_output_error_is_below_round_to_nearest_on_smollm2_layers(smollm2):
                 assert output_error(w, gptq, held_out) < 0.9 * output_error(w, rtn, held_out), (name, group)
 
 
+def test_one_pass_gptq_takes_every_hessian_from_the_float_block_and_sequential_does_not():
+    llm = tiny_llm("llama", seed=3)
+    tokens = torch.randint(0, llm.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    block = llm.model.blocks[0]
+    states = block_inputs(llm.model, tokens, batch_size=2)
+    want = {}
+    for names in block_linears(block):  # the inputs of the *float* block 0, one Hessian per group
+        hessian = Hessian(block.get_submodule(names[0]).in_features)
+        inputs_of(block, states, names[0], hessian.add)
+        for name in names:
+            want[name] = gptq_quantize(block.get_submodule(name).weight, hessian.value(), 32)[0]
+    one_pass, sequential = copy.deepcopy(llm.model), copy.deepcopy(llm.model)
+    gptq_quantize_model(one_pass, tokens, 32, sequential=False, batch_size=2)
+    gptq_quantize_model(sequential, tokens, 32, sequential=True, batch_size=2)
+    for name in ("attn.o_proj", "mlp.down_proj"):  # unfused int4 layers: their codes are GPTQ's
+        assert torch.equal(one_pass.blocks[0].get_submodule(name).portable()[0], want[name]), name
+        # true-sequential fits o and down to the outputs of the already quantized q/k/v and gate/up
+        assert not torch.equal(sequential.blocks[0].get_submodule(name).portable()[0], want[name]), name
+    fused = one_pass.blocks[0].attn.qkv_proj.portable()[0]  # q/k/v read the same float input in both variants
+    assert torch.equal(fused, torch.cat([want[n] for n in ("attn.q_proj", "attn.k_proj", "attn.v_proj")]))
+    assert torch.equal(fused, sequential.blocks[0].attn.qkv_proj.portable()[0])
+
+
 @pytest.mark.parametrize("group_size", [32, "channel"])
 def test_per_channel_and_group_int4_layers_compute_their_dequantized_weight(group_size):
     torch.manual_seed(2)
@@ -132,6 +156,7 @@ def test_quantize_command_refuses_bad_gptq_input_in_one_line(tiny_dir, tmp_path,
         (["--method", "gptq", "--calibration", str(short)], "calibration windows"),
         (["--method", "gptq", "--calibration", str(tmp_path / "none.txt")], "not found"),
         (["--calibration", str(short)], "apply to --method gptq only"),
+        (["--one-pass"], "--one-pass apply to --method gptq only"),
         (["--group-size", "48"], "group size 48"),
     ]
     for extra, message in cases:
