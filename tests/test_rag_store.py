@@ -249,3 +249,20 @@ def test_sqlite_keyword_index_is_saved_for_the_next_process(tmp_path):
     with open_store(location, EMBEDDER) as store:
         store.conn.execute("DELETE FROM chunks")  # no texts left to rebuild from: the saved index must serve
         assert store.keyword_search("fox dog", 5) == first and len(first) == 3
+
+
+def test_postgres_store_written_before_keyword_postings_is_indexed_when_opened(request):
+    """A store from before the ``keyword_postings`` table (keyword postings) gets it filled from the chunks' tsvectors
+    the first time it is opened, and then ranks exactly as a store written with it."""
+    import psycopg
+
+    url = request.getfixturevalue("fresh_postgres_url")
+    texts = ["the ghost of hamlet", "yorick yorick and the skull", "polonius behind the arras", "hamlet and yorick"]
+    with open_store(url, EMBEDDER) as store:
+        put(store, "/d/a.txt", texts)
+        before = store.keyword_search("Yorick and Hamlet", 4)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP TABLE keyword_postings")
+    with open_store(url, EMBEDDER) as store:
+        after = store.keyword_search("Yorick and Hamlet", 4)
+    assert len(before) == 3 and after == before
