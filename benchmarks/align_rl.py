@@ -174,13 +174,18 @@ def main() -> None:
     table = ["| held-out measure | before | after |", "|---|---|---|"]
     table += [f"| {name} | {before:.3f} | {after:.3f} |" for name, before, after in rows]
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    rss = usage.ru_maxrss / 1024
+    # CPU seconds of this process: on a shared machine the wall time says more about the neighbours than about us;
+    # CPU time / threads is the wall time an idle machine would need if both threads were always busy (a lower bound).
+    cpu_min = (usage.ru_utime + usage.ru_stime) / 60
     title = {"grpo": "GRPO on checkable arithmetic", "ppo": "PPO against the Ahoy! reward model"}[args.demo]
     from common import machine
 
     text = (f"\n## {title}, SmolLM2-135M-Instruct ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
             f"Machine: {machine()}; load average after the run {load}; torch {torch.__version__}, {args.threads} "
-            f"threads, float32. Total wall time {total / 60:.1f} min (target: 15 min), peak RSS {rss:.0f} MiB.\n"
+            f"threads, float32. Total wall time {total / 60:.1f} min (target: 15 min), CPU time {cpu_min:.1f} min "
+            f"(/ {args.threads} threads = {cpu_min / args.threads:.1f} min), peak RSS {rss:.0f} MiB.\n"
             f"Command: `python benchmarks/align_rl.py {' '.join(sys.argv[1:])}`\n\n{settings}\n\n" + "\n".join(table)
             + "\n")
     print(text)
