@@ -1,5 +1,5 @@
 """`scratchlm train --parallel ...` from the command line: mesh checks, two torchrun "nodes" on one machine, a
-resume with one process.
+resume with one process, the layout recorded in run.json, a rank that dies.
 
 The equivalence of every mode with one process is in test_parallel.py; this file checks what a user sees.
 """
@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,9 @@ def test_a_mesh_that_does_not_fit_says_what_to_change():
         ParallelConfig(mode="fsdp", tp=2)
     with pytest.raises(ConfigError, match="micro-batches"):
         ParallelConfig(mode="pp", microbatches=4).check(3, llama, batch_size=6)
+    with pytest.raises(ConfigError, match=r"1F1B schedule needs at least as many micro-batches as stages \(2\)"):
+        ParallelConfig(mode="pp", microbatches=1).check(2, llama.replace(n_layers=2), batch_size=8)
+    ParallelConfig(mode="pp", microbatches=1, schedule="gpipe").check(2, llama.replace(n_layers=2), batch_size=8)
     assert ParallelConfig(mode="fsdp+tp", tp=2).check(8, llama.replace(n_heads=8, n_kv_heads=4, head_dim=8),
                                                       batch_size=8) == {"dp": 4, "tp": 2}
 
@@ -135,10 +139,17 @@ def test_two_torchrun_nodes_train_fsdp_like_one_process_and_one_process_resumes_
     assert sorted(two) == list(range(1, 9))
     assert max(abs(one[s] - two[s]) for s in one) < 1e-4
     assert (tmp_path / "nodes" / "last" / "distcp" / ".metadata").is_file()
+    layout = json.loads((tmp_path / "nodes" / "run.json").read_text())["layout"]
+    assert layout["world_size"] == 2 and layout["parallel"]["mode"] == "fsdp"
 
     # One process continues both runs: the 2-rank shards load into whole tensors, at the saved data position.
+    capsys.readouterr()
     for name in ("one", "nodes"):
         assert main(["train", "--out", str(tmp_path / name), "--resume", "--max-steps", "12", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert said.count("layout changed") == 1  # the one-process run resumes as it was
+    assert "layout changed: saved by fsdp over 2 processes, resumed on one process" in said
+    assert json.loads((tmp_path / "nodes" / "run.json").read_text())["layout"] == {"world_size": 1, "parallel": None}
     one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "nodes")
     assert sorted(two) == list(range(1, 13))
     assert max(abs(one[s] - two[s]) for s in range(9, 13)) < 1e-4
@@ -146,3 +157,38 @@ def test_two_torchrun_nodes_train_fsdp_like_one_process_and_one_process_resumes_
     llm = LLM.load(tmp_path / "nodes" / "last")
     for key, value in load_file(tmp_path / "one" / "last" / "model.safetensors").items():
         torch.testing.assert_close(llm.model.state_dict()[key], value, atol=1e-5, rtol=1e-4)
+
+
+# ---- a rank that dies -------------------------------------------------------------------------------------------
+def test_a_rank_that_dies_ends_the_other_with_a_one_line_message_long_before_the_timeout(data, tmp_path):
+    """Rank 1 is killed (SIGKILL) once the first evaluation is in metrics.jsonl; rank 0's next collective finds the
+    connection closed and ends with exit code 2 and the one-line message. The processes are started as torchrun
+    starts its workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT), without its agent, which would stop the survivor
+    itself: this is what a rank on another node sees. The timeout (900 s) is long enough for any rendezvous under
+    load; the failure must come from the closed connection, before it."""
+    port, out = free_port(), tmp_path / "run"
+    ranks = [subprocess.Popen(
+        [sys.executable, "-m", "scratchlm.cli", "train", str(data), "--out", str(out), "--max-steps", "100000",
+         "--dist-timeout", "900", *TINY, "--eval-interval", "2"],
+        env={**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)]
+    try:
+        deadline = time.monotonic() + 900
+        while not (out / "metrics.jsonl").is_file() or '"val_loss"' not in (out / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline and all(r.poll() is None for r in ranks), "no evaluation was written"
+            time.sleep(0.1)
+        ranks[1].kill()
+        killed = time.monotonic()
+        _, err = ranks[0].communicate(timeout=1200)
+        elapsed = time.monotonic() - killed
+    finally:
+        for r in ranks:
+            if r.poll() is None:
+                r.kill()
+            r.communicate()
+    assert ranks[0].returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: process 0 of 2: a collective failed (") and "another process probably died" in last
+    assert elapsed < 900, elapsed  # the closed connection, not the timeout

@@ -101,6 +101,9 @@ class ParallelConfig:
                 raise ConfigError(f"each pipeline step splits {per_replica} sequences into {self.n_microbatches(pp)} "
                                   "micro-batches, which does not divide: set --microbatches to a divisor of it or "
                                   "change --batch-size")
+            if self.schedule == "1f1b" and self.n_microbatches(pp) < pp:  # its warm-up fills every stage first
+                raise ConfigError(f"the 1F1B schedule needs at least as many micro-batches as stages ({pp}), got "
+                                  f"--microbatches {self.n_microbatches(pp)}: raise it or use --pp-schedule gpipe")
         return shape
 
     def n_microbatches(self, pp: int) -> int:
