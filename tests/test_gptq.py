@@ -77,6 +77,35 @@ def test_gptq_output_error_is_below_round_to_nearest_on_smollm2_layers(smollm2):
                 assert output_error(w, gptq, held_out) < 0.9 * output_error(w, rtn, held_out), (name, group)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_sequential_gptq_equals_running_the_whole_block_for_every_layer_group(kind):
+    """gptq_quantize_model keeps the attention's and the MLP's inputs between passes (SequentialPasses); the
+    reference here runs every block from its start for every group, as the GPTQ reference code does."""
+    llm = tiny_llm(kind, seed=4)
+    tokens = torch.randint(0, llm.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(llm.model)
+    states = block_inputs(reference, tokens, batch_size=2)
+    want = {}
+    for i, block in enumerate(reference.blocks):
+        for names in block_linears(block):
+            hessian = Hessian(block.get_submodule(names[0]).in_features)
+            inputs_of(block, states, names[0], hessian.add)
+            for name in names:
+                layer = block.get_submodule(name)
+                want[i, name] = gptq_quantize(layer.weight, hessian.value(), 32)
+                layer.weight.data = dequantize_int4(*want[i, name], 32)
+        states = run_block(block, states)
+    gptq_quantize_model(llm.model, tokens, 32, batch_size=2)
+    for i, block in enumerate(llm.model.blocks):
+        for name in ("attn.o_proj", "mlp.down_proj"):
+            assert torch.equal(block.get_submodule(name).portable()[0], want[i, name][0]), (i, name)
+        got = block.attn.qkv_proj.portable()[0]
+        assert torch.equal(got, torch.cat([want[i, f"attn.{n}_proj"][0] for n in "qkv"])), i
+    ids = tokens[:1, :8]
+    with torch.no_grad():  # and the model computes with them: the reference's weights, to bfloat16 rounding
+        torch.testing.assert_close(llm.model(ids), reference(ids), atol=0.05, rtol=0.05)
+
+
 def test_one_pass_gptq_takes_every_hessian_from_the_float_block_and_sequential_does_not():
     llm = tiny_llm("llama", seed=3)
     tokens = torch.randint(0, llm.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))

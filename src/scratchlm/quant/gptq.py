@@ -180,7 +180,7 @@ def gptq_quantize_model(model: nn.Module, tokens: torch.Tensor, group_size: int 
     fused), with GPTQ's codes in its int4 layers. Returns the model.
     """
     from scratchlm.progress import bar
-    from scratchlm.quant.calibration import block_inputs, block_linears, capture_inputs, inputs_of, run_block
+    from scratchlm.quant.calibration import SequentialPasses, block_inputs, block_linears, capture_inputs, run_block
     from scratchlm.quant.quantize import check_options, quantization_of, quantize_model
 
     if quantization_of(model) is not None:
@@ -205,17 +205,19 @@ def gptq_quantize_model(model: nn.Module, tokens: torch.Tensor, group_size: int 
     for i, block in bar(blocks, f"GPTQ int{bits} (group {group_size})", progress, unit="layer"):
         groups = block_linears(block)  # the layers of a group read the same input: one Hessian
         if sequential:
+            passes = SequentialPasses(block, states)
             for names in groups:
                 hessian = Hessian(block.get_submodule(names[0]).in_features)
-                inputs_of(block, states, names[0], hessian.add)
+                passes.feed(names[0], hessian.add)
                 quantize_group(i, block, names, hessian)
+            states = passes.outputs()
         else:
             hessians = {names[0]: Hessian(block.get_submodule(names[0]).in_features) for names in groups}
             with capture_inputs(block, list(hessians), lambda name, x, hs=hessians: hs[name].add(x)):
                 run_block(block, states)
             for names in groups:
                 quantize_group(i, block, names, hessians[names[0]])
-        states = run_block(block, states)
+            states = run_block(block, states)
     quantize_model(model, "int4", group_size, bits=bits, int4_layers=done)
     model.quantization["method"] = "gptq"
     return model
