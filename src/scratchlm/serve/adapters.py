@@ -2,18 +2,21 @@
 
 A request names a model; the server maps it to an adapter index (0 is the base) and the engine tells the model,
 before each forward pass, which index each row uses (``ServedAdapters.select``). Each adapted layer holds every
-adapter's factors side by side, A_cat = [A_1^T | A_2^T | ...] [in, R] and B_cat = [B_1; B_2; ...] [R, out] (each
-``alpha / r`` folded into its B), and computes
+adapter's factors stacked, A [adapters, in, R] and B [adapters, R, out] (each ``alpha / r`` folded into its B,
+ranks zero-padded to the largest R), and adds to the base output, for the rows of each adapter j in use,
 
-    y = base(x) + ((x @ A_cat) * mask) @ B_cat          mask[b, c] = 1 where column c belongs to row b's adapter
+    y[rows_j] += (x[rows_j] @ A_j) @ B_j
 
-so each row gets exactly its own adapter's update x A_i^T B_i^T: the other adapters' columns are multiplied by
-0, and a base row's update is exactly 0. This is what Punica's BGMV kernel (Chen et al. 2023) and S-LoRA
-(Sheng et al. 2023) compute per row, written as two ordinary matrix products: nothing is merged into the base
-weights and nothing is swapped between steps, so requests for different adapters and for the base decode in one
-batch, and each step reads every adapter's factors once (gathering per-row copies would read them once per row).
-Adapters of different ranks, ranks that differ per module (PEFT's ``rank_pattern``) and adapters that leave some
-modules alone just own more, fewer or no columns.
+as two batched matrix products over the adapters in use (the segmented products of Punica's SGMV and
+S-LoRA's kernels, Chen et al. 2023 and Sheng et al. 2023, written with ``torch.bmm``): the rows are grouped by
+adapter (``RowSelection.plan``), gathered into [groups, rows per group, in] (padded when the groups differ in
+size), multiplied, and added back into their rows. Base rows take no part, so each row does only its own
+adapter's arithmetic: an earlier version multiplied every row by every adapter's factors side by side and
+masked the others out, which cost 4x the work with four adapters and did not keep two threads busy (0.58x of
+the base at 16 rows on 2 threads, benchmarks/RESULTS.md). Nothing is merged into the base weights and nothing is
+swapped between steps, so requests for different adapters and for the base decode in one batch. Adapters of
+different ranks, ranks that differ per module (PEFT's ``rank_pattern``) and adapters that leave some modules
+alone (zero factors there) all fit the padded stacks.
 
 The base layer can be anything with ``in_features``/``out_features`` (float, int8, int4): the update is added to
 its output. When quantization fused q/k/v (and gate/up) into one product, each part's B fills its own columns
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -36,43 +40,89 @@ from scratchlm.finetune import peft
 from scratchlm.finetune.lora import TARGETS
 
 
+class GroupPlan(NamedTuple):
+    """How the rows of one forward pass ([B, T] tokens, flattened to B*T) meet the stacked factors."""
+
+    gather: torch.Tensor  # (G * m,): the token each slot of the [G, m] layout reads (padding slots: any token)
+    adapters: torch.Tensor | None  # (G,): stack index of each group's adapter; None when every adapter is in use
+    groups: int  # G: adapters in use
+    width: int  # m: tokens per group, the largest group's
+    dest: torch.Tensor | None  # padded layouts: the real slots' tokens, in order (None: gather has no padding)
+    src: torch.Tensor | None  # padded layouts: the real slots' positions in the [G * m] layout
+
+
 class RowSelection:
     """Which adapter each row of the next forward pass applies; shared by every ``MultiLoRALinear``."""
 
-    def __init__(self, device=None) -> None:
-        self.device = device
-        self.ids: torch.Tensor | None = None
+    def __init__(self, adapters: int, device=None) -> None:
+        self.count, self.device = adapters, device
+        self.ids: list[int] = []
         self.active = False  # some row uses an adapter (else the layers skip the update)
-        self.version = 0  # bumped when ``ids`` change: layers rebuild their masks only then
+        self._plans: dict[int, GroupPlan] = {}  # per tokens-per-row T, for the current ids
+
+    def select(self, ids: list[int]) -> None:
+        if ids != self.ids:
+            self.ids, self._plans = list(ids), {}
+        self.active = any(ids)
+
+    def plan(self, tokens_per_row: int) -> GroupPlan:
+        """The grouping of the current rows' tokens by adapter (built once per selection and row width)."""
+        plan = self._plans.get(tokens_per_row)
+        if plan is None:
+            plan = self._plans[tokens_per_row] = self._build(tokens_per_row)
+        return plan
+
+    def _build(self, T: int) -> GroupPlan:
+        used = sorted({a for a in self.ids if a})
+        members = {a: [b * T + t for b, a_b in enumerate(self.ids) if a_b == a for t in range(T)] for a in used}
+        m = max(len(tokens) for tokens in members.values())
+        gather, dest, src = [], [], []
+        for g, a in enumerate(used):
+            tokens = members[a]
+            gather += tokens + [tokens[0]] * (m - len(tokens))
+            dest += tokens
+            src += range(g * m, g * m + len(tokens))
+        padded = len(dest) < len(gather)
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        every = used == list(range(1, self.count + 1))
+        return GroupPlan(tensor(gather), None if every else tensor([a - 1 for a in used]), len(used), m,
+                         tensor(dest) if padded else None, tensor(src) if padded else None)
 
 
 class MultiLoRALinear(nn.Module):
     """``base`` plus, per row, the update of the adapter that row selected (see the module docstring)."""
 
-    def __init__(self, base: nn.Module, selection: RowSelection, a: torch.Tensor, b: torch.Tensor,
-                 owner: torch.Tensor):
+    def __init__(self, base: nn.Module, selection: RowSelection, a: torch.Tensor, b: torch.Tensor):
         super().__init__()
         self.base, self.selection = base, selection
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_buffer("a", a)  # (in, R): every adapter's A, transposed, side by side
-        self.register_buffer("b", b)  # (R, out): every adapter's scaled B, stacked
-        self.register_buffer("owner", owner)  # (R,): the adapter index each rank column belongs to
-        self._mask: tuple[int, torch.Tensor] | None = None
+        self.register_buffer("a", a)  # (adapters, in, R): each adapter's A, transposed, rank zero-padded to R
+        self.register_buffer("b", b)  # (adapters, R, out): each adapter's scaled B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         sel = self.selection
         if not sel.active:
             return y
-        if self._mask is None or self._mask[0] != sel.version:
-            self._mask = (sel.version, (sel.ids[:, None, None] == self.owner).to(self.a.dtype))  # (B, 1, R)
-        h = (x.to(self.a.dtype) @ self.a).mul_(self._mask[1])  # (B, T, R): each row keeps its adapter's columns
-        if y.dtype != h.dtype or not y.is_contiguous():
-            return y + (h @ self.b).to(y.dtype)
-        return y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.b).view(y.shape)  # y += h @ B
+        plan = sel.plan(x.shape[1])
+        a, b = (self.a, self.b) if plan.adapters is None else (self.a[plan.adapters], self.b[plan.adapters])
+        tokens = x.reshape(-1, x.shape[-1]).index_select(0, plan.gather).to(a.dtype)
+        h = torch.bmm(tokens.view(plan.groups, plan.width, -1), a)  # (G, m, R)
+        update = torch.bmm(h, b).view(-1, b.shape[-1])  # (G * m, out): each group's rows through its own adapter
+        if plan.src is not None:
+            update = update.index_select(0, plan.src)
+        flat = y.reshape(-1, y.shape[-1])
+        if flat.data_ptr() != y.data_ptr() or not y.is_contiguous():
+            y = y.contiguous()
+            flat = y.view(-1, y.shape[-1])
+        flat.index_add_(0, plan.gather if plan.dest is None else plan.dest, update.to(y.dtype))  # y[rows] += ...
+        return y
 
     def extra_repr(self) -> str:
-        return f"adapters={int(self.owner.max())}, total_rank={self.a.shape[1]}"
+        return f"adapters={self.a.shape[0]}, rank={self.a.shape[2]}"
 
 
 def _part_sizes(config) -> dict[str, int]:
@@ -203,12 +253,13 @@ class ServedAdapters:
         factors = [_read(model, Path(path)) for path in adapters.values()]
         weight = next(p for p in model.parameters() if p.is_floating_point())
         dtype, device = weight.dtype, weight.device
-        self.selection = RowSelection(device)
+        self.selection = RowSelection(len(factors), device)
         for i, block in enumerate(model.blocks):
             for path, parts in _layer_points(block, model.config):
                 base = block.get_submodule(path)
-                a_cols, b_rows, owner = [], [], []
-                for j, f in enumerate(factors, start=1):
+                per_adapter = []  # each adapter's (A^T [in, R_j], B [R_j, out]) for this layer, or None
+                for f in factors:
+                    a_cols, b_rows = [], []
                     for short, offset in parts:  # each part: its own rank columns, its own output columns
                         if f"blocks.{i}.{TARGETS[short]}" not in f:
                             continue
@@ -217,12 +268,18 @@ class ServedAdapters:
                         rows[:, offset: offset + scaled_b.shape[0]] = scaled_b.T
                         a_cols.append(a.T)
                         b_rows.append(rows)
-                        owner += [j] * a.shape[0]
-                if not owner:
+                    per_adapter.append((torch.cat(a_cols, 1), torch.cat(b_rows)) if a_cols else None)
+                if all(p is None for p in per_adapter):
                     continue
+                rank = max(p[0].shape[1] for p in per_adapter if p is not None)
+                a_stack = torch.zeros(len(factors), base.in_features, rank)
+                b_stack = torch.zeros(len(factors), rank, base.out_features)
+                for j, p in enumerate(per_adapter):
+                    if p is not None:  # zero padding: the extra rank columns add exact zeros
+                        a_stack[j, :, : p[0].shape[1]] = p[0]
+                        b_stack[j, : p[1].shape[0]] = p[1]
                 parent, _, attr = path.rpartition(".")
-                layer = MultiLoRALinear(base, self.selection, torch.cat(a_cols, 1).to(device, dtype),
-                                        torch.cat(b_rows).to(device, dtype), torch.tensor(owner, device=device))
+                layer = MultiLoRALinear(base, self.selection, a_stack.to(device, dtype), b_stack.to(device, dtype))
                 setattr(block.get_submodule(parent), attr, layer)
 
     def index(self, name: str) -> int | None:
@@ -234,12 +291,7 @@ class ServedAdapters:
 
     def select(self, ids: list[int]) -> None:
         """Rows of the next forward pass apply these adapters (a list as long as its batch)."""
-        sel = self.selection
-        active = any(ids)
-        if active and (sel.ids is None or sel.ids.tolist() != ids):
-            sel.ids = torch.tensor(ids, device=sel.device)
-            sel.version += 1
-        sel.active = active
+        self.selection.select(ids)
 
 
 def parse_adapter_specs(values: list[str]) -> tuple[dict[str, str], str | None]:
