@@ -137,11 +137,15 @@ class KVCache:
 class AttentionMask(NamedTuple):
     """Which keys each query may see: an explicit boolean ``mask`` [B, 1, T or 1, kv_len], or ``causal``
     (SDPA's built-in lower-triangular mask, valid when queries and keys both start at position 0), or
-    neither (every cached key is visible: one new token per row, all rows at the same position)."""
+    neither (every cached key is visible: one new token per row, all rows at the same position).
+
+    ``stepwise`` (``hidden_states(stepwise_attention=True)``): for each row, the number of keys each of its real
+    queries sees; every query then attends alone over exactly those keys, as a one-token step of that row would."""
 
     mask: torch.Tensor | None
     causal: bool
     kv_len: int
+    stepwise: list[list[int]] | None = None
 
 
 class Attention(nn.Module):
@@ -188,7 +192,7 @@ class Attention(nn.Module):
         if cache is not None:
             # Write the new keys/values at each row's own positions, then attend over the whole prefix.
             k_cache, v_cache = cache  # (B, Hkv, max_len, D) each: views into KVCache for these rows
-            if mask.mask is None:  # every row continues from the same position: one slice for all rows
+            if mask.mask is None and mask.stepwise is None:  # every row continues from the same position
                 k_cache[:, :, mask.kv_len - T : mask.kv_len] = k
                 v_cache[:, :, mask.kv_len - T : mask.kv_len] = v
             else:
@@ -198,11 +202,32 @@ class Attention(nn.Module):
             k, v = k_cache[:, :, : mask.kv_len], v_cache[:, :, : mask.kv_len]
             q = q.to(k.dtype)  # the cache may be float32 under a bfloat16 model (see KVCache)
         dropout = cfg.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.mask, dropout_p=dropout, is_causal=mask.causal,
-            enable_gqa=cfg.n_kv_heads != cfg.n_heads,
-        ).to(x.dtype)  # (B, H, T, D)
+        if mask.stepwise is not None:
+            y = self._stepwise(q, k, v, mask.stepwise).to(x.dtype)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.mask, dropout_p=dropout, is_causal=mask.causal,
+                enable_gqa=cfg.n_kv_heads != cfg.n_heads,
+            ).to(x.dtype)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+
+    def _stepwise(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
+        """Each real query of each row alone, over exactly the ``counts[b][t]`` keys it sees and with no mask: the
+        very call a one-token step of that row alone makes. One call over several queries, a mask or padded keys,
+        or other rows beside it sums in another order (SDPA's CPU kernel: vectorised partial sums whose split
+        depends on the key count, matrix products whose kernel depends on the query count, per-thread buffers
+        whose alignment depends on the batch), and the int4 kernels round their inputs to bfloat16, which turns
+        such last-bit differences into different tokens. Padding queries (beyond ``counts[b]``) are left at 0."""
+        B, H, T, D = q.shape
+        gqa = self.config.n_kv_heads != self.config.n_heads
+        rows = []
+        for b, row in enumerate(counts):  # torch.cat of the pieces: assigning slices costs twice the time here
+            pieces = [F.scaled_dot_product_attention(q[b: b + 1, :, t: t + 1], k[b: b + 1, :, :n], v[b: b + 1, :, :n],
+                                                     enable_gqa=gqa) for t, n in enumerate(row)]
+            if len(row) < T:
+                pieces.append(q.new_zeros(1, H, T - len(row), D))
+            rows.append(torch.cat(pieces, dim=2))
+        return torch.cat(rows)  # (B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -297,8 +322,8 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       rows: torch.Tensor | None = None, input_lengths: torch.Tensor | None = None,
-                      token_types: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                      token_types: torch.Tensor | None = None, padding_mask: torch.Tensor | None = None,
+                      stepwise_attention: bool = False) -> torch.Tensor:
         """The final-norm hidden states [B, T, C] for ``input_ids`` [B, T].
 
         Without a cache this is a plain causal forward over positions 0..T-1. With a cache, the tokens
@@ -309,6 +334,11 @@ class Transformer(nn.Module):
 
         Encoders (``causal=False``) take no cache; ``padding_mask`` [B, T] (True on real tokens) hides the
         padding keys, and ``token_types`` [B, T] picks each token's segment embedding (default 0).
+
+        ``stepwise_attention`` (with a cache): every real token attends alone over the keys it sees, so each row's
+        states equal, bit for bit, those of feeding its tokens one at a time to that row alone (``Attention._stepwise``
+        says why a batched call does not). Speculative verification uses it for greedy identity on the int4 engine:
+        SmolLM2 int4 logits off by up to 0.19 without it, 0 with it. It costs one attention call per token per layer.
         """
         cfg = self.config
         B, T = input_ids.shape
@@ -340,7 +370,11 @@ class Transformer(nn.Module):
             # Query at position p sees keys 0..p of its own row; stale cache entries lie beyond p. SDPA's
             # fused kernels are several times faster without an explicit mask, so use one only when needed.
             first = int(start[0])
-            if bool((start == first).all()) and (T == 1 or first == 0):
+            if stepwise_attention:
+                counts = input_lengths.tolist() if input_lengths is not None else [T] * B
+                mask = AttentionMask(None, False, L, [[s + t + 1 for t in range(n)]
+                                                      for s, n in zip(start.tolist(), counts)])
+            elif bool((start == first).all()) and (T == 1 or first == 0):
                 mask = AttentionMask(None, T > 1, L)
             else:
                 visible = torch.arange(L, device=device)[None, None, :] <= positions[:, :, None]

@@ -13,8 +13,10 @@ Decoding with Speculative Sampling"). Two drafters:
 Checking a draft (``verify_token``) keeps the output exactly what the model alone would give:
 
 - greedy: the model's own choice at each position is computed anyway; a draft token is accepted when it is that
-  choice, so the text is identical to plain greedy decoding (up to rounding: a pass over several positions can
-  round differently from one-token steps, which the int4 engine's bfloat16 inputs amplify: docs/decoding.md);
+  choice, so the text is identical to plain greedy decoding. The pass attends one position at a time
+  (``stepwise_attention``), since one attention call over several positions rounds differently from one-token
+  steps, which the int4 engine's bfloat16 inputs turn into other tokens; a batch of rows of different lengths
+  decodes its plain steps with a mask and is identical only up to rounding (docs/decoding.md);
 - sampling: draft token x, drafted with probability q(x), is accepted with probability min(1, p(x)/q(x)); on
   rejection the token is drawn from norm(max(0, p - q)). Each emitted token is then distributed exactly as p
   (Leviathan et al. 2023, Theorem 3.5; Chen et al. 2023, Theorem 1). Prompt lookup proposes one token for sure
@@ -169,7 +171,11 @@ def verify_step(model, cache, sequences, live, drafts, policies, windows, last) 
         lengths[row] = len(fed)
     start = cache.lengths.clone()
     with torch.inference_mode():
-        logits = model.logits(model.hidden_states(ids, cache, input_lengths=lengths)).float()  # (B, width, V)
+        # One sequence: each position attends alone, as its one-token steps do, so its logits are exactly plain
+        # decoding's. A batch's plain steps attend with a mask over rows of other lengths, which rounds its own way:
+        # there the cost (an attention call per position and layer) would buy nothing exact.
+        hidden = model.hidden_states(ids, cache, input_lengths=lengths, stepwise_attention=len(sequences) == 1)
+        logits = model.logits(hidden).float()  # (B, width, V)
     for row in live:
         seq = sequences[row]
         tokens, qs = drafts.get(row, ((), None))

@@ -56,7 +56,12 @@ def speculative_step(engine, decoding: list) -> bool:
         adapter_ids[active.slot] = active.job.adapter
     engine._select(adapter_ids)
     saved = view.lengths.clone()
-    hidden = engine.model.hidden_states(ids, view, input_lengths=lengths)  # (rows, width, C)
+    # One row alone (one client): attend one position at a time, as its plain one-token steps do, so that its greedy
+    # text is plain decoding's bit for bit on the int4 engine too (``speculative.verify_step``). Several rows decode
+    # their plain steps with a mask, which rounds its own way, so there the cost (a call per position and layer)
+    # would buy nothing exact.
+    hidden = engine.model.hidden_states(ids, view, input_lengths=lengths,
+                                        stepwise_attention=rows == 1)  # (rows, width, C)
     view.lengths.copy_(saved)  # idle and prefilling rows keep theirs; decoding rows advance below
     m = engine.metrics
     m.record(m.batch_size.set, len(decoding))
