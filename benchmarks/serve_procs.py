@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+READY_TIMEOUT = 600  # seconds a server may take to load (a loaded 2-core machine needs minutes)
 SLOT_CONTEXT = 256  # llama-server positions per slot: a prompt of about 40 tokens + 64 new ones fits
 
 
@@ -63,8 +64,9 @@ class RSSSampler:
 
     def stop(self) -> int:
         """Stop sampling (before the process ends) and return the peak in bytes."""
-        self._samples = 0  # look for new children once more
-        self.sample()
+        if not self._stop.is_set():
+            self._samples = 0  # look for new children once more
+            self.sample()
         self._stop.set()
         self._thread.join()
         return max(self.peak_tree, self.hwm)
@@ -78,14 +80,14 @@ def running(cmd: list[str], port: int, name: str):
     log = tempfile.NamedTemporaryFile("w+", prefix=f"serve-bench-{name}-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
+    sampler = RSSSampler(proc.pid)
     try:
-        sampler = RSSSampler(proc.pid)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + READY_TIMEOUT
         while True:
             if proc.poll() is not None:
                 raise SystemExit(f"{name} exited with code {proc.returncode} while starting:\n{tail(log.name)}")
             if time.monotonic() > deadline:
-                raise SystemExit(f"{name} did not become ready in 300 s:\n{tail(log.name)}")
+                raise SystemExit(f"{name} did not become ready in {READY_TIMEOUT} s:\n{tail(log.name)}")
             try:
                 if httpx.get(url + "/health").status_code == 200:
                     break
@@ -93,8 +95,8 @@ def running(cmd: list[str], port: int, name: str):
                 pass
             time.sleep(0.2)
         yield url, sampler
-        sampler.stop()
     finally:
+        sampler.stop()  # idempotent: the caller usually stopped it already, before the server ends
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -129,7 +131,7 @@ def start_server(model: str, max_batch: int, threads: int, *extra: str) -> tuple
     proc = subprocess.Popen(scratchlm_command(model, max_batch, threads, port, *extra),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with code {proc.returncode}")
