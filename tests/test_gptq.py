@@ -185,7 +185,6 @@ def test_quantize_command_refuses_bad_gptq_input_in_one_line(tiny_dir, tmp_path,
         (["--method", "gptq", "--calibration", str(short)], "calibration windows"),
         (["--method", "gptq", "--calibration", str(tmp_path / "none.txt")], "not found"),
         (["--calibration", str(short)], "apply to --method gptq only"),
-        (["--one-pass"], "--one-pass apply to --method gptq only"),
         (["--group-size", "48"], "group size 48"),
     ]
     for extra, message in cases:

@@ -29,12 +29,11 @@ METHODS = ("rtn", "gptq")
 def quantize_to_directory(model: str, mode: str, out, group_size: int | str | None = None, force: bool = False,
                           progress: bool = False, method: str = "rtn", calibration: str | Path | None = None,
                           samples: int | None = None, seq_len: int | None = None, bits: int = 4,
-                          act_order: bool = False, damp: float | None = None, one_pass: bool = False):
+                          act_order: bool = False, damp: float | None = None):
     """Load ``model`` in float32, quantize it (a progress bar per layer) and write it to ``out``; returns the LLM.
 
     ``method="gptq"`` (int4 only) fits the layers to ``samples`` windows of ``seq_len`` tokens of the text file
-    ``calibration`` (``quant.gptq``); ``bits=3`` stores 3-bit codes in the int4 format; ``one_pass`` takes every
-    layer's Hessian from one pass of the float block instead of layer after layer (about a third less work).
+    ``calibration`` (``quant.gptq``); ``bits=3`` stores 3-bit codes in the int4 format.
     """
     from scratchlm.files import atomic_dir, check_destination
     from scratchlm.llm import LLM
@@ -48,7 +47,7 @@ def quantize_to_directory(model: str, mode: str, out, group_size: int | str | No
     if method not in METHODS:
         raise ConfigError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
     gptq_only = {"--calibration": calibration, "--samples": samples, "--seq-len": seq_len,
-                 "--act-order": act_order or None, "--damp": damp, "--one-pass": one_pass or None}
+                 "--act-order": act_order or None, "--damp": damp}
     if method == "rtn" and any(v is not None for v in gptq_only.values()):
         given = ", ".join(k for k, v in gptq_only.items() if v is not None)
         raise ConfigError(f"{given} apply to --method gptq only")
@@ -73,7 +72,7 @@ def quantize_to_directory(model: str, mode: str, out, group_size: int | str | No
         with stage(f"tokenizing {calibration}", progress):
             tokens = calibration_tokens(llm.tokenizer, calibration, samples or DEFAULT_SAMPLES, seq_len)
         gptq_quantize_model(llm.model, tokens, group_size, bits, bool(act_order),
-                            DEFAULT_DAMP if damp is None else damp, sequential=not one_pass, progress=progress)
+                            DEFAULT_DAMP if damp is None else damp, progress=progress)
     else:
         quantize_model(llm.model, mode, group_size, progress=progress, bits=bits)
     with stage(f"writing {out}", progress), atomic_dir(out, force) as tmp:
@@ -86,7 +85,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = Path(args.out)
     llm = quantize_to_directory(args.model, args.to, out, args.group_size, args.force, show_progress(args),
                                 args.method, args.calibration, args.samples, args.seq_len, args.bits,
-                                args.act_order, args.damp, bool(args.one_pass))
+                                args.act_order, args.damp)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     info = llm.model.quantization
     group = f", group size {info['group_size']}" if args.to == "int4" else ""
@@ -115,9 +114,6 @@ def register(subparsers) -> None:
                    help="quantize the columns with the largest inputs first (often better at large groups)")
     g.add_argument("--damp", type=float, default=None,
                    help="damping added to the Hessian, a fraction of its mean diagonal (default 0.01)")
-    g.add_argument("--one-pass", action="store_true", default=None,
-                   help="every layer's Hessian from one pass of the float block (about a third less work) instead "
-                        "of layer after layer on the already quantized layers' outputs")
     p.add_argument("--out", required=True, help="output directory (LLM.load and every command read it)")
     add_force_flag(p)
     add_threads_flag(p)

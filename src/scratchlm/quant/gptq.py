@@ -172,10 +172,10 @@ def gptq_quantize_model(model: nn.Module, tokens: torch.Tensor, group_size: int 
     Block by block (section 4, "layer-wise"): the calibration states enter block i through the blocks before
     it, already quantized. Within a block, with ``sequential`` (the reference code's ``--true-sequential``),
     the layers are quantized in the order their inputs arise (q/k/v, o, gate/up, down), each layer's Hessian
-    taken with the layers before it already quantized: four partial passes over the calibration tokens and a
-    full one. Without it (the reference code's default), one pass through the float block gives every layer's
-    Hessian at once, then the quantized block's pass gives the next block's inputs: two passes, about a third
-    less work.
+    taken with the layers before it already quantized (``calibration.SequentialPasses`` keeps the attention's and
+    the MLP's inputs between the passes, so this costs no more than the other way). Without it (the reference
+    code's default), one pass through the float block gives every layer's Hessian at once, then the quantized
+    block's pass gives the next block's inputs.
     Then the model becomes the same int4 model as ``quantize_model`` makes (embedding and LM head int8, layers
     fused), with GPTQ's codes in its int4 layers. Returns the model.
     """
