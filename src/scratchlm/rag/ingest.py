@@ -34,7 +34,7 @@ class IngestReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        rate = f" ({self.chunks / self.seconds:.0f} chunks/s)" if self.seconds > 0 and self.chunks else ""
+        rate = f" ({self.chunks / self.seconds:.1f} chunks/s)" if self.seconds > 0 and self.chunks else ""
         return (f"{len(self.added)} added, {len(self.updated)} updated, {len(self.unchanged)} unchanged, "
                 f"{len(self.removed)} removed, {len(self.skipped)} skipped; {self.chunks} chunks embedded in "
                 f"{self.seconds:.1f} s{rate}")
