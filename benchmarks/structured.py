@@ -1,15 +1,22 @@
 """Structured output on SmolLM2-135M-Instruct: what a JSON-schema constraint costs, against xgrammar.
 
     python benchmarks/structured.py [--repeats 3] [--tokens 160] [--samples 12] [--no-append]
+    python benchmarks/structured.py --masks-only --clock cpu     # the mask figures alone, on a busy machine
 
 Prints and appends to RESULTS.md:
 - decode tokens/s unconstrained and under a 20-property JSON schema (greedy, same prompt), on the first request
   for the schema (masks computed as they are met) and on a later one (masks cached): the ratio is the cost;
 - compiling a schema and building its first mask, ours and xgrammar's (its GrammarCompiler on the same
-  vocabulary, compact separators, one thread), plus the one-off per-tokenizer set-up of each;
+  vocabulary, compact separators, one thread), plus the one-off per-tokenizer set-up of each; ours includes
+  the walks it does up front (masks.TokenMasks.precompute), and starts with no mask shared from earlier schemas;
 - the per-token mask time (mask + advance) along the same token sequence, mean and p99, ours cold (first request)
   and warm, and xgrammar's;
 - the validity rate: sampled outputs (temperature 1, several seeds) that parse and validate with jsonschema.
+
+``--masks-only`` loads the tokenizer alone and measures compile, first mask and per-token mask times along a
+fixed realistic instance of the schema (tokenized, not generated); ``--clock cpu`` times them with this thread's
+CPU time instead of the wall clock, which a loaded machine inflates (each reading costs ~20 us there, so the
+cached per-token figures are not meaningful with it).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from scratchlm import structured
 from scratchlm.llm import LLM
 from scratchlm.structured import json_schema_constraint, masks
 from scratchlm.structured.masks import vocabulary_trie
+
+clock = time.perf_counter  # --clock cpu: time.thread_time
 
 
 def twenty_properties() -> dict:
@@ -67,33 +76,33 @@ class XGrammar:
         import xgrammar as xgr
 
         self.xgr = xgr
-        t0 = time.perf_counter()
+        t0 = clock()
         special = set(tokenizer.special_tokens.values())
         vocab = [b"" if i in special else tokenizer.bytes_of(i) for i in range(tokenizer.vocab_size)]
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=tokenizer.vocab_size,
                                  stop_token_ids=[tokenizer.eos_id])
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-        self.setup_s = time.perf_counter() - t0
+        self.setup_s = clock() - t0
         self.size = tokenizer.vocab_size
 
     def first_mask(self, schema) -> tuple[float, object]:
-        t0 = time.perf_counter()
+        t0 = clock()
         compiled = self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False,
                                                      separators=(",", ":"), strict_mode=True)
         matcher = self.xgr.GrammarMatcher(compiled)
         bitmask = self.xgr.allocate_token_bitmask(1, self.size)
         matcher.fill_next_token_bitmask(bitmask)
-        return time.perf_counter() - t0, (compiled, bitmask)
+        return clock() - t0, (compiled, bitmask)
 
     def per_token(self, compiled_bitmask, ids: list[int]) -> list[float]:
         compiled, bitmask = compiled_bitmask
         matcher = self.xgr.GrammarMatcher(compiled)
         times = []
         for t in ids:
-            t0 = time.perf_counter()
+            t0 = clock()
             matcher.fill_next_token_bitmask(bitmask)
             assert matcher.accept_token(t)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         return times
 
 
@@ -105,20 +114,20 @@ def forget_constraints() -> None:
 
 def ours_first_mask(llm: LLM, schema) -> tuple[float, structured.Constraint]:
     forget_constraints()
-    t0 = time.perf_counter()
+    t0 = clock()
     constraint = json_schema_constraint(schema)
     constraint.start(llm.tokenizer, llm.eos_ids).allowed()
-    return time.perf_counter() - t0, constraint
+    return clock() - t0, constraint
 
 
 def ours_per_token(llm: LLM, constraint, ids: list[int]) -> list[float]:
     state = constraint.start(llm.tokenizer, llm.eos_ids)
     times = []
     for t in ids:
-        t0 = time.perf_counter()
+        t0 = clock()
         assert state.allowed()[t]
         state.advance(t)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return times
 
 
@@ -134,22 +143,30 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=160)
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--masks-only", action="store_true", help="no model: compile and mask times only")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = parser.parse_args()
+    global clock
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(2)
+    if args.masks_only:  # one thread: a busy machine makes a second one spin, and thread time counts the spin
+        torch.set_num_threads(1)
+        return masks_only(args)
     llm = LLM.load("smollm2-135m-instruct")
     schema = twenty_properties()
     person = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
               "required": ["name", "age"]}
 
-    t0 = time.perf_counter()
+    t0 = clock()
     vocabulary_trie(llm.tokenizer)
-    trie_s = time.perf_counter() - t0
+    trie_s = clock() - t0
     xg = XGrammar(llm.tokenizer)
 
     say("compile + first mask")
     # Compile + first mask (fresh each time: our cache cleared, xgrammar's disabled).
     rows_compile = []
-    for name, s in (("2 properties", person), ("20 properties", schema)):
+    bounded = {"type": "object", "properties": {"bio": {"type": "string", "maxLength": 200}}, "required": ["bio"]}
+    for name, s in (("2 properties", person), ("20 properties", schema), ("a string with maxLength 200", bounded)):
         ours = statistics.median(ours_first_mask(llm, s)[0] for _ in range(args.repeats))
         theirs = statistics.median(xg.first_mask(s)[0] for _ in range(args.repeats))
         rows_compile.append((name, ours, theirs))
@@ -215,6 +232,73 @@ def main() -> None:
         "",
         f"Validity: {valid} of {finished} sampled outputs that finished parse and validate with jsonschema "
         f"(temperature 1, {args.samples} seeds, {args.samples - finished} stopped for length).\n",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_append:
+        append_results(text)
+
+
+INSTANCE = {"name": "Élodie Martin", "age": 34, "active": True, "color": "green", "score": 87.5,
+            "tags": ["hiking", "jazz"], "position": {"x": 12, "y": -4}, "city": 'Lyon, "France"', "count": 7,
+            "verified": False, "size": "red", "ratio": 0.42, "aliases": ["Lo"], "origin": {"x": 0, "y": 3},
+            "country": "France", "year": 1990, "admin": True, "shade": "blue", "weight": 61.25,
+            "notes": ["Likes tea; 日本 trip in 2019 😀", "x"]}
+
+
+def masks_only(args) -> None:
+    """Compile + first mask and per-token mask times on SmolLM2's tokenizer, along INSTANCE's tokens."""
+    from scratchlm.formats.gguf import read_gguf
+    from scratchlm.hub import model_path
+    from scratchlm.tokenizer import Tokenizer
+
+    class Holder:  # what ours_first_mask / ours_per_token use of an LLM
+        pass
+
+    llm = Holder()
+    llm.tokenizer = Tokenizer.from_gguf_metadata(read_gguf(model_path("smollm2-135m-instruct"))[1])
+    llm.eos_ids = {llm.tokenizer.eos_id}
+    schema = twenty_properties()
+    text = json.dumps({k: INSTANCE[k] for k in schema["properties"]}, ensure_ascii=False, separators=(",", ":"))
+    ids = llm.tokenizer.encode(text)
+    t0 = clock()
+    vocabulary_trie(llm.tokenizer)
+    trie_s = clock() - t0
+    xg = XGrammar(llm.tokenizer)
+    bounded = {"type": "object", "properties": {"bio": {"type": "string", "maxLength": 200}}, "required": ["bio"]}
+    rows = []
+    for name, s in (("20 properties", schema), ("a string with maxLength 200", bounded)):
+        ours = statistics.median(ours_first_mask(llm, s)[0] for _ in range(args.repeats))
+        theirs = statistics.median(xg.first_mask(s)[0] for _ in range(args.repeats))
+        rows.append((name, ours, theirs))
+    cold, warm = [], []
+    for _ in range(args.repeats):
+        _, constraint = ours_first_mask(llm, schema)
+        cold += ours_per_token(llm, constraint, ids)
+        warm += ours_per_token(llm, constraint, ids)
+    _, compiled = xg.first_mask(schema)
+    xg.per_token(compiled, ids)
+    theirs = xg.per_token(compiled, ids)
+    what = "thread CPU time" if args.clock == "cpu" else "wall clock"
+    lines = [
+        f"\n## Structured output, masks only (benchmarks/structured.py --masks-only), "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n",
+        f"Machine: {machine()}; SmolLM2-135M-Instruct's tokenizer; xgrammar {_version('xgrammar')}; timed by {what}. "
+        f"Command: `python benchmarks/structured.py --masks-only --clock {args.clock} --repeats {args.repeats}`. "
+        f"Load average at start: {_load()}.\n",
+        "| compile + first mask (median) | ours ms | xgrammar ms | ours / xgrammar |",
+        "|---|---|---|---|",
+        *[f"| {n} | {o * 1e3:.1f} | {t * 1e3:.1f} | {o / t:.2f} |" for n, o, t in rows],
+        f"| once per tokenizer: vocabulary trie / TokenizerInfo+compiler | {trie_s * 1e3:.0f} | "
+        f"{xg.setup_s * 1e3:.0f} | |",
+        "",
+        f"| per-token mask + advance, {len(ids)} tokens of a fixed instance, {args.repeats} runs | "
+        "mean / p99 / max ms |",
+        "|---|---|",
+        f"| ours, first request (after compile + first mask) | {stats(cold)} |",
+        f"| ours, again (cached) | {stats(warm)} |",
+        f"| xgrammar | {stats(theirs)} |",
+        "",
     ]
     text = "\n".join(lines)
     print(text)

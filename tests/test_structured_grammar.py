@@ -188,7 +188,6 @@ def test_compile_limits():
     g = json_schema_grammar(deep)
     assert Automaton(g).accepts(b"12")
     with pytest.raises(GrammarError, match="too large"):
-        Automaton(json_schema_grammar({"type": "array", "items": {"type": "string", "maxLength": 1000},
-                                       "maxItems": 1000}), max_states=100_000)
+        Automaton(json_schema_grammar({"enum": [f"{'x' * 40}{i}" for i in range(3000)]}), max_states=100_000)
     with pytest.raises(GrammarError, match="too long"):
         Automaton(json_schema_grammar({"type": "string", "maxLength": 1000}), time_limit=0.0)

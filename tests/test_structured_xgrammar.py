@@ -103,3 +103,66 @@ def test_masks_equal_xgrammar_on_smollm2_vocabulary(smollm2):
     reference = XGrammarReference(tokenizer)
     compared = sum(_compare_walk(tokenizer, reference, schema, 0, steps=25) for schema in SCHEMAS[:6] + SCHEMAS[-4:])
     assert compared > 100
+
+
+# ---- counted repetitions: maxLength/minLength run on a counter, not n copies ---------------------------------
+BOUNDED = {"type": "object", "properties": {
+    "long": {"type": "string", "maxLength": 200},
+    "word": {"type": "string", "minLength": 20, "maxLength": 30},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "minItems": 18, "maxItems": 20}},
+    "required": ["long", "word", "tags"]}
+
+
+def _clean(tokenizer) -> torch.Tensor:
+    """Tokens without a control byte or a backslash: where xgrammar 0.2.9's bounded strings differ from RFC 8259
+    (module docstring), so the comparison of bounded strings leaves them out."""
+    return torch.tensor([tokenizer.bytes_of(i) != b"" and all(b >= 0x20 and b != 0x5C for b in tokenizer.bytes_of(i))
+                         for i in range(tokenizer.vocab_size)])
+
+
+def _compare_bounded_walk(tokenizer, reference, seed: int, steps: int) -> tuple[int, bytes]:
+    """A random walk through BOUNDED, long tokens preferred and quotes avoided so that the strings reach their
+    bounds; masks equal
+    on the clean tokens at every step. Returns (steps compared, text)."""
+    clean = _clean(tokenizer)
+    # Nor does the walk pick a token with a UTF-8 lead byte whose next byte is restricted (E0, ED, F0, F4): after
+    # ED, xgrammar 0.2.9's bounded strings accept A0-BF, the encoding of a UTF-16 surrogate, which UTF-8 forbids.
+    plain = torch.tensor([not {0xE0, 0xED, 0xF0, 0xF4} & set(tokenizer.bytes_of(i))
+                          for i in range(tokenizer.vocab_size)])
+    matcher, bitmask = reference.matcher(BOUNDED)
+    ours = json_schema_constraint(BOUNDED).start(tokenizer, {tokenizer.eos_id})
+    rng, text = random.Random(seed), b""
+    for step in range(steps):
+        theirs, mine = reference.mask(matcher, bitmask), ours.allowed()
+        if not torch.equal(mine & clean, theirs & clean):
+            differ = ((mine != theirs) & clean).nonzero().flatten().tolist()[:5]
+            pytest.fail(f"masks differ after {text!r}: {[(tokenizer.bytes_of(i), bool(mine[i])) for i in differ]}")
+        allowed = (mine & clean & plain).nonzero().flatten().tolist() + ([tokenizer.eos_id] if mine[tokenizer.eos_id]
+                                                                          else [])
+        token = max(rng.sample(allowed, min(8, len(allowed))),  # no closing quote while another token fits
+                    key=lambda i: (b'"' not in tokenizer.bytes_of(i), len(tokenizer.bytes_of(i))))
+        if token == tokenizer.eos_id:
+            return step + 1, text
+        text += tokenizer.bytes_of(token)
+        ours.advance(token)
+        assert matcher.accept_token(token)
+    return steps, text
+
+
+def test_bounded_strings_compile_to_a_counter_and_mask_like_xgrammar_on_byte_vocabulary():
+    constraint = json_schema_constraint({"type": "string", "maxLength": 200})
+    assert len(constraint.automaton.edges) < 100  # one copy of a character and a counter, not 200 copies
+    assert constraint.matches('"' + "é" * 200 + '"') and not constraint.matches('"' + "é" * 201 + '"')
+    tokenizer = byte_tokenizer()
+    reference = XGrammarReference(tokenizer)
+    for seed in range(2):
+        compared, text = _compare_bounded_walk(tokenizer, reference, seed, steps=1500)
+        value = json.loads(text)  # the walk reached the end: every bound was met on the way
+        assert compared > 250 and len(value["long"]) == 200 and len(value["tags"]) >= 18
+
+
+def test_bounded_strings_mask_like_xgrammar_on_smollm2_vocabulary(smollm2):
+    tokenizer = smollm2.tokenizer
+    reference = XGrammarReference(tokenizer)
+    compared, text = _compare_bounded_walk(tokenizer, reference, 0, steps=120)
+    assert compared > 40 and len(text.split(b'"')[3].decode()) == 200  # the counter's last positions compared too
