@@ -25,6 +25,8 @@ from scratchlm.quant import (
     QuantEmbedding,
     dequantize_int4,
     dequantize_int8,
+    int4,
+    int4_pack,
     kernels,
     quantize_int4,
     quantize_int8,
@@ -113,6 +115,30 @@ def test_int4_linear_matches_dequantized_reference(group_size, dtype):
     assert rel_err(got, want) < 1e-2
     # and the dequantized weight is the layer's, to within a couple of quantization steps
     assert (q.dequantized() - layer.weight).abs().max() <= 2 * q.portable()[1].max()
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 32), (176, 64), (80, 128), (960, 96)])
+def test_int4_codes_pack_into_pytorchs_layout_bit_for_bit(n, k):
+    # our packing skips PyTorch's int32 copy of the codes (start-up time); the bytes must be the same
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(n + k), dtype=torch.int32)
+    want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    assert torch.equal(int4_pack.pack_kernel_codes(codes.to(torch.uint8)), want)
+
+
+@pytest.mark.parametrize("n", [176, 96])  # blocks of 64 (or 32) rows with a shorter last block
+def test_int4_prefill_path_uses_the_kernels_weights_bit_for_bit(n):
+    layer = random_linear(n, 128)
+    q = Int4Linear.from_linear(layer, 32, dtype=torch.bfloat16)
+    if int4_pack.kernel_layout() is not None:
+        on_identity = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(128, dtype=torch.bfloat16), q.packed,
+                                                                 32, q.scales_and_zeros)  # W.T, as the kernel sees it
+        assert torch.equal(int4_pack.dequantize_packed_t(q.packed, q.scales_and_zeros, 32), on_identity)
+    x = torch.randn(3, 100, 128).bfloat16()  # 300 rows: the dequantize-then-multiply path
+    assert x.shape[0] * x.shape[1] >= int4.PREFILL_MIN_ROWS
+    want = x.float() @ q.dequantized().t() + layer.bias
+    assert rel_err(q(x), want) < 1e-2
+    kernel = int4.int4_linear(x[:1, :4], q.packed, q.scales_and_zeros, 32, q.bias)  # 4 rows: the kernel
+    assert rel_err(q(x)[:1, :4], kernel) < 1e-2
 
 
 def test_int4_layer_gives_back_its_codes_exactly_and_its_scales_in_bfloat16():

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ConfigError
+from scratchlm.quant.int4_pack import dequantize_packed_t, kernel_layout, pack_kernel_codes
 from scratchlm.quant.kernels import int4_kernel_available, kernel_fits
 
 GROUP_SIZES = (32, 64, 128)
@@ -145,11 +146,15 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
 KERNEL_DTYPE = torch.bfloat16
 
 
+# Rows from which int4_linear dequantizes into bfloat16 instead of calling the kernel (the crossover measured by
+# benchmarks/int4_prefill.py).
+PREFILL_MIN_ROWS = 32
+
+
 def pack_for_kernel(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                     dtype: torch.dtype = KERNEL_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
     """Portable tensors -> (packed weight, scales-and-zeros [K/group, N, 2]) for the PyTorch CPU kernel."""
-    codes = unpack_int4(qweight).to(torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)  # innerKTiles=2: K multiple of 32
+    packed = pack_kernel_codes(unpack_int4(qweight))  # PyTorch's layout, without its int32 copy of the codes
     zeros = mins + 8 * scales  # the kernel's dequantization is (q - 8) * scale + zero
     scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous().to(dtype)
     return packed, scales_and_zeros
@@ -179,11 +184,18 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` with W in the kernel's packed int4 layout; x is [..., K], any float dtype.
 
-    Computes in the dtype of ``scales_and_zeros`` (bfloat16 for speed) and returns x's dtype.
+    Computes in the dtype of ``scales_and_zeros`` (bfloat16 for speed) and returns x's dtype. Few rows
+    (decoding): the int4 kernel, which reads 4 bits per weight. From ``PREFILL_MIN_ROWS`` rows (prefill) the
+    product is compute-bound and the kernel, which unpacks every weight again for each 4 rows, is slower than
+    dequantizing the layer once into a reused bfloat16 buffer for the dense product (``quant.int4_pack``).
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).to(scales_and_zeros.dtype)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
+    if (x2.shape[0] >= PREFILL_MIN_ROWS and scales_and_zeros.dtype == torch.bfloat16
+            and not torch.compiler.is_compiling() and kernel_layout() is not None):
+        y = torch.mm(x2, dequantize_packed_t(packed, scales_and_zeros, group_size))
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, scales_and_zeros)
     y = y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
     return y if bias is None else y + bias.to(x.dtype)
 
