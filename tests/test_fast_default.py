@@ -125,8 +125,8 @@ prompts = ["The sea", "Once upon a time there was"]
 eager = [c.token_ids for c in llm.complete(prompts, max_new_tokens=16, temperature=0, ignore_eos=True)]
 decoder = compile_decoding(llm.model)
 compiled = [c.token_ids for c in llm.complete(prompts, max_new_tokens=16, temperature=0, ignore_eos=True)]
-print(json.dumps({{"eager": eager, "compiled": compiled, "still_compiled": decoder.compiled,
-                  "dir": str(decoder.cache_dir)}}))
+print(json.dumps({{"eager": eager, "compiled": compiled, "still_compiled": decoder.compiled, "built": decoder.built,
+                  "dir": str(decoder.cache_dir), "compiler_imported": "torch._inductor" in sys.modules}}))
 """
 
 
@@ -144,21 +144,23 @@ def _children(home: Path, n: int) -> list[tuple[dict, str]]:
 
 
 def test_compile_cache_lives_in_scratchlm_home_survives_two_processes_and_corruption(tmp_path):
+    """The int4 step's AOT package: two processes at once build it once (the other waits and loads it); a later
+    process loads it without importing the compiler; a damaged package is found, deleted and rebuilt."""
     home = tmp_path / "home"
-    # two processes compiling the same step at once, into one empty cache
-    results = _children(home, 2)
+    results = _children(home, 2)  # two processes compiling the same step at once, into one empty cache
     for result, _ in results:
         assert result["compiled"] == result["eager"] and result["still_compiled"]
+    assert sorted(len(result["built"]) for result, _ in results) == [0, 1]
     directory = Path(results[0][0]["dir"])
     assert directory.parent == home / "compile" and (directory / "manifest.json").is_file()
-    entries = [f for f in directory.rglob("*")
-               if f.is_file() and f.name != "manifest.json" and "lock" not in f.parts[-2]]
-    assert entries, "inductor wrote nothing into the scratchlm cache directory"
-    # every cached entry damaged: the next process still prints the eager tokens, and does not crash
-    for f in entries:
-        f.write_bytes(b"\x80garbage" * 7)
+    packages = list(directory.glob("step-*.pt2"))
+    assert len(packages) == 1
+    (result, err), = _children(home, 1)  # warm: loaded, no compiler in memory
+    assert result["compiled"] == result["eager"] and result["built"] == [] and not result["compiler_imported"]
+    packages[0].write_bytes(b"PK\x03\x04garbage" * 100)  # damaged: still the eager tokens, no crash, rebuilt
     (result, err), = _children(home, 1)
-    assert result["compiled"] == result["eager"]
+    assert result["compiled"] == result["eager"] and result["still_compiled"] and len(result["built"]) == 1
+    assert "will be rebuilt" in err and "Traceback" not in err
 
 
 def test_stale_manifest_empties_the_directory(tmp_path, monkeypatch):

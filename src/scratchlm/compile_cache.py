@@ -1,23 +1,23 @@
 """Where compiled decode steps live on disk, and how a stale or broken one is found and thrown away.
 
-``torch.compile`` spends most of its first call in inductor: generating C++ for the fused loops and
-compiling it (tens of seconds to minutes for SmolLM2 on two cores). Inductor keeps what it built in its
-on-disk caches (the FX graph cache and the AOTAutograd cache, keyed by the graph, the torch version and the
-CPU's vector ISA), so a later process that traces the same step skips code generation and the C++ compiler.
-We give each model its own cache directory,
+Each model (by shape, quantization and dtype) gets its own directory on each machine and torch,
 
     $SCRATCHLM_HOME/compile/<key>/            key = hash of torch version, CPU, model shape, quantization,
-        manifest.json                              dtype and the source of scratchlm.compiled
-        (inductor's files)
+        manifest.json                              dtype and the source of the step (compiled.py, aot.py)
+        step-<batch>-<cache>-<strides>-t<n>.pt2    AOTInductor packages, per cache layout and thread count
+        (inductor's cache files)                   what inductor keeps while compiling (and torch.compile's)
 
 so that ``scratchlm`` never shares or pollutes ``/tmp/torchinductor_$USER``, a stale directory (another torch,
 another CPU, a changed decode step) is recognised by its manifest and rebuilt, and a directory that breaks a
-compile can be deleted whole. Inductor writes its entries atomically under file locks, so two processes that
-compile the same model at once both succeed (tests/test_fast_default.py).
+compile can be deleted whole. A package is built under a file lock (a second process waits, then loads it),
+written under a temporary name and renamed into place; inductor writes its own entries atomically under file
+locks: two processes that compile the same model at once both succeed (tests/test_fast_default.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -45,16 +45,21 @@ def cpu_name() -> str:
 
 
 def _step_source_hash() -> str:
+    import scratchlm.aot
     import scratchlm.compiled
 
-    return hashlib.sha256(Path(scratchlm.compiled.__file__).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for module in (scratchlm.compiled, scratchlm.aot):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def describe(model) -> dict:
     """What a compiled decode step depends on: the manifest of its cache directory."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     quant = getattr(model, "quantization", None)
-    return {"torch": torch.__version__, "cpu": cpu_name(), "config": model.config.to_dict(),
+    config = {k: v for k, v in model.config.to_dict().items() if k != "name"}  # same shape, same step
+    return {"torch": torch.__version__, "cpu": cpu_name(), "config": config,
             "quantization": {k: quant.get(k) for k in ("mode", "group_size", "int8_layers")} if quant else None,
             "dtype": str(dtype), "step": _step_source_hash()}
 
@@ -63,9 +68,7 @@ def cache_dir(model) -> Path:
     """``$SCRATCHLM_HOME/compile/<key>`` for this model on this machine and torch."""
     from scratchlm.hub import home
 
-    manifest = describe(model)
-    manifest["config"] = {k: v for k, v in manifest["config"].items() if k != "name"}  # same shape, same step
-    key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps(describe(model), sort_keys=True).encode()).hexdigest()[:20]
     return home() / "compile" / key
 
 
@@ -91,3 +94,15 @@ def prepare(directory: Path, model) -> bool:
 def discard(directory: Path) -> None:
     """Delete a cache directory that failed (another process may be using it: errors are ignored)."""
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on ``path`` + ``.lock`` (blocking): one process builds a package at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

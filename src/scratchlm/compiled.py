@@ -1,4 +1,4 @@
-"""Lean decoding: one token per row through a decode step with static shapes, compiled by ``torch.compile``.
+"""Lean decoding: one token per row through a decode step with static shapes, compiled (AOTInductor on CPU).
 
 The eager decode step (``generate.decode_step``) is general: any rows, any cache length, masks only when
 needed. Each of those decisions is a little Python and a host sync per token, and every tensor operation
@@ -20,11 +20,14 @@ of one query against the cache; floating-point sums may associate differently fr
     decoder = compile_decoding(llm.model)   # later generate/chat/stream calls use it
     llm.model.decoder = None                # back to eager
 
-It is the default for quantized models (``LLM.load(..., compile=None)``, see ``use_compiled_by_default``).
-Compiled code is cached on disk per model (``scratchlm.compile_cache``), so only the first process on a machine
-pays the C++ compile. The first call of each shape is checked against the same step run eagerly on a copy of
-the cache: a compile that fails or a cache that gives other logits is thrown away and rebuilt once, then the
-decoder falls back to eager decoding with a one-line notice: never a crash, never different output.
+On the CPU each shape is compiled ahead of time into an AOTInductor package (``scratchlm.aot``) kept under
+``$SCRATCHLM_HOME/compile/<key>`` (``scratchlm.compile_cache``): only the first process on a machine pays the
+compile; later ones load the package in milliseconds, without importing dynamo or inductor, and run it on the
+model's own weights. Elsewhere ``torch.compile`` compiles it in every process. The first call of each shape is
+checked against the same step run eagerly on a copy of the cache: a compile that fails or a package that gives
+other logits is thrown away and rebuilt once, then the decoder falls back to eager decoding with a one-line
+notice: never a crash, never different output. It is opt-in (``--compile``, ``LLM.load(..., compile=True)``,
+``$SCRATCHLM_COMPILE=1``; see ``use_compiled_by_default``).
 """
 
 from __future__ import annotations
@@ -45,36 +48,99 @@ CHECK_RTOL = 2e-2
 _compiled_for: int | None = None  # the CompiledDecoder whose graphs dynamo holds (see __call__)
 
 
+def static_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, k: list[torch.Tensor],
+                v: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One token per row through ``model`` over the whole preallocated cache: logits [B, V] in float32.
+
+    ``positions`` [B]: each row's cache length (where its new key/value goes); ``k``/``v``: one [B, Hkv,
+    max_len, D] tensor per layer, written in place. ``rope``: the (cos, signed sin) tables (default the
+    model's own; ``scratchlm.aot`` passes its buffers so that export names them)."""
+    cfg = model.config
+    max_len = k[0].shape[2]
+    pos = positions[:, None]  # (B, 1): each row's new token goes at its current length
+    x = model.tok_embeddings(tokens)  # (B, 1, C)
+    tables = None
+    if cfg.positions == "learned":
+        x = x + model.pos_embeddings(pos)
+    else:
+        cos, sin = rope if rope is not None else model.rope(tokens.device)
+        tables = (cos[pos][:, None].to(x.dtype), sin[pos][:, None].to(x.dtype))  # (B, 1, 1, D)
+    visible = torch.arange(max_len, device=tokens.device)[None, None, None, :] <= pos[:, None, :, None]
+    for i, block in enumerate(model.blocks):
+        x = x + _attention(block.attn, block.attn_norm(x), tables, k[i], v[i], pos, visible)
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.logits(model.final_norm(x)[:, -1]).float()
+
+
+def _attention(attn: nn.Module, h: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               pos: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """``model.Attention.forward`` for one new token per row, written out over the whole cache.
+
+    SDPA with an explicit mask over the whole cache took 34 us per layer here against 27 us for these two
+    products and a fused masked softmax (float32 cache of 256 positions, measured in the compiled step).
+    """
+    cfg = attn.config
+    B, H, Hkv, D = h.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q, k, v = attn.project_qkv(h)
+    q = q.reshape(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
+    k = k.reshape(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
+    v = v.reshape(B, 1, Hkv, D).transpose(1, 2)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    # Row b's new key goes to position pos[b]. Written as an index_put_ (not scatter_), inductor updates
+    # the cache in place; a scatter_ made it copy the whole cache of every layer at every step.
+    rows = torch.arange(B, device=h.device)
+    k_cache[rows, :, pos[:, 0]] = k[:, :, 0].to(k_cache.dtype)
+    v_cache[rows, :, pos[:, 0]] = v[:, :, 0].to(v_cache.dtype)
+    # Grouped-query attention: query heads j*G .. j*G+G-1 share key/value head j (HF's repeat_kv order).
+    qg = q.reshape(B, Hkv, H // Hkv, D).to(k_cache.dtype)  # the cache may be float32 (see KVCache)
+    scores = (qg @ k_cache.transpose(-1, -2)).float() * D**-0.5  # (B, Hkv, G, max_len); softmax in float32
+    scores = scores.masked_fill(~visible, float("-inf"))  # keys beyond each row's position
+    y = scores.softmax(dim=-1).to(v_cache.dtype) @ v_cache  # (B, Hkv, G, D)
+    return attn.o_proj(y.reshape(B, 1, H * D).to(h.dtype))
+
+
 class CompiledDecoder:
     """A compiled ``decode_step(tokens [B, 1], cache) -> logits [B, V]`` for one model.
 
-    Graphs are specialised on the batch size and the cache length (a power of two, at least ``MIN_CACHE``),
-    compiled on first use of each (tens of seconds for SmolLM2 on 2 cores; inductor caches them on disk).
+    Specialised on the batch size and the cache length (a power of two, at least ``MIN_CACHE``), compiled on
+    first use of each. On the CPU (``backend="aot"``) each shape is an AOTInductor package on disk
+    (``scratchlm.aot``): built once per machine (about a minute for SmolLM2 on 2 cores), then loaded in
+    milliseconds by later processes without importing the compiler. ``backend="dynamo"`` (other devices) uses
+    ``torch.compile``, whose graphs inductor caches on disk but which every process re-traces.
     """
 
-    def __init__(self, model: Transformer, compile: bool = True, progress: bool = False, disk_cache: bool = True):
+    def __init__(self, model: Transformer, compile: bool = True, progress: bool = False, disk_cache: bool = True,
+                 backend: str | None = None):
         self.model = model
         self.compiled = compile
         self.progress = progress  # say so on stderr when a call is about to compile a graph
         self.disk_cache = disk_cache  # compile into $SCRATCHLM_HOME/compile/<key> (scratchlm.compile_cache)
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        self.backend = backend or ("aot" if on_cpu else "dynamo")
+        if self.backend not in ("aot", "dynamo"):
+            raise ValueError(f"unknown backend {self.backend!r}: choose aot or dynamo")
         self.cache_dir = None
         self._cached = False  # whether that directory already held this model's step when we started
         self._retried = False
-        self._shapes: set[tuple[int, int]] = set()  # (batch, cache length) already compiled and checked
+        self._steps: dict[tuple, object] = {}  # layout of the cache (see _layout) -> its checked step
+        self.built: list[tuple] = []  # layouts this process compiled (the rest were loaded)
         # torch.compile is created at the first call: importing dynamo and inductor costs ~116 MiB of memory,
         # which a process that only loads the model (or prefills) should not pay.
         self.step = None if compile else self._step
 
     def _make_step(self):
-        if self.disk_cache and self.cache_dir is None:
-            from scratchlm.compile_cache import cache_dir, prepare
-
-            self.cache_dir = cache_dir(self.model)
-            self._cached = prepare(self.cache_dir, self.model)
         # Guards re-check every module attribute before each call (3 ms per token for SmolLM2, measured);
         # the decoder belongs to one model whose weights do not change while it decodes, so skip them.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         return torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
+
+    def _prepare_dir(self) -> None:
+        if self.cache_dir is None and (self.disk_cache or self.backend == "aot"):
+            from scratchlm.compile_cache import cache_dir, prepare
+
+            self.cache_dir = cache_dir(self.model)
+            self._cached = prepare(self.cache_dir, self.model)
 
     def expected_compile_seconds(self) -> int:
         """A rough compile time for one graph on a 2-core CPU: SmolLM2 (30 layers) took about 40 s."""
@@ -92,49 +158,18 @@ class CompiledDecoder:
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, k: list[torch.Tensor],
               v: list[torch.Tensor]) -> torch.Tensor:
-        model, cfg = self.model, self.model.config
-        max_len = k[0].shape[2]
-        pos = positions[:, None]  # (B, 1): each row's new token goes at its current length
-        x = model.tok_embeddings(tokens)  # (B, 1, C)
-        rope = None
-        if cfg.positions == "learned":
-            x = x + model.pos_embeddings(pos)
-        else:
-            cos, sin = model.rope(tokens.device)
-            rope = (cos[pos][:, None].to(x.dtype), sin[pos][:, None].to(x.dtype))  # (B, 1, 1, D)
-        visible = torch.arange(max_len, device=tokens.device)[None, None, None, :] <= pos[:, None, :, None]
-        for i, block in enumerate(model.blocks):
-            x = x + self._attention(block.attn, block.attn_norm(x), rope, k[i], v[i], pos, visible)
-            x = x + block.mlp(block.mlp_norm(x))
-        return model.logits(model.final_norm(x)[:, -1]).float()
+        return static_step(self.model, tokens, positions, k, v)
 
     @staticmethod
-    def _attention(attn: nn.Module, h: torch.Tensor, rope, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   pos: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """``model.Attention.forward`` for one new token per row, written out over the whole cache.
+    def _layout(tokens: torch.Tensor, cache: KVCache) -> tuple:
+        """What a compiled step is specialised on: the batch size, the cache length and the cache's strides (a
+        server's window into a longer cache has the strides of that cache; an AOT package assumes its own)."""
+        return (tokens.shape[0], cache.max_len, *cache.k[0].stride())
 
-        SDPA with an explicit mask over the whole cache took 34 us per layer here against 27 us for these two
-        products and a fused masked softmax (float32 cache of 256 positions, measured in the compiled step).
-        """
-        cfg = attn.config
-        B, H, Hkv, D = h.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        q, k, v = attn.project_qkv(h)
-        q = q.reshape(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
-        k = k.reshape(B, 1, Hkv, D).transpose(1, 2)  # (B, Hkv, 1, D)
-        v = v.reshape(B, 1, Hkv, D).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # Row b's new key goes to position pos[b]. Written as an index_put_ (not scatter_), inductor updates
-        # the cache in place; a scatter_ made it copy the whole cache of every layer at every step.
-        rows = torch.arange(B, device=h.device)
-        k_cache[rows, :, pos[:, 0]] = k[:, :, 0].to(k_cache.dtype)
-        v_cache[rows, :, pos[:, 0]] = v[:, :, 0].to(v_cache.dtype)
-        # Grouped-query attention: query heads j*G .. j*G+G-1 share key/value head j (HF's repeat_kv order).
-        qg = q.reshape(B, Hkv, H // Hkv, D).to(k_cache.dtype)  # the cache may be float32 (see KVCache)
-        scores = (qg @ k_cache.transpose(-1, -2)).float() * D**-0.5  # (B, Hkv, G, max_len); softmax in float32
-        scores = scores.masked_fill(~visible, float("-inf"))  # keys beyond each row's position
-        y = scores.softmax(dim=-1).to(v_cache.dtype) @ v_cache  # (B, Hkv, G, D)
-        return attn.o_proj(y.reshape(B, 1, H * D).to(h.dtype))
+    def package_path(self, layout: tuple):
+        """Where the AOT package of ``layout`` lives in this model's cache directory. Inductor writes the thread
+        count into the generated loops (``#pragma omp parallel num_threads(N)``; none for 1), so it is in the name."""
+        return self.cache_dir / ("step-" + "-".join(str(n) for n in layout) + f"-t{torch.get_num_threads()}.pt2")
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -145,16 +180,17 @@ class CompiledDecoder:
         # copies the entire cache at every step (5 ms for 256 positions); per-layer inputs are updated in place.
         if not self.compiled:
             return self._eager(tokens, cache)
-        global _compiled_for
-        if _compiled_for not in (None, id(self)):
-            # Module guards are skipped, so dynamo cannot tell two decoders' graphs apart (same code object):
-            # one compiled decoder per process at a time; switching to another one recompiles it.
-            torch._dynamo.reset()
-        _compiled_for = id(self)
-        shape = (tokens.shape[0], cache.max_len)
-        if shape not in self._shapes:
-            return self._first_call(tokens, cache, shape)
-        logits = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+        if self.backend == "dynamo":
+            global _compiled_for
+            if _compiled_for not in (None, id(self)):
+                # Module guards are skipped, so dynamo cannot tell two decoders' graphs apart (same code object):
+                # one compiled decoder per process at a time; switching to another one recompiles it.
+                torch._dynamo.reset()
+            _compiled_for = id(self)
+        step = self._steps.get(self._layout(tokens, cache))
+        if step is None:
+            return self._first_call(tokens, cache)
+        logits = step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
         cache.lengths += 1
         return logits
 
@@ -167,23 +203,48 @@ class CompiledDecoder:
 
         return decode_step(self.model, tokens, cache)  # the fallback: the general eager step
 
-    def _first_call(self, tokens: torch.Tensor, cache: KVCache, shape: tuple[int, int]) -> torch.Tensor:
-        """Compile (or load from the disk cache) the graph for ``shape``, and check it against the eager static
-        step run on a copy of the cache; on any failure, rebuild the cache once, then decode eagerly."""
-        k_ref, v_ref = cache.k.clone(), cache.v.clone()
-        want = self._step(tokens, cache.lengths, list(k_ref.unbind(0)), list(v_ref.unbind(0)))
-        try:
+    def _get_step(self, layout: tuple, args: tuple):
+        """The compiled step for ``layout``: AOT: the package on disk (built first if missing); dynamo: one
+        ``torch.compile`` function for all layouts (it compiles the graph at its first call)."""
+        self._prepare_dir()
+        if self.backend == "dynamo":
             if self.step is None:
                 self.step = self._make_step()
-            if self.progress:
+            return self.step
+        from scratchlm import aot
+        from scratchlm.compile_cache import locked
+
+        path = self.package_path(layout)
+        if not path.is_file():
+            with locked(path):  # another process building it: wait, then load what it built
+                if not path.is_file():
+                    aot.build_package(self.model, *args, path)
+                    self.built.append(layout)
+        return aot.load_step(path, self.model)
+
+    def _first_call(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Compile (or load from the disk cache) the step for this layout, and check it against the eager static
+        step run on a copy of the cache; on any failure, rebuild the cache once, then decode eagerly."""
+        layout = self._layout(tokens, cache)
+        k_ref, v_ref = cache.k.clone(), cache.v.clone()
+        want = self._step(tokens, cache.lengths, list(k_ref.unbind(0)), list(v_ref.unbind(0)))
+        args = (tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+        try:
+            self._prepare_dir()
+            ready = self.backend == "aot" and self.package_path(layout).is_file()
+            if self.progress and not ready:
                 from scratchlm.progress import stage
 
-                what = ("loading the compiled decode step" if self._cached else "compiling the decode step")
-                hint = "" if self._cached else f" (first run only, about {self.expected_compile_seconds()} s)"
-                with stage(f"{what} for batch {shape[0]}, cache {shape[1]}{hint}"):
-                    got = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+                what = "loading the compiled decode step" if self._cached and self.backend == "dynamo" \
+                    else "compiling the decode step"
+                hint = "" if self._cached and self.backend == "dynamo" else \
+                    f" (first run on this machine only, about {self.expected_compile_seconds()} s)"
+                with stage(f"{what} for batch {layout[0]}, cache {layout[1]}{hint}"):
+                    step = self._get_step(layout, args)
+                    got = step(*args)
             else:
-                got = self.step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+                step = self._get_step(layout, args)
+                got = step(*args)
             error = (got - want).abs().max().item()
             if not error <= CHECK_RTOL * max(1.0, want.abs().max().item()):  # also catches NaN
                 raise RuntimeError(f"its logits differ from the eager step's by {error:.3g}")
@@ -193,7 +254,7 @@ class CompiledDecoder:
             self._failed(exc)
             got = want
         else:
-            self._shapes.add(shape)
+            self._steps[layout] = step
         cache.lengths += 1
         return got
 
@@ -201,8 +262,10 @@ class CompiledDecoder:
         """Throw away this model's compile cache; the next first call rebuilds it once, after that: eager."""
         from scratchlm.compile_cache import discard
 
-        torch._dynamo.reset()
-        self.step = None
+        if self.backend == "dynamo":
+            torch._dynamo.reset()
+            self.step = None
+        self._steps.clear()
         if self.cache_dir is not None:
             discard(self.cache_dir)
             self.cache_dir = None
@@ -218,13 +281,14 @@ class CompiledDecoder:
 
 
 def compile_decoding(model: nn.Module, compile: bool = True, progress: bool = False,
-                     disk_cache: bool = True) -> CompiledDecoder:
+                     disk_cache: bool = True, backend: str | None = None) -> CompiledDecoder:
     """Attach a compiled decode step to ``model`` (as ``model.decoder``), used by generate/chat/stream and the
     server. Nothing compiles until the first decode step.
 
     ``progress``: print a line on stderr whenever a call compiles a new graph (tens of seconds).
-    ``disk_cache``: keep inductor's output in ``$SCRATCHLM_HOME/compile/<key>`` (else inductor's default)."""
-    model.decoder = CompiledDecoder(model, compile, progress, disk_cache)
+    ``disk_cache``: keep inductor's output in ``$SCRATCHLM_HOME/compile/<key>`` (else inductor's default; AOT
+    packages always go there). ``backend``: "aot" (default on CPU) or "dynamo" (``torch.compile``)."""
+    model.decoder = CompiledDecoder(model, compile, progress, disk_cache, backend)
     return model.decoder
 
 
@@ -232,10 +296,10 @@ def use_compiled_by_default(model: nn.Module) -> bool:
     """Whether ``LLM.load(..., compile=None)`` attaches the compiled step: only when ``$SCRATCHLM_COMPILE`` is 1
     (and the model is on the CPU).
 
-    Not the default yet: even with a warm disk cache, every new process re-traces the step with dynamo (seconds)
-    and carries the compiler in memory, and a server compiles once per batch-size bucket; at 182 against 126
-    tokens/s (int4, 2 cores) the compiled step pays that back only after about a thousand tokens. An
-    ahead-of-time package loaded without dynamo would remove both costs (issue 11's follow-up)."""
+    Not the default yet: the ahead-of-time package removes the per-process cost (a warm package loads in
+    milliseconds without the compiler), but the first run on a machine compiles for minutes on a small CPU,
+    once per batch size and cache length, and a server would make its first requests of each size wait for
+    that; the default needs those compiles moved off the request path (see docs/quantization.md)."""
     setting = os.environ.get("SCRATCHLM_COMPILE", "").strip().lower()
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     return on_cpu and setting in ("1", "true", "yes", "on")
