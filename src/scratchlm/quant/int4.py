@@ -146,9 +146,10 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
 KERNEL_DTYPE = torch.bfloat16
 
 
-# Rows from which int4_linear dequantizes into bfloat16 instead of calling the kernel (the crossover measured by
-# benchmarks/int4_prefill.py).
-PREFILL_MIN_ROWS = 32
+# Rows from which int4_linear dequantizes into bfloat16 instead of calling the kernel: the crossover measured by
+# benchmarks/int4_prefill.py (2026-12-02, loaded machine: the kernel still wins at 128 rows, 0.85x, and loses at
+# 512, 1.30x, over SmolLM2's four shapes).
+PREFILL_MIN_ROWS = 256
 
 
 def pack_for_kernel(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,

@@ -85,7 +85,10 @@ _buffers = threading.local()
 def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     buf = getattr(_buffers, name, None)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
+        # A normal tensor even when first needed under torch.inference_mode() (generation): an inference tensor
+        # could not be written again outside it (quantize_model's identity product, training code).
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=dtype)
         setattr(_buffers, name, buf)
     return buf[:numel]
 
