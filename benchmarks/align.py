@@ -9,8 +9,14 @@
 tokenizer with the same template: the script checks that both give the same token ids), float32, 2 threads,
 LoRA rank 8, alpha 16, dropout 0 on q,k,v,o,gate,up,down, beta 0.1, batch 8 pairs, the same number of optimizer
 steps, no evaluation, no checkpoints in between, activation checkpointing on (TRL's default for DPOConfig;
-``scratchlm-no-checkpointing`` shows ours without it). Each engine runs in a fresh process (its peak RSS,
-``ru_maxrss``, loading included, is its own). Time = the training with its reference log-probabilities: ours are
+``scratchlm-no-checkpointing`` shows ours without it). Precision: float32 for both unless ``--dtype bfloat16``
+(bfloat16 autocast for both: ours ``dtype="bfloat16"``, TRL ``bf16=True``). TRL's DPOConfig defaults to
+``bf16=True``, which on CPU runs every matmul under bfloat16 autocast; the script sets it explicitly (before
+2026-12-02 it did not: the "TRL" rows recorded before then are bfloat16 matmuls against our float32). The learning rate
+follows the same schedule in both, step for step: no warm-up, cosine to a tenth of the peak (TRL's
+``cosine_with_min_lr``, as our loop); the loss printed is the mean over the steps for both (TRL's
+``training_loss``). Each engine runs in a fresh process (its peak RSS, ``ru_maxrss``, loading included, is its
+own). Time = the training with its reference log-probabilities: ours are
 computed once before the first step with the adapter off; TRL's DPOTrainer, with a PEFT model and no reference
 model, computes them in every step with the adapter off (its default), or once before training with
 ``precompute_ref_log_probs`` (shown too). Tokens/s = real (unpadded) tokens of every chosen and rejected sequence
@@ -68,7 +74,7 @@ def write_data(directory: Path, seed: int = 0, n_train: int | None = None) -> tu
 
 
 # ---- speed and memory ------------------------------------------------------------------------------------------
-def worker_scratchlm(data: Path, steps: int, batch_size: int, out: Path, checkpointing: bool) -> dict:
+def worker_scratchlm(data: Path, steps: int, batch_size: int, out: Path, checkpointing: bool, dtype: str) -> dict:
     import torch
 
     import scratchlm.align.dpo as dpo
@@ -87,11 +93,12 @@ def worker_scratchlm(data: Path, steps: int, batch_size: int, out: Path, checkpo
 
     dpo.reference_logps = timed_reference
     result = dpo.run_dpo(AlignOptions(model=MODEL, data=str(data), out=str(out), max_steps=steps,
-                                      batch_size=batch_size, val_fraction=0.0, lr=5e-5, warmup_steps=1, beta=0.1,
-                                      rank=8, alpha=16.0, activation_checkpointing=checkpointing, force=True,
-                                      progress=False), say=lambda *a: None)
+                                      batch_size=batch_size, val_fraction=0.0, lr=5e-5, warmup_steps=0, beta=0.1,
+                                      rank=8, alpha=16.0, activation_checkpointing=checkpointing, dtype=dtype,
+                                      force=True, progress=False), say=lambda *a: None)
+    losses = [r["loss"] for r in result.history if "loss" in r]
     return {"seconds": result.elapsed + timed["reference"], "reference_s": timed["reference"],
-            "loss": result.train_loss}
+            "loss": sum(losses) / len(losses), "last_loss": result.train_loss, "dtype": dtype}
 
 
 def hf_tokenizer(llm, directory: Path):
@@ -105,7 +112,7 @@ def hf_tokenizer(llm, directory: Path):
     return tokenizer
 
 
-def worker_trl(data: Path, steps: int, batch_size: int, out: Path, precompute: bool) -> dict:
+def worker_trl(data: Path, steps: int, batch_size: int, out: Path, precompute: bool, dtype: str) -> dict:
     import datasets
     import peft
     import torch
@@ -133,13 +140,16 @@ def worker_trl(data: Path, steps: int, batch_size: int, out: Path, precompute: b
     args = trl.DPOConfig(output_dir=str(out / "trl"), beta=0.1, learning_rate=5e-5, max_steps=steps,
                          per_device_train_batch_size=batch_size, report_to=[], use_cpu=True, save_strategy="no",
                          logging_steps=steps, max_length=1024, precompute_ref_log_probs=precompute,
-                         dataloader_num_workers=0, warmup_steps=1, lr_scheduler_type="cosine", weight_decay=0.0,
-                         disable_tqdm=True, gradient_checkpointing=True)  # TRL's default, written out
+                         dataloader_num_workers=0, warmup_steps=0, lr_scheduler_type="cosine_with_min_lr",
+                         lr_scheduler_kwargs={"min_lr_rate": 0.1}, weight_decay=0.0, disable_tqdm=True,
+                         gradient_checkpointing=True,  # TRL's default, written out
+                         bf16=dtype == "bfloat16")  # TRL's default is bf16=True: bfloat16 autocast even on CPU
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=lora)
     start = time.perf_counter()
     output = trainer.train()
-    return {"seconds": time.perf_counter() - start, "loss": output.training_loss}
+    return {"seconds": time.perf_counter() - start, "loss": output.training_loss,
+            "dtype": "bfloat16" if trainer.args.bf16 else "float32"}
 
 
 def real_tokens(data: Path, steps: int, batch_size: int) -> tuple[int, bool]:
@@ -166,16 +176,17 @@ def run_worker(args) -> None:
     out = Path(tempfile.mkdtemp(prefix="align-bench-"))
     if args.worker.startswith("scratchlm"):
         result = worker_scratchlm(Path(args.data), args.steps, args.batch_size, out,
-                                  checkpointing=args.worker == "scratchlm")
+                                  checkpointing=args.worker == "scratchlm", dtype=args.dtype)
     else:
-        result = worker_trl(Path(args.data), args.steps, args.batch_size, out, args.worker == "trl-precompute")
+        result = worker_trl(Path(args.data), args.steps, args.batch_size, out, args.worker == "trl-precompute",
+                            args.dtype)
     result["peak_rss_mib"] = rss_mib()
     print("RESULT " + json.dumps(result))
 
 
-def run_engine(engine: str, data: Path, steps: int, batch_size: int) -> dict:
+def run_engine(engine: str, data: Path, steps: int, batch_size: int, dtype: str) -> dict:
     command = [sys.executable, __file__, "--worker", engine, "--data", str(data), "--steps", str(steps),
-               "--batch-size", str(batch_size), "--threads", str(THREADS)]
+               "--batch-size", str(batch_size), "--threads", str(THREADS), "--dtype", dtype]
     proc = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -207,17 +218,20 @@ def speed(args) -> str:
     load_before = load_average()
     for round_ in range(args.rounds):
         for engine in engines if round_ % 2 == 0 else engines[::-1]:
-            result = run_engine(engine, data, args.steps, args.batch_size)
+            result = run_engine(engine, data, args.steps, args.batch_size, args.dtype)
+            if result["dtype"] != args.dtype:
+                raise SystemExit(f"{engine} ran in {result['dtype']}, not {args.dtype}: not the same work")
             result["tokens_per_s"] = tokens / result["seconds"]
             runs[engine].append(result)
             print(f"round {round_ + 1} {engine:<15} {result['tokens_per_s']:7.0f} tok/s  "
-                  f"{result['seconds']:6.1f} s  peak RSS {result['peak_rss_mib']:6.0f} MiB  loss {result['loss']:.4f}")
+                  f"{result['seconds']:6.1f} s  peak RSS {result['peak_rss_mib']:6.0f} MiB  mean loss "
+                  f"{result['loss']:.4f}  ({result['dtype']})", flush=True)
     load_after = load_average()
 
     def med(engine: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[engine])
 
-    rows = ["| engine | tokens/s (median) | best | peak RSS MiB | final loss |", "|---|---|---|---|---|"]
+    rows = ["| engine | tokens/s (median) | best | peak RSS MiB | mean loss over the steps |", "|---|---|---|---|---|"]
     for engine in engines:
         rows.append(f"| {engine} | {med(engine, 'tokens_per_s'):.0f} | "
                     f"{max(r['tokens_per_s'] for r in runs[engine]):.0f} | {med(engine, 'peak_rss_mib'):.0f} | "
@@ -233,8 +247,8 @@ def speed(args) -> str:
     return (f"\n## DPO vs TRL DPOTrainer, LoRA on CPU ({datetime.date.today()})\n\n"
             f"Machine: {machine()} ({platform.machine()}), {THREADS} threads; load average {load_before} before, "
             f"{load_after} after. {versions()}.\nCommand: `.venv/bin/python benchmarks/align.py --rounds {args.rounds} "
-            f"--steps {args.steps} --threads {THREADS} --engines {args.engines}`. SmolLM2-135M-Instruct (GGUF, "
-            f"float32), {args.steps} steps of {args.batch_size} "
+            f"--steps {args.steps} --threads {THREADS} --engines {args.engines} --dtype {args.dtype}`. "
+            f"SmolLM2-135M-Instruct (GGUF, {args.dtype} for both engines), {args.steps} steps of {args.batch_size} "
             f"pairs of the demonstration set ({tokens:,} real tokens), LoRA r 8 / alpha 16 on all 7 projections, "
             f"beta 0.1, activation checkpointing on (TRL's default); time includes the reference log-probabilities; "
             f"{args.rounds} rounds, alternating order.\n\n"
@@ -316,6 +330,8 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1, help="demo: beta (default 0.1)")
     parser.add_argument("--max-new-tokens", type=int, default=12, help="demo: tokens per answer (default 12)")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS})")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="benchmark: precision of both engines (bfloat16 = autocast; default float32)")
     parser.add_argument("--record", action="store_true", help="append the figures to benchmarks/RESULTS.md")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
