@@ -1,7 +1,7 @@
 """RL moves behaviour: GRPO on checkable arithmetic, PPO against a learned reward model (issue 19, items 6b, 6c).
 
     python benchmarks/align_rl.py grpo [--steps 20] [--record]
-    python benchmarks/align_rl.py ppo [--reward-model DIR] [--steps 15] [--record]
+    python benchmarks/align_rl.py ppo [--reward-model DIR] [--steps 10] [--ppo-epochs 2] [--rm-steps 30] [--record]
 
 grpo: SmolLM2-135M-Instruct, LoRA, ``scripts/make_arithmetic.py`` prompts, reward
 ``scratchlm.align.rewards:final_number_reward`` (1 when the last number of the answer is right). Held-out figures
@@ -18,7 +18,9 @@ Both print wall time per phase; the issue's target is each demonstration within 
 Defaults (2026-12-02): GRPO 20 steps and PPO 15 steps with KL coefficient 0.1. The 2026-12-01 runs at 40 / 30 steps
 took 28 / 35 minutes; GRPO's held-out reward had made most of its gain by step 20, and PPO at KL coefficient 0.05
 drifted to 11 nats/completion from the reference while finding phrasings the reward model likes without the style
-(reward hacking): a shorter run on a tighter leash is the fairer demonstration.
+(reward hacking): a shorter run on a tighter leash is the fairer demonstration. PPO at 15 steps, 4 epochs and a
+60-step reward model then used 40 CPU-minutes (20 minutes of an idle 2-core machine at best): the PPO defaults are
+now 10 steps of 2 epochs each and a 30-step reward model, to fit the 15-minute target.
 """
 
 from __future__ import annotations
@@ -112,8 +114,8 @@ def run_ppo(args, work: Path) -> tuple[str, list[tuple]]:
                      val_prompts=str(work / "prompts_test.jsonl"), max_eval_prompts=args.max_eval_prompts,
                      reward=str(reward_model), out=str(work / "ppo"), max_steps=args.steps,
                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     lr=args.lr, kl_coef=args.kl_coef, eval_interval=args.eval_interval, seed=args.seed, force=True,
-                     progress=False)
+                     lr=args.lr, kl_coef=args.kl_coef, ppo_epochs=args.ppo_epochs, eval_interval=args.eval_interval,
+                     seed=args.seed, force=True, progress=False)
     t0 = time.perf_counter()
     result = run_rl(opts)
     t_train = time.perf_counter() - t0
@@ -133,8 +135,8 @@ def run_ppo(args, work: Path) -> tuple[str, list[tuple]]:
             ("KL to the reference (nats/completion)", 0.0, result.val_kl)]
     rm = f"given: {reward_model}" if args.reward_model else f"trained {args.rm_steps} steps in {t_rm:.0f} s"
     settings = (f"{args.steps} steps x {args.batch_size} prompts, {args.max_new_tokens} new tokens, temperature "
-                f"{args.temperature}, lr {args.lr:g}, KL coef {args.kl_coef:g}, 4 PPO epochs, minibatch 8; reward "
-                f"model {rm}; "
+                f"{args.temperature}, lr {args.lr:g}, KL coef {args.kl_coef:g}, {args.ppo_epochs} PPO epochs, "
+                f"minibatch 8; reward model {rm}; "
                 f"PPO {t_train:.0f} s; greedy checks {t_greedy:.0f} s")
     examples = [f"`{p}` -> before {b!r}, after {a!r}" for p, b, a in list(zip(test, base, after))[:3]]
     return settings + "\n\nExamples (greedy):\n" + "\n".join(f"- {e}" for e in examples), rows
@@ -143,7 +145,7 @@ def run_ppo(args, work: Path) -> tuple[str, list[tuple]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo", choices=["grpo", "ppo"])
-    parser.add_argument("--steps", type=int, default=None, help="RL steps (grpo 20, ppo 15)")
+    parser.add_argument("--steps", type=int, default=None, help="RL steps (grpo 20, ppo 10)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per step (grpo 4, ppo 16)")
     parser.add_argument("--num-generations", dest="group_size", type=int, default=8, help="GRPO samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="grpo 24, ppo 32")
@@ -153,14 +155,15 @@ def main() -> None:
     parser.add_argument("--eval-interval", type=int, default=None)
     parser.add_argument("--max-eval-prompts", type=int, default=64)
     parser.add_argument("--reward-model", default=None, help="ppo: a reward model directory to reuse")
-    parser.add_argument("--rm-steps", type=int, default=60, help="ppo: reward-model training steps")
+    parser.add_argument("--rm-steps", type=int, default=30, help="ppo: reward-model training steps")
+    parser.add_argument("--ppo-epochs", type=int, default=2, help="ppo: passes over each batch of rollouts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="/tmp/scratchlm-align-rl", help="scratch directory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--record", action="store_true", help="append the result to benchmarks/RESULTS.md")
     args = parser.parse_args()
     defaults = {"grpo": dict(steps=20, batch_size=4, max_new_tokens=24, temperature=0.7, lr=2e-4, kl_coef=0.04),
-                "ppo": dict(steps=15, batch_size=16, max_new_tokens=32, temperature=1.0, lr=1e-4, kl_coef=0.1)}
+                "ppo": dict(steps=10, batch_size=16, max_new_tokens=32, temperature=1.0, lr=1e-4, kl_coef=0.1)}
     for key, value in defaults[args.demo].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
