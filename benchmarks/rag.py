@@ -22,8 +22,10 @@ Measured, all in this one run with 2 torch threads:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -90,6 +92,7 @@ def main() -> None:
     enc = Encoder.load("all-minilm-l6-v2")
     questions = [json.loads(line) for line in QUESTIONS.read_text(encoding="utf-8").splitlines()]
     tmp = Path(tempfile.mkdtemp(prefix="rag-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the corpus copy and stores (GBs at 100k chunks)
     corpus = tmp / "corpus"
     corpus.mkdir()
     plays = list(corpus_texts(args.archive).items())[: args.plays]
