@@ -45,7 +45,8 @@ log = logging.getLogger("scratchlm.serve")
 
 MIN_SHARED = 8  # a joiner sharing this many prompt tokens with one being prefilled waits a step to copy them
 IDLE_PREFILL_FACTOR = 8  # prefill budget multiplier when no request is decoding (nobody to keep waiting)
-DEFAULT_MAX_LEN = 2048  # KV cache positions per slot unless told otherwise (float32 SmolLM2: 94 MB per slot)
+DEFAULT_MAX_LEN = 2048  # KV cache positions per slot unless told otherwise (float32 SmolLM2: 94 MB per slot, of
+# which only the positions that requests reach are ever touched: see lazy_kv_cache)
 
 
 class _Active:
@@ -82,6 +83,22 @@ class _Active:
         """The tokens the row caches while decoding: everything but the newest token (chosen, not yet fed)."""
         fed = self.seq.prompt_ids + self.seq.output_ids[:-1]
         return self.head + fed[self.head_end:] if self.seq.shifts else fed
+
+
+def lazy_kv_cache(config, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+    """A ``KVCache`` whose buffers are reserved but not written: ``torch.empty`` instead of ``torch.zeros``.
+
+    The operating system gives a page of memory to a process when it is first touched, so a cache of 16 slots x
+    2,048 positions (SmolLM2 in float32: 1.5 GB) costs only the positions that requests have reached; a zeroed
+    one is resident from the start. What was never written may hold anything, NaN included, and a NaN key or
+    value poisons attention even where the mask hides it (the product of a zero weight and NaN is NaN), so
+    the engine zeroes each row's positions before a forward pass first reads them (``Engine._initialise``)."""
+    cache = KVCache(config, batch_size, max_len=1, dtype=dtype, device=device)  # KVCache chooses the dtype
+    shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+    cache.k = torch.empty(shape, dtype=cache.k.dtype, device=device)
+    cache.v = torch.empty(shape, dtype=cache.v.dtype, device=device)
+    cache.max_len = max_len
+    return cache
 
 
 def static_window(cache: KVCache, rows: int, max_rows: int) -> KVCache:
@@ -131,7 +148,8 @@ class Engine:
         self.metrics = metrics or ServerMetrics()
         param = next(self.model.parameters())
         self.device = param.device
-        self.cache = KVCache(cfg, max_batch, self.max_len, dtype=param.dtype, device=param.device)
+        self.cache = lazy_kv_cache(cfg, max_batch, self.max_len, param.dtype, param.device)
+        self._initialised = [0] * max_batch  # positions of each cache row zeroed or written so far
         self.prefix_cache = PrefixCache(cfg, prefix_cache_mb, dtype=self.cache.k.dtype, device=param.device) \
             if prefix_cache_mb else None
         self.drafter = None
@@ -233,6 +251,8 @@ class Engine:
                 active = self._waiting.popleft()
                 active.slot = slot
                 self.cache.lengths[slot] = 0
+                # before a prefix is copied into the row: zeroing must never land on positions already written
+                self._initialise(slot, slot + 1, len(active.job.prompt_ids))
                 self.slots[slot] = active
                 while self._waiting and self._waiting[0].ticket.cancelled:
                     self._waiting.popleft()
@@ -315,6 +335,7 @@ class Engine:
         for row, (active, n) in enumerate(group):
             ids[row, :n] = torch.tensor(active.job.prompt_ids[active.done: active.done + n])
         lengths = torch.tensor([n for _, n in group], device=self.device)
+        self._initialise(first, first + len(group), max(active.done for active, _ in group) + width)
         view = self.cache.rows(first, first + len(group))
         self._select([active.job.adapter for active, _ in group])
         hidden = self.model.hidden_states(ids, view, input_lengths=lengths)  # (rows, width, C)
@@ -361,16 +382,21 @@ class Engine:
             for active in decoding:
                 if int(self.cache.lengths[active.slot]) + 1 > self.max_len:
                     self._shift(active)
-        if self.drafter is not None and speculative_step(self, decoding):
-            return
         rows = max(a.slot for a in self.slots if a is not None) + 1
+        longest = int(self.cache.lengths[:rows].max())
+        if self.drafter is not None:
+            self._initialise(0, rows, longest + 2 + self.draft_tokens)  # the last token and the drafts
+            if speculative_step(self, decoding):
+                return
         # The compiled step (scratchlm.compiled), when attached; its graphs know nothing of per-row adapters.
         decoder = getattr(self.model, "decoder", None) if self.adapters is None else None
         if decoder is not None:
             view = static_window(self.cache, rows, self.max_batch)
             rows = view.lengths.shape[0]
+            self._initialise(0, rows, view.max_len)  # the compiled step reads its whole window
         else:
             view = self.cache.rows(0, rows)
+            self._initialise(0, rows, longest + 1)
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         adapter_ids = [0] * rows  # idle and prefilling rows: the base (their dummy token's output is dropped)
         for active in decoding:
@@ -395,6 +421,20 @@ class Engine:
                 self._accept(active, logits[row])
             else:
                 self._release(active)
+
+    def _initialise(self, start: int, stop: int, positions: int) -> None:
+        """Zero the first ``positions`` positions of cache rows ``start``..``stop - 1`` where no step has yet: a
+        forward pass over rows reads every position below its longest row's length in each of them (the mask
+        hides those beyond a row's own length, but only a finite value can be hidden; see ``lazy_kv_cache``).
+        Every write into a row (prefill, a copied prefix, decode, drafts) lands below its mark, set before it, so
+        zeroing never erases keys and values; positions once zeroed stay finite whatever is written later."""
+        positions = min(positions, self.max_len)
+        for row in range(start, stop):
+            done = self._initialised[row]
+            if done < positions:
+                self.cache.k[:, row, :, done:positions].zero_()
+                self.cache.v[:, row, :, done:positions].zero_()
+                self._initialised[row] = positions
 
     def _shift(self, active: _Active) -> None:
         """Make room in a full row (``--context-shift``): keep its first ``keep`` tokens, drop the oldest half of
