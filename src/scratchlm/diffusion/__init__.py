@@ -8,14 +8,10 @@ through CLIP's text encoder, and image-to-image (SDEdit).
 See docs/vision.md.
 """
 
-import importlib
+from scratchlm.lazy import lazy_exports
 
 # Loaded on first use (PEP 562), so that `scratchlm --help`, which imports diffusion/cli.py, does not import torch.
 _EXPORTS = {"DiffusionModel": "pipeline"}
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -11,15 +11,11 @@ stream), ``views.py`` (the next-token view and ``explain``), ``lens.py`` (the lo
 browsable page), ``cli.py`` (``scratchlm explain``).
 """
 
-import importlib
+from scratchlm.lazy import lazy_exports
 
 # Loaded on first use (PEP 562), so that `scratchlm --help`, which imports explain/cli.py, does not import torch.
 _EXPORTS = {"Trace": "attention", "attention_weights": "attention", "trace": "attention", "token_label": "labels",
             "logit_lens": "lens", "Explanation": "views", "explain": "views"}
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

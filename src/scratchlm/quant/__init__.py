@@ -14,7 +14,7 @@ Function-level API, for code that wants quantized weights without the module swa
     qweight, scales = quantize_int8(w); dequantize_int8(qweight, scales); Int8Linear(qweight, scales)
 """
 
-import importlib
+from scratchlm.lazy import lazy_exports
 
 # Loaded on first use (PEP 562), so that `scratchlm --help`, which imports quant/cli.py, does not import torch.
 _EXPORTS = {
@@ -28,8 +28,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -9,15 +9,11 @@
     run.py, cli.py `scratchlm seq2seq train|translate|bleu`
 """
 
-import importlib
+from scratchlm.lazy import lazy_exports
 
 # Loaded on first use, so that `scratchlm --help` (which imports seq2seq/cli.py) does not import torch.
 _EXPORTS = {"Seq2Seq": "model", "Seq2SeqConfig": "model", "Translator": "translator", "beam_search": "search",
             "greedy_search": "search", "sinusoidal_encoding": "positions", "sinusoidal_table": "positions"}
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

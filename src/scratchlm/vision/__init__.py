@@ -6,14 +6,10 @@
 See docs/vision.md. The diffusion model that CLIP's text encoder conditions is ``scratchlm.diffusion``.
 """
 
-import importlib
+from scratchlm.lazy import lazy_exports
 
 # Loaded on first use (PEP 562), so that `scratchlm --help`, which imports vision/cli.py, does not import torch.
 _EXPORTS = {"CLIP": "clip", "CLIPConfig": "clip", "clip_loss": "clip"}
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
