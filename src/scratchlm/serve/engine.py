@@ -34,6 +34,7 @@ import torch
 from scratchlm.errors import ConfigError
 from scratchlm.generate import ContextShift, Sequence, shift_context
 from scratchlm.model import KVCache
+from scratchlm.quant.quantize import return_freed_memory
 from scratchlm.serve.embed_step import EmbedJob, embed_some
 from scratchlm.serve.events import Event, GenerationJob, QueueFullError, Ticket, TokenLogprob, token_logprob
 from scratchlm.serve.metrics import ServerMetrics
@@ -161,6 +162,9 @@ class Engine:
             self.draft_tokens = draft_tokens or DEFAULT_DRAFT_TOKENS["ngram" if draft == "ngram" else "model"]
             self.drafter = make_drafter(llm.draft_model(draft), self.model, max_batch, self.max_len)
         self.slots: list[_Active | None] = [None] * max_batch
+        # Loading freed many temporaries that glibc keeps in the process: give them back before serving (SmolLM2
+        # from its GGUF: 462 -> 384 MiB resident, measured).
+        return_freed_memory()
         self._waiting: deque[_Active] = deque()
         self._embeds: deque[EmbedJob] = deque()
         self._cond = threading.Condition()
