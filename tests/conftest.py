@@ -17,9 +17,10 @@ from scratchlm.llm import LLM
 from scratchlm.model import Transformer
 from scratchlm.tokenizer import BYTE_TO_UNICODE, Tokenizer
 
-# SCRATCHLM_COMPILE=1 would compile every model's decode step (tens of seconds on two cores); the suite keeps it
-# off and compiles only where a test asks for it (compile=True, --compile, or setting SCRATCHLM_COMPILE itself:
-# tests/test_compiled.py, tests/test_fast_default.py).
+# Unset, SCRATCHLM_COMPILE lets LLM.load compile int4 models' decode step in background processes (minutes of CPU
+# each, scratchlm.aot_background); the suite keeps it off (its child processes inherit that) and compiles only where
+# a test asks for it (compile=True, --compile, or setting SCRATCHLM_COMPILE itself: tests/test_compiled.py,
+# tests/test_fast_default.py).
 os.environ.setdefault("SCRATCHLM_COMPILE", "0")
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
