@@ -21,15 +21,14 @@ question, greedy, exactly --tokens new tokens (ignore_eos), usage from `stream_o
 
 The servers, with the same load and the same environment (GOMP_SPINCOUNT as the scratchlm command sets it):
 
-- `scratchlm --threads 2 serve smollm2-135m-instruct --max-len 256` (16 batch slots by default; the engine that
-  `scratchlm info` reports under "runs as");
-- llama.cpp's `llama-server -m <the same GGUF> -t 2 -tb 2 -np 16 -c 4096`: 16 slots of 256 positions, as ours
+- `scratchlm --threads 2 serve smollm2-135m-instruct` with its defaults (16 batch slots of 2,048 positions, of which
+  only the positions requests reach take memory; the engine that `scratchlm info` reports under "runs as");
+- llama.cpp's `llama-server -m <the same GGUF> -t 2 -tb 2 -np 16 -c 4096`: 16 slots of 256 positions
   (a request needs about 105: its prompt and 64 new tokens); continuous batching is its default. Built by
   benchmarks/setup_llamacpp.sh from the llama.cpp tree in the llama-cpp-python sdist that benchmarks/decode.py
   measures;
 - unless --no-baseline: `scratchlm serve --max-batch 1` at 16 clients (what continuous batching buys over one
-  request at a time), and once, at 16 clients, scratchlm with its default 2048 positions per slot (the memory a
-  plain `scratchlm serve` takes: its key/value cache is allocated, and zeroed, for every slot at start).
+  request at a time), and once, at 16 clients, scratchlm with `--max-len 256` (llama-server's positions per slot).
 
 Both get a warm-up (one request, then 16 at once) before the levels; the order of the two servers alternates
 between repeats. Targets (issue 4): throughput at 16 clients >= 4x the single-client rate, p95 TTFT at 16 clients
@@ -82,7 +81,8 @@ set_wait_policy()  # as the scratchlm command does, for the in-process decode st
 
 LLAMA_SERVER = os.environ.get("LLAMA_SERVER", "/work/peers/llama-server/bin/llama-server")
 LEVELS = [(1, 3), (4, 2), (16, 2)]  # (clients, requests per client)
-OURS = f"scratchlm --max-len {SLOT_CONTEXT}"
+OURS = "scratchlm (defaults)"  # its default 2048 positions per slot: only the positions used are resident
+SHORT = f"scratchlm --max-len {SLOT_CONTEXT}"
 TOPICS = ["the moon", "volcanoes", "bread", "rivers", "chess", "owls", "glass", "trains", "tea", "bees",
           "clouds", "copper", "maps", "salt", "violins", "deserts", "snow", "paper", "whales", "bridges"]
 
@@ -233,7 +233,7 @@ def batching_part(args) -> str:
     replies: dict[str, str] = {}
     # (row name, slots, scratchlm's extra flags, llama-server binary): the race gives both servers the same
     # context per slot; scratchlm's default (2048 positions per slot) is measured once more, at 16 clients.
-    race = [(OURS, 16, ("--max-len", str(SLOT_CONTEXT)), None), *((("llama-server", 16, (), llama),) if llama else ())]
+    race = [(OURS, 16, (), None), *((("llama-server", 16, (), llama),) if llama else ())]
     for repeat in range(args.repeats):
         for kind, slots, extra, binary in race if repeat % 2 == 0 else race[::-1]:  # alternate who goes first
             for r in measure(args.model, slots, LEVELS, args.tokens, args.threads, extra, llama_server=binary,
@@ -245,9 +245,9 @@ def batching_part(args) -> str:
                 rows.setdefault(("scratchlm --max-batch 1", r["clients"]), []).append(r)
                 progress(repeat, args, "scratchlm --max-batch 1", r)
     if not args.no_baseline:
-        for r in measure(args.model, 16, [(16, 2)], args.tokens, args.threads):
-            rows.setdefault(("scratchlm, default --max-len", r["clients"]), []).append(r)
-            progress(args.repeats - 1, args, "scratchlm, default --max-len", r)
+        for r in measure(args.model, 16, [(16, 2)], args.tokens, args.threads, ("--max-len", str(SLOT_CONTEXT))):
+            rows.setdefault((SHORT, r["clients"]), []).append(r)
+            progress(args.repeats - 1, args, SHORT, r)
     for name, text in replies.items():
         print(f"{name} greedy reply to {REPLY_QUESTION!r}:\n    {text!r}")
     return report(rows, args, replies)
@@ -308,10 +308,10 @@ def report(rows: dict, args, replies: dict[str, str]) -> str:
             lines.append(f"| {clients} | {ratio['tok_s']:.2f}x | {ratio['ttft_p50']:.2f}x | {ratio['ttft_p95']:.2f}x | "
                          f"{ratio['rss']:.2f}x |")
         tok, ttft, rss = (med(ours, 16, k) / med("llama-server", 16, k) for k in ("tok_s", "ttft_p95", "rss"))
-        if ("scratchlm, default --max-len", 16) in rows:
-            default = med("scratchlm, default --max-len", 16, "rss") / med("llama-server", 16, "rss")
-            lines += ["", "With its default --max-len (2048 positions per slot) scratchlm's peak RSS is "
-                      f"{default:.2f}x llama-server's."]
+        if (SHORT, 16) in rows:
+            short = med(SHORT, 16, "rss") / med("llama-server", 16, "rss")
+            lines += ["", f"With --max-len {SLOT_CONTEXT} (llama-server's positions per slot) scratchlm's peak RSS is "
+                      f"{short:.2f}x llama-server's."]
         lines += ["", "Targets at 16 clients (issue 11): aggregate tokens/s "
                   f"{tok:.2f}x llama-server's (>= 1.0x: {'met' if tok >= 1 else 'NOT met'}); p95 TTFT {ttft:.2f}x "
                   f"(<= 1.0x: {'met' if ttft <= 1 else 'NOT met'}); peak RSS {rss:.2f}x (<= 1.5x: "

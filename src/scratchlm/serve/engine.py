@@ -173,8 +173,35 @@ class Engine:
 
     # ---- the event loop's side --------------------------------------------------------------------
     def start(self) -> Engine:
+        self._prepare_compiled_steps()
         self._thread.start()
         return self
+
+    def _prepare_compiled_steps(self) -> None:
+        """With a compiled decode step attached (``LLM.load``'s default for int4 models on a CPU), ask a background
+        process for the packages of the decode windows the first requests will use: each row bucket (1, 2, 4, ...
+        ``max_batch`` rows, see ``static_window``) at the shortest cache window. Until a package is on disk those
+        steps run eagerly, so no request waits for a compile; the decoder asks for longer windows itself when a row
+        first reaches them. Adapter rows never use the compiled step (its graphs know nothing of them)."""
+        decoder = getattr(self.model, "decoder", None)
+        prepare = getattr(decoder, "prepare_in_background", None)
+        if prepare is None or self.adapters is not None:
+            return
+        from scratchlm.compiled import MIN_CACHE
+
+        windows, rows = [], 1
+        while True:
+            view = self.cache.rows(0, min(rows, self.max_batch))
+            length = min(MIN_CACHE, self.max_len)
+            view.k, view.v, view.max_len = view.k[..., :length, :], view.v[..., :length, :], length
+            windows.append(view)
+            if rows >= self.max_batch:
+                break
+            rows *= 2
+        try:
+            prepare(windows)
+        except (ValueError, OSError) as exc:  # a model not loaded by LLM.load, a read-only home: decode as it comes
+            log.info("scratchlm serve: compiled decode steps not prepared in the background (%s)", exc)
 
     def stop(self) -> None:
         with self._cond:
