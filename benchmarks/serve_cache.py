@@ -1,5 +1,11 @@
 """The issue-14 parts of benchmarks/serve.py (run them with `serve.py --part prefix|adapters`): prefix caching and
-many LoRA adapters served in one batch. See serve.py's docstring for the method."""
+many LoRA adapters served in one batch. See serve.py's docstring for the method.
+
+Run alone, this file times one decode step of 16 rows (base, four adapters, four adapters with their small
+products on every thread), interleaved, in wall and CPU time:
+
+    .venv/bin/python benchmarks/serve_cache.py --threads 2
+"""
 
 from __future__ import annotations
 
@@ -128,13 +134,21 @@ def make_adapters(model: str, directory: Path, count: int = 4, rank: int = 8) ->
     return out
 
 
-def decode_step_ratio(model: str, adapters: dict[str, Path], threads: int, repeats: int = 10) -> tuple[float, float]:
-    """One decode step of 16 rows at position 100, in this process: (base ms, 4-adapter ms), medians, interleaved.
-    The same model object runs both (the adapters switched off for the base), so only the LoRA work differs."""
+STEP_KINDS = ("base", "adapters", "adapters, every thread")
+
+
+def decode_steps(model: str, adapters: dict[str, Path], threads: int, repeats: int = 10) -> dict[str, tuple]:
+    """One decode step of 16 rows at position 100, in this process, on ``threads`` threads: {kind: (wall ms, CPU
+    ms)}, medians over ``repeats`` rounds whose order alternates. The same model object runs every kind: "base"
+    with the adapters switched off; "adapters" as served (the small LoRA products of a decode step on one
+    thread); "adapters, every thread" with those products on all ``threads`` (adapters.SINGLE_THREAD_ROWS = 0,
+    the behaviour before 2026-12-02). CPU time is the process's, all threads together (OpenMP threads that spin
+    or wait count), so it shows the cost of thread synchronisation that wall time on a loaded machine hides."""
     import torch
 
     from scratchlm.llm import LLM
     from scratchlm.model import KVCache
+    from scratchlm.serve import adapters as adapters_module
     from scratchlm.serve.adapters import ServedAdapters
 
     torch.set_num_threads(threads)
@@ -142,29 +156,50 @@ def decode_step_ratio(model: str, adapters: dict[str, Path], threads: int, repea
     served = ServedAdapters(llm.model, adapters, "base")
     cache = KVCache(llm.model.config, 16, 256)
     tokens = torch.randint(0, 1000, (16, 1), generator=torch.Generator().manual_seed(0))
+    mixed = [1 + i % len(adapters) for i in range(16)]
+    single_rows = adapters_module.SINGLE_THREAD_ROWS
 
-    def step(ids: list[int]) -> float:
-        served.select(ids)
+    def step(kind: str) -> tuple[float, float]:
+        served.select([0] * 16 if kind == "base" else mixed)
+        adapters_module.SINGLE_THREAD_ROWS = 0 if kind == "adapters, every thread" else single_rows
         cache.lengths[:] = 100
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             llm.model.logits(llm.model.hidden_states(tokens, cache)[:, -1])
-        return time.perf_counter() - start
+        return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
 
-    mixed, base = [1 + i % len(adapters) for i in range(16)], [0] * 16
-    for _ in range(3):
-        step(mixed), step(base)
-    times = [(step(base), step(mixed)) for _ in range(repeats)]
-    return statistics.median(t[0] for t in times) * 1000, statistics.median(t[1] for t in times) * 1000
+    try:
+        for _ in range(3):
+            for kind in STEP_KINDS:
+                step(kind)
+        times: dict[str, list] = {kind: [] for kind in STEP_KINDS}
+        for r in range(repeats):
+            for kind in STEP_KINDS if r % 2 == 0 else STEP_KINDS[::-1]:
+                times[kind].append(step(kind))
+    finally:
+        adapters_module.SINGLE_THREAD_ROWS = single_rows
+    return {kind: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            for kind, ts in times.items()}
+
+
+def step_lines(steps: dict[int, dict[str, tuple]]) -> list[str]:
+    """The decode-step table: per thread count, each kind's wall and CPU time and its ratio to the base."""
+    lines = ["| threads | step | wall ms | vs base (wall) | CPU ms | vs base (CPU) |", "|---|---|---|---|---|---|"]
+    for n, kinds in steps.items():
+        (bw, bc) = kinds["base"]
+        for kind, (w, c) in kinds.items():
+            lines.append(f"| {n} | {kind} | {w:.1f} | {bw / w:.2f}x | {c:.1f} | {bc / c:.2f}x |")
+    return lines
 
 
 def adapters_part(args) -> str:
     rows: dict[str, list[dict]] = {"base": [], "adapters": []}
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(args.model, Path(tmp))
-        steps = {n: decode_step_ratio(args.model, adapters, n) for n in (1, args.threads)}
-        for n, (b, a) in steps.items():
-            print(f"decode step, 16 rows, {n} thread(s): base {b:.1f} ms, 4 adapters {a:.1f} ms ({b / a:.2f}x)")
+        load = os.getloadavg()[0]
+        steps = {n: decode_steps(args.model, adapters, n) for n in sorted({1, args.threads})}
+        step_load = (load, os.getloadavg()[0])
+        print("\n".join(step_lines(steps)), flush=True)
         extra = tuple(x for name, d in adapters.items() for x in ("--adapter", f"{name}={d}"))
         for repeat in range(args.repeats):
             for kind in ("base", "adapters") if repeat % 2 == 0 else ("adapters", "base"):
@@ -187,10 +222,10 @@ def adapters_part(args) -> str:
         lines.append(f"| {label} | 16 | {med(kind, 'tok_s'):.1f} | {med(kind, 'tok_s') / med('base', 'tok_s'):.2f}x "
                      f"| {med(kind, 'ttft_p50'):.2f} s | {med(kind, 'ttft_p95'):.2f} s | {med(kind, 'load'):.1f} |")
     lines += ["", f"Target >= 0.8x the base alone: {'met' if ratio >= 0.8 else 'NOT met'} ({ratio:.2f}x).", "",
-              "One decode step of 16 rows in one process (same model; the base with the adapters switched off), "
-              "median of 10 interleaved: " + "; ".join(
-                  f"{n} thread(s): base {b:.1f} ms, 4 adapters {a:.1f} ms, {b / a:.2f}x" for n, (b, a) in steps.items())
-              + ".", ""]
+              "One decode step of 16 rows in one process (same model; the base with the adapters switched off; "
+              "'every thread': the adapters' small products on all threads, as before 2026-12-02), median of 10 "
+              f"alternating rounds, load average {step_load[0]:.1f} -> {step_load[1]:.1f}:", "",
+              *step_lines(steps), ""]
     return "\n".join(lines)
 
 
@@ -208,3 +243,24 @@ def header(title: str, args) -> list[str]:
         f"default: int4 from its GGUF; {args.tokens} new tokens per throughput request, greedy).",
         "",
     ]
+
+
+def main() -> None:
+    """The decode-step micro-benchmark alone (a minute): `.venv/bin/python benchmarks/serve_cache.py`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="One decode step of 16 rows: the base against four LoRA adapters")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="alternating rounds per thread count")
+    args = parser.parse_args()
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = make_adapters(args.model, Path(tmp))
+        steps = {n: decode_steps(args.model, adapters, n, args.repeats) for n in sorted({1, args.threads})}
+    print(f"{machine()}; load average {load:.1f} -> {os.getloadavg()[0]:.1f}")
+    print("\n".join(step_lines(steps)))
+
+
+if __name__ == "__main__":
+    main()

@@ -193,3 +193,39 @@ def test_the_server_lists_adapters_and_a_request_chooses_one(setup):
     assert missing.status_code == 404
     assert missing.json()["error"]["message"] == (
         "The model 'poem' does not exist; this server serves 'tiny-llama', 'poet', 'sql'")
+
+
+def test_decode_sized_passes_apply_adapters_on_one_thread_and_restore_the_count(setup, monkeypatch):
+    """On two threads, a decode-sized pass runs the small LoRA products on one (each would otherwise be an OpenMP
+    region costing more than its work) and gives what one thread gives; a long prefill keeps both threads; the
+    caller's thread count is back afterwards."""
+    from scratchlm.serve import adapters as adapters_module
+
+    base_dir, adapter_dirs, _ = setup
+    llm = LLM.load(base_dir)
+    served = ServedAdapters(llm.model, adapter_dirs, "tiny-llama")
+    seen = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: (seen.append(torch.get_num_threads()), bmm(*a))[1])  # a spy
+    short = torch.tensor([PROMPTS[1][:4]] * 3)
+    long = torch.tensor([(PROMPTS[2] * 8)[: adapters_module.SINGLE_THREAD_ROWS + 1]])
+    outputs = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                served.select([0, 1, 2])
+                outputs[threads] = llm.model(short)
+                assert torch.get_num_threads() == threads
+                decode_seen, seen[:] = list(seen), []
+                served.select([2])
+                llm.model(long)
+                prefill_seen, seen[:] = list(seen), []
+        finally:
+            torch.set_num_threads(1)
+        assert decode_seen and set(decode_seen) == {1}
+        assert prefill_seen and set(prefill_seen) == {threads}
+    assert torch.allclose(outputs[1], outputs[2], atol=1e-5)
+    served.select([0, 0, 0])
+    with torch.no_grad():
+        assert not torch.allclose(llm.model(short), outputs[1], atol=1e-3)  # the adapters did change the rows

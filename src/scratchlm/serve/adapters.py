@@ -39,6 +39,10 @@ from scratchlm.errors import ConfigError, ModelFileError
 from scratchlm.finetune import peft
 from scratchlm.finetune.lora import TARGETS
 
+# Passes of up to this many tokens (decode steps, short verifications) apply the adapters on one thread; longer
+# prefills are large enough products to gain from every thread.
+SINGLE_THREAD_ROWS = 64
+
 
 class GroupPlan(NamedTuple):
     """How the rows of one forward pass ([B, T] tokens, flattened to B*T) meet the stacked factors."""
@@ -104,10 +108,25 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        sel = self.selection
-        if not sel.active:
+        if not self.selection.active:
             return y
-        plan = sel.plan(x.shape[1])
+        threads = torch.get_num_threads()
+        if threads == 1 or x.numel() > SINGLE_THREAD_ROWS * x.shape[-1]:
+            return self._add_updates(x, y)
+        # A decode step's products are a few microseconds of work each: split over two OpenMP threads, every
+        # one of them (gather, two bmm, index_add_) becomes a parallel region whose barrier costs more than the
+        # work, and far more when another process holds a core (5x the CPU time for a bmm, 45x for index_add_,
+        # benchmarks/serve_cache.py --ops). The base's large products keep their threads; these run on one.
+        # set_num_threads is per OS thread for OpenMP and MKL, and costs ~0.2 us.
+        torch.set_num_threads(1)
+        try:
+            return self._add_updates(x, y)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _add_updates(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the base output for ``x``) plus each selected row's own adapter update."""
+        plan = self.selection.plan(x.shape[1])
         a, b = (self.a, self.b) if plan.adapters is None else (self.a[plan.adapters], self.b[plan.adapters])
         tokens = x.reshape(-1, x.shape[-1]).index_select(0, plan.gather).to(a.dtype)
         h = torch.bmm(tokens.view(plan.groups, plan.width, -1), a)  # (G, m, R)
