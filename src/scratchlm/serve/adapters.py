@@ -42,6 +42,9 @@ from scratchlm.finetune.lora import TARGETS
 # Passes of up to this many tokens (decode steps, short verifications) apply the adapters on one thread; longer
 # prefills are large enough products to gain from every thread.
 SINGLE_THREAD_ROWS = 64
+# Switching the thread count per layer relies on OpenMP's per-thread setting; PyTorch's native thread pool cannot
+# change its size once it has run, so other builds keep their threads.
+_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 class GroupPlan(NamedTuple):
@@ -111,13 +114,14 @@ class MultiLoRALinear(nn.Module):
         if not self.selection.active:
             return y
         threads = torch.get_num_threads()
-        if threads == 1 or x.numel() > SINGLE_THREAD_ROWS * x.shape[-1]:
+        if threads == 1 or not _OPENMP or x.numel() > SINGLE_THREAD_ROWS * x.shape[-1]:
             return self._add_updates(x, y)
         # A decode step's products are a few microseconds of work each: split over two OpenMP threads, every
         # one of them (gather, two bmm, index_add_) becomes a parallel region whose barrier costs more than the
-        # work, and far more when another process holds a core (5x the CPU time for a bmm, 45x for index_add_,
-        # benchmarks/serve_cache.py --ops). The base's large products keep their threads; these run on one.
-        # set_num_threads is per OS thread for OpenMP and MKL, and costs ~0.2 us.
+        # work, and far more when another process holds a core (at load 9, 5x the CPU time of one thread for a
+        # bmm, 45x for index_add_; a 16-row SmolLM2 step with four adapters 0.56x the base's speed, 0.92x with
+        # this: benchmarks/serve_cache.py). The base's large products keep their threads; these run on one.
+        # set_num_threads sets the calling thread's OpenMP and MKL counts and costs ~0.2 us.
         torch.set_num_threads(1)
         try:
             return self._add_updates(x, y)
