@@ -62,9 +62,11 @@ def add_adapter_flag(p: argparse.ArgumentParser) -> None:
 
 def add_compile_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode through a step compiled by torch.compile: faster tokens after a compile of about "
-                        "a minute per cache size, the first time only (cached in $SCRATCHLM_HOME/compile); "
-                        "default: off (eager; SCRATCHLM_COMPILE=1 turns it on)")
+                   help="decode through the step compiled ahead of time (cached in $SCRATCHLM_HOME/compile, loaded "
+                        "in milliseconds). Default: on for int4 models (GGUF Q4 files), whose first run on a "
+                        "machine decodes eagerly while a background process builds it; --compile: on for any "
+                        "model, built now and waited for (minutes, once); --no-compile: eager. "
+                        "SCRATCHLM_COMPILE=1/0 is --compile/--no-compile")
 
 
 def add_threads_flag(p: argparse.ArgumentParser) -> None:

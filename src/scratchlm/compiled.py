@@ -32,8 +32,10 @@ notice: never a crash, never different output. It is opt-in (``--compile``, ``LL
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
 
 import torch
 from torch import nn
@@ -42,6 +44,8 @@ from scratchlm.errors import ContextLengthError
 from scratchlm.model import KVCache, Transformer, apply_rope
 
 MIN_CACHE = 256
+POLL_SECONDS = 1.0  # how often a decoder looks for a package being built in the background
+MAX_REQUESTS = 2  # times a decoder asks a background worker for one package before it stays eager
 # The compiled step's logits against the eager static step's on the first call of a shape: sums associate
 # differently (and bfloat16 kernels round differently), a broken graph differs by orders of magnitude more.
 CHECK_RTOL = 2e-2
@@ -111,8 +115,18 @@ class CompiledDecoder:
     """
 
     def __init__(self, model: Transformer, compile: bool = True, progress: bool = False, disk_cache: bool = True,
-                 backend: str | None = None):
+                 backend: str | None = None, recipe: dict | None = None, background: bool = False):
         self.model = model
+        # How to load the model again (LLM.load keyword arguments), for a background worker to build packages
+        # (scratchlm.aot_background). background=True: a missing package is asked for there and this process
+        # decodes eagerly meanwhile; False: the first call of a layout builds it here and waits.
+        self.recipe = recipe
+        self.background = background and recipe is not None
+        self._pending: dict[tuple, float] = {}  # layouts being built in the background -> when to look again
+        self._worker = None  # the background worker this process started (polled, so that it is reaped)
+        self._asked: dict[tuple, int] = {}  # layout -> how many times a worker was asked for it
+        self._specs: dict[tuple, dict] = {}  # layout -> what the worker was asked (aot_background.request)
+        self._told: set[str] = set()  # notices printed (each once per process)
         self.compiled = compile
         self.progress = progress  # say so on stderr when a call is about to compile a graph
         self.disk_cache = disk_cache  # compile into $SCRATCHLM_HOME/compile/<key> (scratchlm.compile_cache)
@@ -161,10 +175,10 @@ class CompiledDecoder:
         return static_step(self.model, tokens, positions, k, v)
 
     @staticmethod
-    def _layout(tokens: torch.Tensor, cache: KVCache) -> tuple:
+    def _layout(cache: KVCache) -> tuple:
         """What a compiled step is specialised on: the batch size, the cache length and the cache's strides (a
         server's window into a longer cache has the strides of that cache; an AOT package assumes its own)."""
-        return (tokens.shape[0], cache.max_len, *cache.k[0].stride())
+        return (cache.k.shape[1], cache.max_len, *cache.k[0].stride())
 
     def package_path(self, layout: tuple):
         """Where the AOT package of ``layout`` lives in this model's cache directory. Inductor writes the thread
@@ -187,8 +201,13 @@ class CompiledDecoder:
                 # one compiled decoder per process at a time; switching to another one recompiles it.
                 torch._dynamo.reset()
             _compiled_for = id(self)
-        step = self._steps.get(self._layout(tokens, cache))
+        layout = self._layout(cache)
+        step = self._steps.get(layout)
         if step is None:
+            if layout in self._pending and not self._arrived(layout):
+                from scratchlm.generate import decode_step
+
+                return decode_step(self.model, tokens, cache)  # the general eager step until the package is built
             return self._first_call(tokens, cache)
         logits = step(tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
         cache.lengths += 1
@@ -225,7 +244,11 @@ class CompiledDecoder:
     def _first_call(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Compile (or load from the disk cache) the step for this layout, and check it against the eager static
         step run on a copy of the cache; on any failure, rebuild the cache once, then decode eagerly."""
-        layout = self._layout(tokens, cache)
+        layout = self._layout(cache)
+        if self._build_in_background(layout, cache):
+            from scratchlm.generate import decode_step
+
+            return decode_step(self.model, tokens, cache)
         k_ref, v_ref = cache.k.clone(), cache.v.clone()
         want = self._step(tokens, cache.lengths, list(k_ref.unbind(0)), list(v_ref.unbind(0)))
         args = (tokens, cache.lengths, list(cache.k.unbind(0)), list(cache.v.unbind(0)))
@@ -258,6 +281,115 @@ class CompiledDecoder:
         cache.lengths += 1
         return got
 
+    # ---- packages built by a background process (scratchlm.aot_background) ---------------------------------
+    def prepare_in_background(self, caches: list[KVCache]) -> list[tuple]:
+        """Ask a background process for the AOT packages of these caches' layouts, without waiting.
+
+        ``caches``: ``KVCache`` objects (or views, e.g. ``cache.rows(0, 4)`` cut to a length) shaped as the calls
+        to come will be: batch rows, cache length and strides make a layout (a server: one per batch-size and
+        length bucket). Layouts already attached, on disk or asked for are skipped. Returns the layouts asked
+        for. A call on a layout decodes eagerly until its package is on disk, then loads and checks it (the
+        decoder looks about once a second; ``ready`` says whether it is there). One worker per model and machine
+        builds the requests one after another, niced; it needs the model's ``recipe`` (``LLM.load`` gives it):
+        ValueError without one. Does nothing (returns []) for the dynamo backend or a decoder gone eager."""
+        if self.backend != "aot" or not self.compiled:
+            return []
+        if self.recipe is None:
+            raise ValueError("background builds need to load the model again: load it with LLM.load (or pass "
+                             "compile_decoding(..., recipe=LLM.load keyword arguments))")
+        self._prepare_dir()
+        asked = []
+        for cache in caches:
+            layout = self._layout(cache)
+            if layout in self._steps or layout in self._pending or self.package_path(layout).is_file():
+                continue
+            self._request(layout, self._spec(layout, cache))
+            asked.append(layout)
+        return asked
+
+    def ready(self, cache: KVCache) -> bool:
+        """Whether a call on ``cache``'s layout runs (or, at its next call, loads) the compiled step: it is attached
+        already, or its package is on disk; False while it is being built, or where compiling failed."""
+        layout = self._layout(cache)
+        if layout in self._steps:
+            return True
+        if not self.compiled or self.backend != "aot" or self._pending.get(layout) == math.inf:
+            return False
+        self._prepare_dir()
+        return self.package_path(layout).is_file()
+
+    def _say(self, line: str) -> None:
+        if line not in self._told:
+            self._told.add(line)
+            print(f"scratchlm: {line}", file=sys.stderr)
+
+    def _spec(self, layout: tuple, cache: KVCache) -> dict:
+        k = cache.k[0]
+        return {"layout": list(layout), "shape": list(k.shape), "stride": list(k.stride()),
+                "dtype": str(k.dtype).removeprefix("torch."), "n_layers": cache.k.shape[0],
+                "threads": torch.get_num_threads(), "recipe": self.recipe}
+
+    def _request(self, layout: tuple, spec: dict) -> None:
+        """Ask a background worker for ``layout``'s package (at most ``MAX_REQUESTS`` times per layout: a worker
+        that dies without a word must not be restarted forever) and look for it again in ``POLL_SECONDS``."""
+        from scratchlm import aot_background
+
+        path = self.package_path(layout)
+        reason = aot_background.failure(path)
+        asked = self._asked.get(layout, 0)
+        if reason is not None or asked >= MAX_REQUESTS:
+            self._pending[layout] = math.inf  # eager for this layout in this process
+            self._say(f"the compiled decode step could not be built here ({reason or 'its build stopped'}); decoding "
+                      f"eagerly (details: {path.parent / aot_background.LOG}; --no-compile skips the attempt)")
+            return
+        self._asked[layout] = asked + 1
+        self._specs[layout] = spec
+        worker = aot_background.request(path, spec)
+        if worker is not None:
+            self._worker = worker
+        self._pending[layout] = time.monotonic() + POLL_SECONDS
+        self._say("compiling the decode step for this machine in a background process (once per model shape, "
+                  f"about {self.expected_compile_seconds()} s of CPU); decoding eagerly until it is ready, later runs "
+                  "load it (--no-compile or SCRATCHLM_COMPILE=0 turns compiling off)")
+
+    def _build_in_background(self, layout: tuple, cache: KVCache) -> bool:
+        """Whether this call decodes eagerly because ``layout``'s package is missing: then it is asked for (in the
+        background mode) instead of built here."""
+        if not (self.background and self.backend == "aot"):
+            return False
+        try:
+            self._prepare_dir()
+            if self.package_path(layout).is_file():
+                return False
+            self._request(layout, self._spec(layout, cache))
+        except OSError as exc:  # a read-only home, no room...: eager, one notice
+            self._pending[layout] = math.inf
+            self._say(f"the compiled decode step cannot be cached here ({exc}); decoding eagerly")
+        return True
+
+    def _arrived(self, layout: tuple) -> bool:
+        """Whether ``layout``'s package, asked for in the background, is on disk now (looked for at most once per
+        ``POLL_SECONDS``; a cheap time check otherwise). A worker gone without building it is asked again."""
+        now = time.monotonic()
+        if now < self._pending[layout]:
+            return False
+        self._pending[layout] = now + POLL_SECONDS
+        if self._worker is not None and self._worker.poll() is not None:
+            self._worker = None  # reaped
+        try:
+            self._prepare_dir()
+            path = self.package_path(layout)
+            if path.is_file():
+                del self._pending[layout]
+                return True
+            from scratchlm.aot_background import building
+
+            if not building(self.cache_dir):  # the worker finished or died without it (or the cache was emptied)
+                self._request(layout, self._specs[layout])
+        except OSError:
+            self._pending[layout] = math.inf
+        return False
+
     def _failed(self, exc: Exception) -> None:
         """Throw away this model's compile cache; the next first call rebuilds it once, after that: eager."""
         from scratchlm.compile_cache import discard
@@ -272,6 +404,7 @@ class CompiledDecoder:
         reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]}"
         if self._retried:
             self.compiled = False
+            self._pending.clear()
             print(f"scratchlm: the compiled decode step does not work here ({reason}); decoding eagerly "
                   "(--no-compile skips the attempt)", file=sys.stderr)
         else:
@@ -281,25 +414,60 @@ class CompiledDecoder:
 
 
 def compile_decoding(model: nn.Module, compile: bool = True, progress: bool = False,
-                     disk_cache: bool = True, backend: str | None = None) -> CompiledDecoder:
+                     disk_cache: bool = True, backend: str | None = None, recipe: dict | None = None,
+                     background: bool = False) -> CompiledDecoder:
     """Attach a compiled decode step to ``model`` (as ``model.decoder``), used by generate/chat/stream and the
     server. Nothing compiles until the first decode step.
 
     ``progress``: print a line on stderr whenever a call compiles a new graph (tens of seconds).
     ``disk_cache``: keep inductor's output in ``$SCRATCHLM_HOME/compile/<key>`` (else inductor's default; AOT
-    packages always go there). ``backend``: "aot" (default on CPU) or "dynamo" (``torch.compile``)."""
-    model.decoder = CompiledDecoder(model, compile, progress, disk_cache, backend)
+    packages always go there). ``backend``: "aot" (default on CPU) or "dynamo" (``torch.compile``).
+    ``recipe``: the ``LLM.load`` keyword arguments that load this model again (``LLM.load`` passes them), so that
+    a background process can build packages (``prepare_in_background``); with ``background=True`` every missing
+    package is built that way while the calls decode eagerly (``LLM.load``'s default), else the first call of
+    a layout builds its package and waits for it."""
+    model.decoder = CompiledDecoder(model, compile, progress, disk_cache, backend, recipe, background)
     return model.decoder
 
 
-def use_compiled_by_default(model: nn.Module) -> bool:
-    """Whether ``LLM.load(..., compile=None)`` attaches the compiled step: only when ``$SCRATCHLM_COMPILE`` is 1
-    (and the model is on the CPU).
+def prepare_in_background(model: nn.Module, caches: list[KVCache]) -> list[tuple]:
+    """``model.decoder.prepare_in_background(caches)`` (see there) when ``model`` has a compiled decoder; [] when
+    it has none (eager: nothing to prepare)."""
+    decoder = getattr(model, "decoder", None)
+    return decoder.prepare_in_background(caches) if decoder is not None else []
 
-    Not the default yet: the ahead-of-time package removes the per-process cost (a warm package loads in
-    milliseconds without the compiler), but the first run on a machine compiles for minutes on a small CPU,
-    once per batch size and cache length, and a server would make its first requests of each size wait for
-    that; the default needs those compiles moved off the request path (see docs/quantization.md)."""
+
+def ready(model: nn.Module, cache: KVCache) -> bool:
+    """``model.decoder.ready(cache)``: whether decoding on ``cache``'s layout runs compiled now (or at its next call);
+    False for a model without a compiled decoder."""
+    decoder = getattr(model, "decoder", None)
+    return decoder is not None and decoder.ready(cache)
+
+
+def compile_setting() -> bool | None:
+    """``$SCRATCHLM_COMPILE`` as a ``--compile``/``--no-compile`` flag: True (1, true, yes, on), False (0, false,
+    no, off), None (unset, or anything else: the default, ``use_compiled_by_default``)."""
     setting = os.environ.get("SCRATCHLM_COMPILE", "").strip().lower()
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    return on_cpu and setting in ("1", "true", "yes", "on")
+    return True if setting in ("1", "true", "yes", "on") else False if setting in ("0", "false", "no", "off") else None
+
+
+# Where the compiled step is the default: the models whose decoding it makes faster, measured on SmolLM2 by
+# benchmarks/aot_default.py (docs/quantization.md#compiled-decoding has the figures).
+DEFAULT_MODES = ("int4",)
+
+
+def use_compiled_by_default(model: nn.Module) -> bool:
+    """Whether ``LLM.load(..., compile=None)`` decodes ``model`` through the compiled step when
+    ``$SCRATCHLM_COMPILE`` is not set: a decoder-only ``Transformer`` (causal, pre-norm: what ``static_step``
+    computes) on the CPU, whose quantization is one of ``DEFAULT_MODES``.
+
+    Its packages are then built by a background process (``scratchlm.aot_background``): the first run on a
+    machine decodes eagerly and says so in one line, later runs load the package in milliseconds."""
+    cfg = getattr(model, "config", None)
+    if not isinstance(model, Transformer) or cfg is None or not cfg.causal or cfg.norm_position != "pre" \
+            or cfg.type_vocab_size:
+        return False
+    if not all(p.device.type == "cpu" for p in model.parameters()):
+        return False
+    mode = (getattr(model, "quantization", None) or {}).get("mode", "dense")
+    return mode in DEFAULT_MODES

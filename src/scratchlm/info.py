@@ -67,7 +67,7 @@ def model_info(name_or_path: str) -> dict[str, str]:
         if path.is_dir() and (path / QUANT_FILE).is_file():
             q = read_json(path / QUANT_FILE)
             group = f" group {q.get('group_size')}" if q.get("group_size") else ""
-            runs_as = f"{q.get('mode')}{group} as stored, eager (--compile: the compiled decode step)"
+            runs_as = f"{q.get('mode')}{group} as stored, {_engine(q.get('mode') == 'int4')}"
         else:
             runs_as = ("float32, eager (--dtype bfloat16; --quantize int4 for the fast engine: int4 and the "
                        "compiled decode step)")
@@ -99,8 +99,16 @@ def _gguf_runs_as(reader) -> str:
     if sum(linear.values()) > int4:
         others = "/".join(k for k in linear if k not in INT4_BLOCK_TYPES)
         parts.append(f"{sum(linear.values()) - int4} layers int8 per row (from {others})")
-    return (", ".join(parts) + "; embedding and head int8; eager (--compile: the compiled decode step). "
+    return (", ".join(parts) + f"; embedding and head int8; {_engine(bool(int4))}. "
             "--dtype float32|bfloat16: dequantized")
+
+
+def _engine(compiled: bool) -> str:
+    """The decode engine ``LLM.load`` picks (``compiled.use_compiled_by_default``: int4 models are compiled)."""
+    if compiled:
+        return ("the compiled decode step (built in the background on the first run on this machine, eager until "
+                "then; --no-compile: eager)")
+    return "eager (--compile: the compiled decode step)"
 
 
 def _torch_checkpoint(path: Path) -> tuple[ModelConfig, Counter, str]:

@@ -177,7 +177,10 @@ class LLM:
         ``dequantize=True``, ``quantize`` or ``adapter`` gives the dense model instead (dequantized, then
         quantized as asked). Other sources load in ``dtype`` (default float32).
         ``compile``: decode through the compiled static step (``scratchlm.compiled``; cached on disk, checked,
-        eager fallback); None (default) decodes eagerly unless ``$SCRATCHLM_COMPILE=1``.
+        eager fallback). None (default): where ``compiled.use_compiled_by_default`` says it is faster, built by a
+        background process on the first run (decoding eagerly meanwhile), loaded by later runs; True: compiled,
+        the first call of each shape builds its package and waits; False: eager. ``$SCRATCHLM_COMPILE=1`` or
+        ``0`` stands for True or False when ``compile`` is None.
         """
         from scratchlm.hub import KNOWN_MODELS, resolve
 
@@ -208,10 +211,18 @@ class LLM:
 
             quantize_model(llm.model, quantize, group_size)
         llm.model.to(device)
-        from scratchlm.compiled import compile_decoding, use_compiled_by_default
+        from scratchlm.compiled import compile_decoding, compile_setting, use_compiled_by_default
 
+        compile = compile_setting() if compile is None else compile  # $SCRATCHLM_COMPILE=0/1: as --(no-)compile
         if compile or (compile is None and use_compiled_by_default(llm.model)):
-            compile_decoding(llm.model)
+            # How to load this model again: a background process builds the compiled step's packages from it.
+            recipe = dict(name_or_path=str(path.resolve()), dtype=str(torch_dtype).removeprefix("torch.") if dtype
+                          else None, quantize=quantize, group_size=group_size, dequantize=dequantize,
+                          adapter=os.path.abspath(adapter) if adapter is not None else None,
+                          tokenizer=str(tok_path.resolve()) if tok_path is not None else None)
+            # compile=None (the default): missing packages are built in the background while decoding eagerly;
+            # compile=True: the first decode step of each shape builds its package and waits for it.
+            compile_decoding(llm.model, recipe=recipe, background=compile is None)
         return llm
 
     @classmethod
