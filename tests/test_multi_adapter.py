@@ -229,3 +229,28 @@ def test_decode_sized_passes_apply_adapters_on_one_thread_and_restore_the_count(
     served.select([0, 0, 0])
     with torch.no_grad():
         assert not torch.allclose(llm.model(short), outputs[1], atol=1e-3)  # the adapters did change the rows
+
+
+def test_rows_of_some_adapters_equal_those_adapters_alone(setup):
+    """When some adapters have no rows, the used ones are taken as a range of the stacks (those between them get
+    empty groups) or, when the range would be over twice as wide, copied out by index; either way each row gets
+    its own adapter's update."""
+    base_dir, adapter_dirs, _ = setup
+    poet, sql = adapter_dirs["poet"], adapter_dirs["sql"]
+    llm = LLM.load(base_dir)
+    served = ServedAdapters(llm.model, {"p1": poet, "p2": poet, "s3": sql, "p4": poet, "s5": sql}, "tiny-llama")
+    tokens = torch.tensor([PROMPTS[1][:6], PROMPTS[2][:6]])
+
+    def forward(ids):
+        served.select(ids)
+        with torch.no_grad():
+            return llm.model(tokens)
+
+    alone = {a: forward([a, a]) for a in range(6)}
+    assert not torch.allclose(alone[1], alone[3], atol=1e-3)  # poet and sql differ
+    for ids in ([1, 3], [3, 1], [1, 5], [5, 0], [2, 3], [4, 4]):  # a gap, reversed, index path, base row, ...
+        got = forward(ids)
+        for row, a in enumerate(ids):
+            assert torch.allclose(got[row], alone[a][row], atol=1e-5), (ids, row)
+        stacks = served.selection.plan(tokens.shape[1]).adapters
+        assert isinstance(stacks, torch.Tensor) if ids == [1, 5] else isinstance(stacks, slice)  # both paths run

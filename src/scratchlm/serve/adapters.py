@@ -53,8 +53,8 @@ class GroupPlan(NamedTuple):
     """How the rows of one forward pass ([B, T] tokens, flattened to B*T) meet the stacked factors."""
 
     gather: torch.Tensor  # (G * m,): the token each slot of the [G, m] layout reads (padding slots: any token)
-    adapters: torch.Tensor | None  # (G,): stack index of each group's adapter; None when every adapter is in use
-    groups: int  # G: adapters in use
+    adapters: slice | torch.Tensor | None  # the groups' adapters in the stacks: a range (a view), indices, or None: all
+    groups: int  # G: adapters in use (and any between them that no row uses)
     width: int  # m: tokens per group, the largest group's
     dest: torch.Tensor | None  # padded layouts: the real slots' tokens, in order (None: gather has no padding)
     src: torch.Tensor | None  # padded layouts: the real slots' positions in the [G * m] layout
@@ -83,12 +83,17 @@ class RowSelection:
 
     def _build(self, T: int) -> GroupPlan:
         used = sorted({a for a in self.ids if a})
-        members = {a: [b * T + t for b, a_b in enumerate(self.ids) if a_b == a for t in range(T)] for a in used}
+        # The stacks' adapters from the first to the last in use are a view of them (no copy); adapters between
+        # that no row asked for get an empty group (padding slots whose products are dropped), unless they
+        # outnumber the ones in use: then copying the used factors out (an index) reads less.
+        lo, hi = used[0], used[-1]
+        span = list(range(lo, hi + 1)) if hi - lo + 1 <= 2 * len(used) else used
+        members = {a: [b * T + t for b, a_b in enumerate(self.ids) if a_b == a for t in range(T)] for a in span}
         m = max(len(tokens) for tokens in members.values())
         gather, dest, src = [], [], []
-        for g, a in enumerate(used):
+        for g, a in enumerate(span):
             tokens = members[a]
-            gather += tokens + [tokens[0]] * (m - len(tokens))
+            gather += tokens + [tokens[0] if tokens else 0] * (m - len(tokens))
             dest += tokens
             src += range(g * m, g * m + len(tokens))
         padded = len(dest) < len(gather)
@@ -96,9 +101,14 @@ class RowSelection:
         def tensor(values):
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
-        every = used == list(range(1, self.count + 1))
-        return GroupPlan(tensor(gather), None if every else tensor([a - 1 for a in used]), len(used), m,
-                         tensor(dest) if padded else None, tensor(src) if padded else None)
+        if span == list(range(1, self.count + 1)):
+            stacks = None
+        elif span[-1] - span[0] + 1 == len(span):
+            stacks = slice(span[0] - 1, span[-1])
+        else:
+            stacks = tensor([a - 1 for a in span])
+        return GroupPlan(tensor(gather), stacks, len(span), m, tensor(dest) if padded else None,
+                         tensor(src) if padded else None)
 
 
 class MultiLoRALinear(nn.Module):
@@ -134,6 +144,7 @@ class MultiLoRALinear(nn.Module):
         """``y`` (the base output for ``x``) plus each selected row's own adapter update."""
         plan = self.selection.plan(x.shape[1])
         a, b = (self.a, self.b) if plan.adapters is None else (self.a[plan.adapters], self.b[plan.adapters])
+        # (a slice is a view of the stacks; an index tensor copies the used adapters' factors out)
         tokens = x.reshape(-1, x.shape[-1]).index_select(0, plan.gather).to(a.dtype)
         h = torch.bmm(tokens.view(plan.groups, plan.width, -1), a)  # (G, m, R)
         update = torch.bmm(h, b).view(-1, b.shape[-1])  # (G * m, out): each group's rows through its own adapter
