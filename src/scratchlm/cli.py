@@ -12,6 +12,7 @@ Every ScratchLMError becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -31,14 +32,34 @@ from scratchlm.cli_options import (  # noqa: F401  (add_sampling_flags and sampl
 from scratchlm.errors import ConfigError, ScratchLMError
 
 
+def pause_collection(args: argparse.Namespace) -> bool:
+    """In a command's own process (``main`` sets ``args.own_process``), pause Python's cyclic garbage collector
+    until ``load_llm`` has loaded the model, which then freezes what exists (``gc.freeze``) and resumes it.
+
+    Importing torch and loading a model make ~200,000 long-lived objects and next to no garbage: the collector's
+    passes over them cost 0.3 s of CPU, and its last pass at exit 0.5 s more (SmolLM2 ``generate``, measured with
+    benchmarks/startup.py); frozen objects are skipped by later passes, the exit's included. Not in a Python
+    session (tests, notebooks): its objects are its owner's to collect. True when paused."""
+    own = getattr(args, "own_process", False)
+    if own:
+        gc.disable()
+    return own
+
+
 def load_llm(args: argparse.Namespace):
     """The model named by ``args.model``, loaded with the engine options (``--compile``/``--no-compile`` included)."""
-    from scratchlm.llm import LLM
-    from scratchlm.progress import stage
+    own = pause_collection(args)
+    try:
+        from scratchlm.llm import LLM
+        from scratchlm.progress import stage
 
-    progress = show_progress(args)
-    with stage(f"loading {args.model}", progress):
-        llm = LLM.load(args.model, **engine_kwargs(args))
+        progress = show_progress(args)
+        with stage(f"loading {args.model}", progress):
+            llm = LLM.load(args.model, **engine_kwargs(args))
+    finally:
+        if own:
+            gc.freeze()  # the model, the tokenizer, torch's own objects: they live until the exit anyway
+            gc.enable()
     decoder = getattr(llm.model, "decoder", None)  # the compiled step (LLM.load's compile option)
     if decoder is not None:
         decoder.progress = progress
@@ -75,6 +96,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    pause_collection(args)  # from the first import of torch (below) to the loaded model
     from scratchlm.generate import DecodeStats
 
     structured = constraint_kwargs(args)  # compiled before the slow load: a bad schema fails at once
@@ -91,6 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    pause_collection(args)
     from scratchlm.chat_session import ChatSession
     from scratchlm.generate import DecodeStats
 
@@ -184,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     session = "torch" in sys.modules  # a Python session (tests, notebook) whose threads are its owner's
     cpu.set_wait_policy()
     args = build_parser().parse_args(argv)
+    args.own_process = not session  # see pause_collection
     try:
         if args.threads is not None and args.threads < 1:
             raise ConfigError("--threads must be at least 1")

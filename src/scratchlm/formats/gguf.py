@@ -1,6 +1,8 @@
 """Read GGUF files (llama.cpp's format) into scratchlm's canonical representation.
 
-The container is walked by ``formats.gguf_file``; dequantization uses the `gguf` package, llama.cpp's own.
+The container is walked by ``formats.gguf_file``; float, Q8_0 and Q4_0/Q4_1 tensors are read with torch
+(``formats.ggml_quants``, bit for bit what the `gguf` package computes), the other block types are dequantized by
+the `gguf` package, llama.cpp's own.
 What is ours is the mapping: GGUF metadata -> ModelConfig, GGUF tensor names -> canonical names, and undoing
 llama.cpp's reordering of the Q and K rows (its converter interleaves the two rotary halves of each head).
 """
@@ -92,7 +94,8 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _tensor_to_torch(t, path: Path) -> torch.Tensor:
-    from gguf import GGMLQuantizationType, quants
+    """One tensor of the file as float32 (float types, Q8_0, Q4_0 and Q4_1 natively; others through gguf)."""
+    from scratchlm.formats.ggml_quants import NATIVE_BLOCK_TYPES, dequantize_blocks
 
     kind = t.tensor_type.name
     if kind not in SUPPORTED_TYPES:
@@ -101,9 +104,17 @@ def _tensor_to_torch(t, path: Path) -> torch.Tensor:
             f"supported: {', '.join(SUPPORTED_TYPES)}"
         )
     shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest-moving dimension first
-    if t.tensor_type == GGMLQuantizationType.F32:
-        array = np.asarray(t.data, dtype=np.float32).reshape(shape)
-        return torch.from_numpy(array.copy())
+    if kind == "F32":
+        return torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(shape)  # a copy: the file stays mapped
+    if kind == "F16":
+        return torch.from_numpy(t.data).float().reshape(shape)
+    if kind == "BF16":  # raw bytes, two per value
+        return torch.from_numpy(np.ascontiguousarray(t.data)).view(torch.bfloat16).float().reshape(shape)
+    if kind in NATIVE_BLOCK_TYPES:
+        cols = shape[-1]
+        return dequantize_blocks(t.data, kind, t.n_elements // cols, cols).reshape(shape)
+    from gguf import quants
+
     array = quants.dequantize(t.data, t.tensor_type)
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(shape))
 
@@ -223,13 +234,19 @@ def _read_tensors(reader, meta: dict, path: Path, dtype: torch.dtype,
 def _int8_rows(t, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """A block-quantized matrix (Q8_0, Q5, Q6_K, ...) as scratchlm's int8 rows (``quant.int8``: one scale per
     row, not exact), dequantized a few thousand rows at a time so that the float copy never exists whole."""
-    from gguf import quants
-
+    from scratchlm.formats.ggml_quants import NATIVE_BLOCK_TYPES, dequantize_blocks
     from scratchlm.quant.int8 import quantize_int8
 
+    kind, cols = t.tensor_type.name, int(t.shape[0])
     data = np.asarray(t.data)
-    cols = int(t.shape[0])
-    parts = [quantize_int8(torch.from_numpy(np.ascontiguousarray(
-        quants.dequantize(data[i : i + chunk], t.tensor_type), dtype=np.float32).reshape(-1, cols)))
-        for i in range(0, data.shape[0], chunk)]
+
+    def rows_of(part: np.ndarray) -> torch.Tensor:
+        if kind in NATIVE_BLOCK_TYPES:
+            return dequantize_blocks(part, kind, part.shape[0], cols)
+        from gguf import quants
+
+        return torch.from_numpy(np.ascontiguousarray(quants.dequantize(part, t.tensor_type),
+                                                     dtype=np.float32).reshape(-1, cols))
+
+    parts = [quantize_int8(rows_of(data[i : i + chunk])) for i in range(0, data.shape[0], chunk)]
     return torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])
