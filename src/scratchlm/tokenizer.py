@@ -96,17 +96,20 @@ class Tokenizer:
         # Specials are looked up last-wins, so their text maps to their id even where `vocab` also holds it.
         self._token_to_id = {**self.vocab, **self.special_tokens}
         self._id_to_token = {i: t for t, i in self._token_to_id.items()}
-        self._id_to_bytes = {i: token_bytes(t) for i, t in self._id_to_token.items()}
+        # Each token's bytes, filled in as tokens are decoded (``bytes_of``): all 49,152 of SmolLM2's up front were
+        # a third of building the tokenizer, at every start-up.
+        self._id_to_bytes: dict[int, bytes] = {}
         self._special_ids = set(self.special_tokens.values())
         self._vocab_size = max(self._id_to_token, default=-1) + 1
 
+        known = self._token_to_id
         for rank, (left, right) in enumerate(self.merges):
-            for part in (left, right, left + right):
-                if part not in self._token_to_id:
-                    raise ModelFileError(
-                        f"tokenizer merge #{rank} {left!r} + {right!r} uses {part!r}, which is not in the "
-                        "vocabulary; the tokenizer file is inconsistent or corrupt"
-                    )
+            if left not in known or right not in known or left + right not in known:
+                part = next(p for p in (left, right, left + right) if p not in known)
+                raise ModelFileError(
+                    f"tokenizer merge #{rank} {left!r} + {right!r} uses {part!r}, which is not in the "
+                    "vocabulary; the tokenizer file is inconsistent or corrupt"
+                )
         # A merge listed twice keeps its last rank, as in GPT-2's encoder.py and HF tokenizers.
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         # Byte characters with no token (SmolLM2 lacks 21 of the 256): dropped before merging, as HF's BPE does.
@@ -221,7 +224,13 @@ class Tokenizer:
         report them). Ids with no token (padding rows of a larger embedding) give b"", as in HF."""
         if skip_special and token_id in self._special_ids:
             return b""
-        return self._id_to_bytes.get(token_id, b"")
+        data = self._id_to_bytes.get(token_id)
+        if data is None:
+            token = self._id_to_token.get(token_id)
+            if token is None:
+                return b""
+            data = self._id_to_bytes[token_id] = token_bytes(token)
+        return data
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         """Decode ids to text; invalid UTF-8 (e.g. half an emoji) becomes U+FFFD."""
@@ -257,13 +266,12 @@ class Tokenizer:
             raise ModelFileError(f"GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types")
         special_types = (GGUF_TOKEN_TYPE_CONTROL, GGUF_TOKEN_TYPE_USER_DEFINED)
         vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k not in special_types}
-        special_tokens = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in special_types}
-        merges = []
-        for line in get("tokenizer.ggml.merges"):
-            parts = line.split(" ")
+        special_tokens = {tokens[i]: i for i, k in enumerate(types) if k in special_types}
+        lines = get("tokenizer.ggml.merges")
+        merges = [tuple(line.split(" ")) for line in lines]
+        for line, parts in zip(lines, merges):
             if len(parts) != 2:
                 raise ModelFileError(f"GGUF tokenizer merge {line!r} is not two tokens separated by one space")
-            merges.append((parts[0], parts[1]))
 
         def token_at(key: str) -> str | None:
             i = meta.get(key)
