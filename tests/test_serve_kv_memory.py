@@ -1,13 +1,20 @@
 """The serving engine's key/value cache: memory is touched only where requests reach, and what was never written
-(``torch.empty`` may hold NaN) never reaches attention, with prefixes copied between rows and the prefix cache on."""
+(``torch.empty`` may hold NaN) never reaches attention, with prefixes copied between rows and the prefix cache on.
+And the compiled decode step's packages: asked for in the background at start, one per row bucket."""
 
 from __future__ import annotations
+
+import fcntl
+import json
 
 import psutil
 import pytest
 import torch
 
 from conftest import tiny_llm
+from scratchlm import aot_background
+from scratchlm.compile_cache import cache_dir
+from scratchlm.compiled import compile_decoding
 from scratchlm.serve.engine import Engine, GenerationJob
 from test_serve_support import run_jobs
 
@@ -49,6 +56,13 @@ def test_garbage_in_never_written_cache_memory_does_not_reach_attention(shared):
 def test_cache_memory_is_resident_only_for_the_positions_requests_reach():
     # 16 slots x 4,096 positions x 4 layers x 2 heads x 32 x 4 bytes x (keys + values) = 128 MiB reserved
     llm = tiny_llm("llama", seed=5, context_length=4096, d_model=64, n_layers=4, n_heads=2, n_kv_heads=2)
+    params = llm.sampling(temperature=0.0, max_new_tokens=4)
+    jobs = [GenerationJob(list(range(1, 30)), params, 4, index=i) for i in range(16)]
+    warm = Engine(llm, max_batch=16, max_len=64, prefix_cache_mb=0).start()  # first-use costs of torch and threads
+    try:
+        run_jobs(warm, jobs)
+    finally:
+        warm.stop()
     process = psutil.Process()
     before = process.memory_info().rss
     engine = Engine(llm, max_batch=16, max_len=4096, prefix_cache_mb=0)
@@ -56,11 +70,36 @@ def test_cache_memory_is_resident_only_for_the_positions_requests_reach():
     assert reserved == 128 * 2**20
     engine.start()
     try:
-        params = llm.sampling(temperature=0.0)
-        run_jobs(engine, [GenerationJob(list(range(1, 30)), params, 8, index=i) for i in range(16)])
+        run_jobs(engine, jobs)
     finally:
         engine.stop()
     grown = process.memory_info().rss - before
-    # 37 positions of 4,096 used in each row (a page of 4 KiB holds 32 of them per layer and head): about 2 MiB
+    # 33 positions of 4,096 used in each row (a page of 4 KiB holds 32 of them per layer and head): about 2 MiB
     assert grown < reserved / 8, f"{grown / 2**20:.0f} MiB resident for a {reserved / 2**20:.0f} MiB cache"
-    assert torch.isfinite(engine.cache.k[:, :, :, :37]).all()
+    assert torch.isfinite(engine.cache.k[:, :, :, :33]).all()
+
+
+def test_the_server_asks_for_every_row_bucket_in_the_background_and_decodes_meanwhile(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHLM_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # compile_cache.prepare sets it
+    llm = tiny_llm("llama", seed=5, context_length=512)
+    jobs, refs = jobs_and_references(llm, 6)
+    # --compile: a decoder that would build a missing package in the foreground and wait for it
+    decoder = compile_decoding(llm.model, recipe={"name_or_path": str(tmp_path / "model")}, background=False)
+    directory = cache_dir(llm.model)
+    directory.mkdir(parents=True)
+    with open(directory / aot_background.LOCK, "a") as lock:
+        # A worker holds the build lock (a real build takes minutes): requests are written, no worker starts.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        engine = Engine(llm, max_batch=6, prefill_chunk=16).start()
+        try:
+            results = run_jobs(engine, jobs)
+        finally:
+            engine.stop()
+    assert decoder.background  # the server never waits for the compiler
+    asked = sorted(json.loads(p.read_text())["layout"][:2] for p in (directory / aot_background.REQUESTS).iterdir())
+    # row buckets 1, 2, 4 and the cache's 6 rows (static_window), each at the shortest window (256 positions)
+    assert asked == [[1, 256], [2, 256], [4, 256], [6, 256]]
+    assert not list(directory.glob("*.pt2"))
+    for job, ref in zip(jobs, refs):  # decoded eagerly meanwhile: each request's own result
+        assert results[job.index]["text"] == ref.text, job.index

@@ -182,11 +182,15 @@ class Engine:
         process for the packages of the decode windows the first requests will use: each row bucket (1, 2, 4, ...
         ``max_batch`` rows, see ``static_window``) at the shortest cache window. Until a package is on disk those
         steps run eagerly, so no request waits for a compile; the decoder asks for longer windows itself when a row
-        first reaches them. Adapter rows never use the compiled step (its graphs know nothing of them)."""
+        first reaches them. Adapter rows never use the compiled step (its graphs know nothing of them). With
+        ``--compile`` (which in ``generate`` builds a missing package and waits) the server builds in the background
+        too: a request never waits for the compiler."""
         decoder = getattr(self.model, "decoder", None)
         prepare = getattr(decoder, "prepare_in_background", None)
         if prepare is None or self.adapters is not None:
             return
+        if getattr(decoder, "recipe", None) is not None:
+            decoder.background = True
         from scratchlm.compiled import MIN_CACHE
 
         windows, rows = [], 1
