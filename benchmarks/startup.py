@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/startup.py                 # 5 runs of the command + 3 profiled breakdowns
     .venv/bin/python benchmarks/startup.py --record        # ... and appends the table to benchmarks/RESULTS.md
     .venv/bin/python benchmarks/startup.py --runs 9 --breakdowns 5
+    git worktree add /tmp/before COMMIT && .venv/bin/python benchmarks/startup.py --baseline /tmp/before/src
 
 Issue 11 asks for <= 3 s of wall time from the command to its exit, caches warm (the second run). This script:
 
@@ -15,7 +16,8 @@ Issue 11 asks for <= 3 s of wall time from the command to its exit, caches warm 
    engine uses one), the first token, and the exit. Wall and CPU per phase, median over the breakdowns;
 3. with llama.cpp installed (``benchmarks/setup_llamacpp.sh``), the peer's start-up on the same file: a fresh
    process that imports ``llama_cpp``, loads the GGUF with 2 threads and makes one token, alternated with ours
-   (ABAB) so that both see the same load.
+   (ABAB) so that both see the same load; likewise ``--baseline SRC``, the same command from an earlier
+   checkout (before/after a change).
 
 The load average is printed at the start and the end: on a loaded machine the wall figures mean little (CPU
 seconds still do).
@@ -47,6 +49,11 @@ PHASES = ("interpreter", "import torch", "other imports", "GGUF header", "tokeni
 def command(model: str) -> list[str]:
     return [sys.executable, "-m", "scratchlm.cli", "generate", model, PROMPT, "--max-new-tokens", "1",
             "--no-progress"]
+
+
+def baseline_env(src: str | None) -> dict | None:
+    """The environment that runs the command from another checkout's ``src`` folder (``--baseline``)."""
+    return None if src is None else {**os.environ, "PYTHONPATH": src}
 
 
 def timed_run(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
@@ -186,6 +193,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="runs of the command; the first is the warm-up")
     parser.add_argument("--breakdowns", type=int, default=3, help="profiled runs for the per-phase breakdown")
     parser.add_argument("--no-peer", action="store_true", help="skip llama.cpp even if it is installed")
+    parser.add_argument("--baseline", metavar="SRC", default=None,
+                        help="also run the command from another checkout's src folder (e.g. a `git worktree add "
+                             "/tmp/before COMMIT`: /tmp/before/src), alternated with this one, and print the ratios")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
@@ -203,14 +213,16 @@ def main() -> None:
         gguf_path = str(resolve(model))
         if not gguf_path.endswith(".gguf"):
             peer = False
-    ours, theirs = [], []
+    ours, theirs, base = [], [], []
     for i in range(max(2, args.runs)):
         ours.append(timed_run(command(model))[:2])
         if peer:
             theirs.append(timed_run([str(PEER_PYTHON), "-c", PEER_CODE, gguf_path])[:2])
+        if args.baseline:
+            base.append(timed_run(command(model), baseline_env(args.baseline))[:2])
         print(f"run {i + 1}: scratchlm {ours[-1][0]:.2f} s wall, {ours[-1][1]:.2f} s CPU"
-              + (f"; llama.cpp {theirs[-1][0]:.2f} s wall, {theirs[-1][1]:.2f} s CPU" if peer else ""),
-              file=sys.stderr)
+              + (f"; llama.cpp {theirs[-1][0]:.2f} s wall, {theirs[-1][1]:.2f} s CPU" if peer else "")
+              + (f"; baseline {base[-1][0]:.2f} s wall, {base[-1][1]:.2f} s CPU" if base else ""), file=sys.stderr)
     parts = [breakdown(model) for _ in range(args.breakdowns)]
     load_end = os.getloadavg()[0]
 
@@ -225,6 +237,10 @@ def main() -> None:
         lines.append(f"llama.cpp (llama-cpp-python: import, load, one token): median {med(theirs, 0):.2f} s wall, "
                      f"{med(theirs, 1):.2f} s CPU; scratchlm / llama.cpp: {med(ours, 0) / med(theirs, 0):.2f}x wall, "
                      f"{med(ours, 1) / med(theirs, 1):.2f}x CPU")
+    if base:
+        lines.append(f"baseline ({args.baseline}): median {med(base, 0):.2f} s wall, {med(base, 1):.2f} s CPU; "
+                     f"this checkout / baseline: {med(ours, 0) / med(base, 0):.2f}x wall, "
+                     f"{med(ours, 1) / med(base, 1):.2f}x CPU")
     lines += ["", f"Breakdown, median of {len(parts)} profiled runs (phase timers around the command's own code):",
               "", "| phase | wall s | CPU s |", "|---|---|---|"]
     for phase in (*PHASES, "total"):
