@@ -5,6 +5,7 @@ and on the whole pulled SmolLM2; the command's load path imports no `gguf` packa
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -141,3 +142,21 @@ def test_the_command_reads_a_q4_gguf_without_the_gguf_package_and_freezes_what_i
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     # importing gguf costs 0.15 s of CPU; frozen objects are skipped by the collector, the exit's pass included
     assert facts == {"gguf": False, "frozen": facts["frozen"], "enabled": True} and facts["frozen"] > 50_000
+
+
+def test_llm_load_runs_without_collector_passes_and_restores_the_collector(tmp_path):
+    from scratchlm.llm import LLM
+
+    path = export_gguf(export_llm("llama"), tmp_path / "m.gguf", "q4_1")
+    passes = []
+    gc.callbacks.append(record := lambda phase, info: passes.append(phase))
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            gc.collect()
+            passes.clear()
+            LLM.load(path, compile=False)
+            assert passes == [] and gc.isenabled() == enabled
+    finally:
+        gc.callbacks.remove(record)
+        gc.enable()

@@ -11,6 +11,8 @@ nothing after this point knows where the model came from.
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,6 +141,24 @@ def _read_tokenizer(directory: Path, override: Path | None,
     return tokenizer, ChatTemplate(source, tokenizer.bos_token, tokenizer.eos_token), eos_ids
 
 
+def _collector_paused(load):
+    """``load`` run with Python's cyclic garbage collector paused, then resumed as it was: a load makes ~100,000
+    long-lived objects (a vocabulary, its merges, the modules) and next to no garbage, and the collector's passes
+    over them were 0.12 s of CPU of SmolLM2's load (measured with gc.callbacks)."""
+
+    @functools.wraps(load)
+    def paused(*args, **kwargs):
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return load(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return paused
+
+
 class LLM:
     """A ready-to-use language model: ``model`` (a torch Module), ``tokenizer`` and ``template``."""
 
@@ -157,6 +177,7 @@ class LLM:
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
+    @_collector_paused
     def load(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str = "cpu",
              quantize: str | None = None, group_size: int | None = None,
              adapter: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
