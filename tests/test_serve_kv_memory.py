@@ -1,6 +1,7 @@
-"""The serving engine's key/value cache: memory is touched only where requests reach, and what was never written
-(``torch.empty`` may hold NaN) never reaches attention, with prefixes copied between rows and the prefix cache on.
-And the compiled decode step's packages: asked for in the background at start, one per row bucket."""
+"""The serving engine's key/value cache (``serve/kv_rows.py``): memory is touched only where requests reach, and
+what was never written (``torch.empty`` may hold NaN) never reaches attention, with prefixes copied between rows
+and the prefix cache on. And the compiled decode step's packages: asked for in the background at start, one per
+row bucket."""
 
 from __future__ import annotations
 

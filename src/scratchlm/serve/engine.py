@@ -33,10 +33,10 @@ import torch
 
 from scratchlm.errors import ConfigError
 from scratchlm.generate import ContextShift, Sequence, shift_context
-from scratchlm.model import KVCache
 from scratchlm.quant.quantize import return_freed_memory
 from scratchlm.serve.embed_step import EmbedJob, embed_some
 from scratchlm.serve.events import Event, GenerationJob, QueueFullError, Ticket, TokenLogprob, token_logprob
+from scratchlm.serve.kv_rows import ZeroedRows, bucket_windows, lazy_kv_cache, static_window
 from scratchlm.serve.metrics import ServerMetrics
 from scratchlm.serve.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache, reuse_prefix, shared_prefix
 from scratchlm.serve.speculative_step import speculative_step
@@ -47,7 +47,7 @@ log = logging.getLogger("scratchlm.serve")
 MIN_SHARED = 8  # a joiner sharing this many prompt tokens with one being prefilled waits a step to copy them
 IDLE_PREFILL_FACTOR = 8  # prefill budget multiplier when no request is decoding (nobody to keep waiting)
 DEFAULT_MAX_LEN = 2048  # KV cache positions per slot unless told otherwise (float32 SmolLM2: 94 MB per slot, of
-# which only the positions that requests reach are ever touched: see lazy_kv_cache)
+# which only the positions that requests reach are ever touched: serve/kv_rows.py)
 
 
 class _Active:
@@ -86,41 +86,6 @@ class _Active:
         return self.head + fed[self.head_end:] if self.seq.shifts else fed
 
 
-def lazy_kv_cache(config, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
-    """A ``KVCache`` whose buffers are reserved but not written: ``torch.empty`` instead of ``torch.zeros``.
-
-    The operating system gives a page of memory to a process when it is first touched, so a cache of 16 slots x
-    2,048 positions (SmolLM2 in float32: 1.5 GB) costs only the positions that requests have reached; a zeroed
-    one is resident from the start. What was never written may hold anything, NaN included, and a NaN key or
-    value poisons attention even where the mask hides it (the product of a zero weight and NaN is NaN), so
-    the engine zeroes each row's positions before a forward pass first reads them (``Engine._initialise``)."""
-    cache = KVCache(config, batch_size, max_len=1, dtype=dtype, device=device)  # KVCache chooses the dtype
-    shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-    cache.k = torch.empty(shape, dtype=cache.k.dtype, device=device)
-    cache.v = torch.empty(shape, dtype=cache.v.dtype, device=device)
-    cache.max_len = max_len
-    return cache
-
-
-def static_window(cache: KVCache, rows: int, max_rows: int) -> KVCache:
-    """The view of ``cache`` that the compiled decode step runs on: the first ``rows`` rows rounded up to a power
-    of two (at most ``max_rows``) and the first positions up to a power of two past the longest row (at least
-    ``compiled.MIN_CACHE``). Each (rows, positions) pair is one static-shape graph, so a server compiles at most
-    log2(max_batch) x log2(max_len) graphs, and a step reads only the cache positions that can be in use."""
-    from scratchlm.compiled import MIN_CACHE
-
-    bucket = 1
-    while bucket < rows:
-        bucket *= 2
-    view = cache.rows(0, min(bucket, max_rows))
-    length = MIN_CACHE
-    while length <= int(view.lengths.max()):
-        length *= 2
-    length = min(length, cache.max_len)
-    view.k, view.v, view.max_len = view.k[..., :length, :], view.v[..., :length, :], length
-    return view
-
-
 class Engine:
     """Runs generation and embedding jobs for many clients in one batch, on one worker thread."""
 
@@ -150,7 +115,7 @@ class Engine:
         param = next(self.model.parameters())
         self.device = param.device
         self.cache = lazy_kv_cache(cfg, max_batch, self.max_len, param.dtype, param.device)
-        self._initialised = [0] * max_batch  # positions of each cache row zeroed or written so far
+        self.zeroed = ZeroedRows(self.cache)  # never-written positions are zeroed before a step reads them
         self.prefix_cache = PrefixCache(cfg, prefix_cache_mb, dtype=self.cache.k.dtype, device=param.device) \
             if prefix_cache_mb else None
         self.drafter = None
@@ -191,19 +156,8 @@ class Engine:
             return
         if getattr(decoder, "recipe", None) is not None:
             decoder.background = True
-        from scratchlm.compiled import MIN_CACHE
-
-        windows, rows = [], 1
-        while True:
-            view = self.cache.rows(0, min(rows, self.max_batch))
-            length = min(MIN_CACHE, self.max_len)
-            view.k, view.v, view.max_len = view.k[..., :length, :], view.v[..., :length, :], length
-            windows.append(view)
-            if rows >= self.max_batch:
-                break
-            rows *= 2
         try:
-            prepare(windows)
+            prepare(bucket_windows(self.cache, self.max_batch))
         except (ValueError, OSError) as exc:  # a model not loaded by LLM.load, a read-only home: decode as it comes
             log.info("scratchlm serve: compiled decode steps not prepared in the background (%s)", exc)
 
@@ -287,7 +241,7 @@ class Engine:
                 active.slot = slot
                 self.cache.lengths[slot] = 0
                 # before a prefix is copied into the row: zeroing must never land on positions already written
-                self._initialise(slot, slot + 1, len(active.job.prompt_ids))
+                self.zeroed.ensure(slot, slot + 1, len(active.job.prompt_ids))
                 self.slots[slot] = active
                 while self._waiting and self._waiting[0].ticket.cancelled:
                     self._waiting.popleft()
@@ -370,7 +324,7 @@ class Engine:
         for row, (active, n) in enumerate(group):
             ids[row, :n] = torch.tensor(active.job.prompt_ids[active.done: active.done + n])
         lengths = torch.tensor([n for _, n in group], device=self.device)
-        self._initialise(first, first + len(group), max(active.done for active, _ in group) + width)
+        self.zeroed.ensure(first, first + len(group), max(active.done for active, _ in group) + width)
         view = self.cache.rows(first, first + len(group))
         self._select([active.job.adapter for active, _ in group])
         hidden = self.model.hidden_states(ids, view, input_lengths=lengths)  # (rows, width, C)
@@ -420,7 +374,7 @@ class Engine:
         rows = max(a.slot for a in self.slots if a is not None) + 1
         longest = int(self.cache.lengths[:rows].max())
         if self.drafter is not None:
-            self._initialise(0, rows, longest + 2 + self.draft_tokens)  # the last token and the drafts
+            self.zeroed.ensure(0, rows, longest + 2 + self.draft_tokens)  # the last token and the drafts
             if speculative_step(self, decoding):
                 return
         # The compiled step (scratchlm.compiled), when attached; its graphs know nothing of per-row adapters.
@@ -428,10 +382,10 @@ class Engine:
         if decoder is not None:
             view = static_window(self.cache, rows, self.max_batch)
             rows = view.lengths.shape[0]
-            self._initialise(0, rows, view.max_len)  # the compiled step reads its whole window
+            self.zeroed.ensure(0, rows, view.max_len)  # the compiled step reads its whole window
         else:
             view = self.cache.rows(0, rows)
-            self._initialise(0, rows, longest + 1)
+            self.zeroed.ensure(0, rows, longest + 1)
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         adapter_ids = [0] * rows  # idle and prefilling rows: the base (their dummy token's output is dropped)
         for active in decoding:
@@ -456,20 +410,6 @@ class Engine:
                 self._accept(active, logits[row])
             else:
                 self._release(active)
-
-    def _initialise(self, start: int, stop: int, positions: int) -> None:
-        """Zero the first ``positions`` positions of cache rows ``start``..``stop - 1`` where no step has yet: a
-        forward pass over rows reads every position below its longest row's length in each of them (the mask
-        hides those beyond a row's own length, but only a finite value can be hidden; see ``lazy_kv_cache``).
-        Every write into a row (prefill, a copied prefix, decode, drafts) lands below its mark, set before it, so
-        zeroing never erases keys and values; positions once zeroed stay finite whatever is written later."""
-        positions = min(positions, self.max_len)
-        for row in range(start, stop):
-            done = self._initialised[row]
-            if done < positions:
-                self.cache.k[:, row, :, done:positions].zero_()
-                self.cache.v[:, row, :, done:positions].zero_()
-                self._initialised[row] = positions
 
     def _shift(self, active: _Active) -> None:
         """Make room in a full row (``--context-shift``): keep its first ``keep`` tokens, drop the oldest half of
