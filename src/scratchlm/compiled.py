@@ -26,8 +26,9 @@ compile; later ones load the package in milliseconds, without importing dynamo o
 model's own weights. Elsewhere ``torch.compile`` compiles it in every process. The first call of each shape is
 checked against the same step run eagerly on a copy of the cache: a compile that fails or a package that gives
 other logits is thrown away and rebuilt once, then the decoder falls back to eager decoding with a one-line
-notice: never a crash, never different output. It is opt-in (``--compile``, ``LLM.load(..., compile=True)``,
-``$SCRATCHLM_COMPILE=1``; see ``use_compiled_by_default``).
+notice: never a crash, never different output. ``LLM.load`` attaches it by default to int4 models
+(``use_compiled_by_default``) with background builds (``scratchlm.aot_background``): the first run decodes eagerly
+while a worker builds the package; ``--compile`` builds it in the foreground, ``--no-compile`` stays eager.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class CompiledDecoder:
 
     Specialised on the batch size and the cache length (a power of two, at least ``MIN_CACHE``), compiled on
     first use of each. On the CPU (``backend="aot"``) each shape is an AOTInductor package on disk
-    (``scratchlm.aot``): built once per machine (about a minute for SmolLM2 on 2 cores), then loaded in
+    (``scratchlm.aot``): built once per machine (SmolLM2's int4 step: 91 s of CPU on 2 cores), then loaded in
     milliseconds by later processes without importing the compiler. ``backend="dynamo"`` (other devices) uses
     ``torch.compile``, whose graphs inductor caches on disk but which every process re-traces.
     """
@@ -157,8 +158,8 @@ class CompiledDecoder:
             self._cached = prepare(self.cache_dir, self.model)
 
     def expected_compile_seconds(self) -> int:
-        """A rough compile time for one graph on a 2-core CPU: SmolLM2 (30 layers) took about 40 s."""
-        return max(5, round(40 * self.model.config.n_layers / 30))
+        """A rough CPU time to build one package: SmolLM2's int4 step (30 layers) took 91 s (benchmarks/RESULTS.md)."""
+        return max(10, round(90 * self.model.config.n_layers / 30))
 
     def cache_length(self, needed: int) -> int:
         """The cache length to allocate for ``needed`` tokens: a power of two, within the context window."""
