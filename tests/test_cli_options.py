@@ -57,7 +57,7 @@ def test_every_engine_command_takes_the_same_options_with_the_real_default(argv)
 
 
 def test_compile_defaults_to_the_models_choice_and_no_compile_is_its_negation():
-    assert parse("generate", "m", "p").compile is None  # None: LLM.load's default (eager unless SCRATCHLM_COMPILE=1)
+    assert parse("generate", "m", "p").compile is None  # None: LLM.load's default (int4: compiled)
     assert parse("generate", "m", "p", "--compile").compile is True
     assert parse("chat", "m", "--compile", "--no-compile").compile is False
     assert parse("serve", "m", "--no-compile").compile is False
