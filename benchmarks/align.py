@@ -20,7 +20,8 @@ follows the same schedule in both, step for step: no warm-up, cosine to a tenth 
 own). Time = the training with its reference log-probabilities: ours are
 computed once before the first step with the adapter off; TRL's DPOTrainer, with a PEFT model and no reference
 model, computes them in every step with the adapter off (its default), or once before training with
-``precompute_ref_log_probs`` (shown too). Tokens/s = real (unpadded) tokens of every chosen and rejected sequence
+``precompute_ref_log_probs`` (shown too; that pass runs in DPOTrainer's constructor and is timed there and added:
+rows before 2026-12-02 04:50 UTC left it out). Tokens/s = real (unpadded) tokens of every chosen and rejected sequence
 trained on / that time, the same count for both (checked). Before 2026-12-02 04:00 UTC the records were plain
 strings, which TRL tokenizes raw (no chat template, no system prompt: 3,888 tokens for the 9,840 we train on), while
 both engines were credited with our count: TRL's rows of those dates did 2.5x less work than ours. The engines run
@@ -162,12 +163,27 @@ def worker_trl(data: Path, steps: int, batch_size: int, out: Path, precompute: b
                          lr_scheduler_kwargs={"min_lr_rate": 0.1}, weight_decay=0.0, disable_tqdm=True,
                          gradient_checkpointing=True,  # TRL's default, written out
                          bf16=dtype == "bfloat16")  # TRL's default is bf16=True: bfloat16 autocast even on CPU
+    # With precompute_ref_log_probs the reference pass runs inside DPOTrainer's constructor, before train(): time it
+    # there and count it, as ours is counted.
+    reference = {"seconds": 0.0, "cpu": 0.0}
+    precompute_pass = trl.DPOTrainer._precompute_ref_logps
+
+    def timed_precompute(self, *args, **kwargs):
+        start, cpu = time.perf_counter(), time.process_time()
+        try:
+            return precompute_pass(self, *args, **kwargs)
+        finally:
+            reference["seconds"] += time.perf_counter() - start
+            reference["cpu"] += time.process_time() - cpu
+
+    trl.DPOTrainer._precompute_ref_logps = timed_precompute
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=lora)
     tokens, same = trl_tokens(trainer.train_dataset, data)
     start, cpu = time.perf_counter(), time.process_time()
     output = trainer.train()
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
+    return {"seconds": time.perf_counter() - start + reference["seconds"],
+            "cpu_seconds": time.process_time() - cpu + reference["cpu"], "reference_s": reference["seconds"],
             "loss": output.training_loss,
             "dtype": "bfloat16" if trainer.args.bf16 else "float32", "tokens": tokens, "same_ids": same}
 
