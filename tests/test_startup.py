@@ -80,7 +80,7 @@ def test_tensors_read_natively_equal_the_gguf_package_bit_for_bit(tmp_path):
     write_types(tmp_path / "types.gguf")
     reader, _ = read_gguf(tmp_path / "types.gguf")
     for t in reader.tensors:
-        want = torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, Q[t.name]), dtype=np.float32))
+        want = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, Q[t.name]), dtype=np.float32))
         got = _tensor_to_torch(t, tmp_path)
         assert got.dtype == torch.float32 and torch.equal(got, want), t.name
         if t.name.startswith("Q"):  # int8 rows made from the blocks, in chunks: as from the whole float matrix
@@ -111,7 +111,7 @@ def test_smollm2_loads_what_the_gguf_package_dequantizes(smollm2_path):
         prefix, _, leaf = name.rpartition(".")
         if name.startswith("blocks.") and int(name.split(".")[1]) not in layers and "norm" not in name:
             continue
-        want = torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        want = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
         if t.tensor_type.name == "Q8_0":
             q, s = quantize_int8(want)
             assert torch.equal(state[f"{prefix}.qweight"], q) and torch.equal(state[f"{prefix}.scales"], s), name

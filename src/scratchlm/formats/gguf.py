@@ -107,9 +107,10 @@ def _tensor_to_torch(t, path: Path) -> torch.Tensor:
     if kind == "F32":
         return torch.from_numpy(np.array(t.data, dtype=np.float32)).reshape(shape)  # a copy: the file stays mapped
     if kind == "F16":
-        return torch.from_numpy(t.data).float().reshape(shape)
-    if kind == "BF16":  # raw bytes, two per value
-        return torch.from_numpy(np.ascontiguousarray(t.data)).view(torch.bfloat16).float().reshape(shape)
+        return torch.from_numpy(t.data.astype(np.float32)).reshape(shape)
+    if kind == "BF16":  # raw bytes, two per value: a bfloat16 is the top half of a float32
+        words = np.ascontiguousarray(t.data).view("<u2").astype(np.uint32) << 16
+        return torch.from_numpy(words.view(np.float32)).reshape(shape)
     if kind in NATIVE_BLOCK_TYPES:
         cols = shape[-1]
         return dequantize_blocks(t.data, kind, t.n_elements // cols, cols).reshape(shape)

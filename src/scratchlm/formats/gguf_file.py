@@ -55,7 +55,7 @@ _PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8
 
 
 class GGUFTensor(NamedTuple):
-    """One tensor of the file: ``data`` is a view of the mapped bytes, [rows, bytes per row] uint8
+    """One tensor of the file: ``data`` is a read-only view of the mapped bytes, [rows, bytes per row] uint8
     for block-quantized types; ``shape`` lists the dims as the file does (fastest-moving first)."""
 
     name: str
@@ -86,14 +86,12 @@ def _ggml_type(raw: int) -> tuple[GGMLType, int, int]:
 
 class GGUFFile:
     """An opened GGUF file: ``metadata`` (key -> Python value), ``tensors`` (``GGUFTensor`` records whose
-    ``data`` are numpy views of the file, mapped copy-on-write) and ``version``. Raises ValueError on a malformed
+    ``data`` are read-only numpy views of the mapped file) and ``version``. Raises ValueError on a malformed
     file; the caller turns it into a user-facing error."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        # copy-on-write: torch can wrap the views without a copy or a warning; nothing writes to them, and a write
-        # would change only this process's pages, never the file
-        self._data = np.memmap(self.path, dtype=np.uint8, mode="c")
+        self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         self._buf = memoryview(self._data)
         self._pos = 0
         magic = bytes(self._buf[:4])
