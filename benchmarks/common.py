@@ -5,8 +5,10 @@ The scripts run as ``python benchmarks/NAME.py``, so this folder is on their imp
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -30,3 +32,15 @@ def append_results(text: str) -> None:
     with RESULTS.open("a", encoding="utf-8") as f:
         f.write(text)
     print(f"appended to {RESULTS}")
+
+
+def section_header(details: str = "") -> str:
+    """The opening of a RESULTS.md section: the script's name and the time, the machine, torch's version, the
+    command exactly as it was run, and ``details`` (a sentence of what else the run used)."""
+    import torch
+
+    script = Path(sys.argv[0]).name
+    now = datetime.datetime.now(datetime.timezone.utc)
+    command = " ".join([f".venv/bin/python benchmarks/{script}", *sys.argv[1:]])
+    return (f"\n## {script}, {now:%Y-%m-%d %H:%M} UTC\n\nMachine: {machine()}. torch {torch.__version__}"
+            f"{'. ' + details if details else ''}. Command: `{command}`.\n\n")

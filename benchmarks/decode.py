@@ -30,7 +30,6 @@ decode limit it implies (weight bytes read per token / bandwidth) and each engin
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import resource
 import statistics
@@ -39,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import append_results, machine
+from common import append_results, section_header
 
 THREADS = 2
 NEW_TOKENS = 128
@@ -427,13 +426,10 @@ def main() -> None:
             print(f"\n{engine}, profile of decoding:\n{r['profile']}")
     print(table)
     if args.record:
-        import torch
         import transformers
 
-        header = (f"\n## decode.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-                  f"Machine: {machine()}. torch {torch.__version__}, transformers {transformers.__version__}. "
-                  f"Model: {Path(args.model).name}. Command: `.venv/bin/python benchmarks/decode.py --record`.\n\n")
-        append_results(header + table + "\n")
+        details = f"transformers {transformers.__version__}. Model: {Path(args.model).name}"
+        append_results(section_header(details) + table + "\n")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ prefill of the int4 engine against HF transformers in bfloat16, in one process.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import time
 
-from common import append_results, machine
+from common import append_results, section_header
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
 ROWS = (1, 8, 16, 32, 64, 128, 512)
@@ -123,10 +122,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        header = (f"\n## int4_prefill.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-                  f"Machine: {machine()}. torch {torch.__version__}, {args.threads} threads. Command: "
-                  f"`.venv/bin/python benchmarks/int4_prefill.py --record`.\n\n")
-        append_results(header + table + "\n")
+        append_results(section_header(f"{args.threads} threads") + table + "\n")
 
 
 if __name__ == "__main__":

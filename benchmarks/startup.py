@@ -26,7 +26,6 @@ seconds still do).
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.abc
 import importlib.util
 import json
@@ -38,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import append_results, machine
+from common import append_results, section_header
 
 PEER_PYTHON = Path("/work/peers/llamacpp-venv/bin/python")  # made by benchmarks/setup_llamacpp.sh
 PROMPT = "Hi"
@@ -251,13 +250,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.record:
-        import torch
-
-        header = (f"\n## startup.py, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-                  f"Machine: {machine()}. torch {torch.__version__}. Command: "
-                  f"`.venv/bin/python benchmarks/startup.py --record` (runs {args.runs}, breakdowns "
-                  f"{args.breakdowns}).\n\n")
-        append_results(header + table + "\n")
+        append_results(section_header(f"runs {args.runs}, breakdowns {args.breakdowns}") + table + "\n")
 
 
 if __name__ == "__main__":
