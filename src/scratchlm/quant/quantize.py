@@ -216,15 +216,14 @@ def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torc
     """A quantized Transformer from portable tensors (the inverse of ``quantized_state_dict``).
 
     ``tensors`` may be a dict or a lazy mapping that reads each tensor when it is popped (see
-    ``quant.checkpoint``): layers are built one at a time, so only one layer's file copy is in memory.
+    ``quant.checkpoint``): layers are built one at a time and each layer's tensors are taken out of ``tensors``
+    (a dict is left empty), so only one layer's portable copy is in memory beside the packed model.
     """
     from scratchlm.model import skeleton
 
     mode, group_size = info.get("mode"), info.get("group_size")
     if mode not in MODES or (mode == "int4" and group_size not in (*GROUP_SIZES, CHANNEL)):
         raise ModelFileError(f"{source}: unknown quantization {info!r}")
-    if isinstance(tensors, dict):
-        tensors = dict(tensors)
 
     def take(prefix: str, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         missing = [f"{prefix}.{n}" for n in names if f"{prefix}.{n}" not in tensors]
@@ -290,6 +289,7 @@ def build_quantized_model(config: ModelConfig, tensors: MutableMapping[str, torc
             delattr(parent, n.rsplit(".", 1)[1])
         setattr(parent, fused_name, new)
     floats = {k: _aligned(v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+    tensors.clear()
     expected = set(model.state_dict())
     try:
         model.load_state_dict(floats, strict=False, assign=True)
@@ -314,6 +314,9 @@ def quantized_from_gguf(config: ModelConfig, state: dict[str, torch.Tensor], dty
       for Q8_0/Q5/Q6_K (their 32-weight blocks each have a scale, ours one per row), better than the file
       for Q2_K/Q3_K; listed in ``quantization["int8_layers"]``;
     - the token embedding and the LM head are int8 per row, as ``quantize_model`` makes them.
+
+    ``state`` is consumed (left empty): each layer's file tensors are freed once the layer is packed, so the
+    portable copy of the whole model and the packed one never coexist (SmolLM2: 103 + 91 MB).
     """
     from scratchlm.quant.int8 import quantize_int8
 
@@ -338,8 +341,12 @@ def quantized_from_gguf(config: ModelConfig, state: dict[str, torch.Tensor], dty
         tensors[f"{prefix}.scales"] = torch.cat([s for _, s in parts])
         del parts
         return_freed_memory()
-    tensors.update(state)
+    while state:  # moved, not copied: build_quantized_model frees each layer's tensors as it goes
+        key, value = state.popitem()
+        tensors[key] = value
     mode = "int4" if any(k.endswith(".mins") for k in tensors) else "int8"
     info = {"mode": mode, "group_size": 32 if mode == "int4" else None, "embeddings": True,
             "int8_layers": int8_layers if mode == "int4" else [], "source": "gguf"}
-    return build_quantized_model(config, tensors, info, dtype, source)
+    model = build_quantized_model(config, tensors, info, dtype, source)
+    return_freed_memory()
+    return model
