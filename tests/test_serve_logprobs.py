@@ -145,3 +145,25 @@ def test_chat_logprob_content_has_one_item_per_completion_token(http, text, max_
     items = [item for c in chunks for ch in c["choices"] if ch.get("logprobs") for item in ch["logprobs"]["content"]]
     assert len(items) == chunks[-1]["usage"]["completion_tokens"]
     assert [i["logprob"] for i in items] == pytest.approx([i["logprob"] for i in content])
+
+
+def test_offsets_count_the_text_as_the_reply_holds_it_special_tokens_and_split_characters_included(llm):
+    # Found by the property test above: a sampled <|endoftext|> (not the end-of-sequence token here) is skipped
+    # in the completion's text but was counted as 13 characters, so the next offset pointed past the text.
+    from scratchlm.serve.events import TokenLogprob
+    from scratchlm.serve.schemas import completion_logprobs
+
+    tok = llm.tokenizer
+    special = tok.special_tokens["<|endoftext|>"]
+    euro = list("€".encode())  # three byte tokens: one character
+    prompt = [ord("a"), special, euro[0]]  # echoed: "a<|endoftext|>" and U+FFFD for the cut character
+    completion = [special, ord("L"), *euro, ord("x")]
+    prompt_text, text = tok.decode(prompt), tok.decode(completion, skip_special=True)
+    entries = [TokenLogprob(t, -1.0, []) for t in prompt + completion]
+    offsets = completion_logprobs(entries, str, 0, tok, prompt_count=len(prompt))["text_offset"]
+    assert prompt_text == "a<|endoftext|>\ufffd" and text == "L€x"
+    start = len(prompt_text)
+    assert offsets == [0, 1, 14, start, start, start + 1, start + 1, start + 1, start + 2]
+    # without echo the offsets start after the prompt's text and count the completion alone
+    alone = completion_logprobs(entries[len(prompt):], str, start, tok)["text_offset"]
+    assert alone == offsets[len(prompt):] and alone[-1] < start + len(text)

@@ -110,8 +110,8 @@ class Answer:
             return None
         if self.chat:
             return chat_logprobs(entries, self._token_text, self.tokenizer.bytes_of)
-        decoder = self.tokenizer.stream_decoder(skip_special=False)
-        return completion_logprobs((prompt_entries or []) + entries, self._token_text, offset, decoder)
+        return completion_logprobs((prompt_entries or []) + entries, self._token_text, offset, self.tokenizer,
+                                   len(prompt_entries or []))
 
     def _prompt_text(self, index: int) -> str:
         return self.prompt_texts[index // self.body.n] if self.prompt_texts else ""

@@ -36,7 +36,7 @@ from scratchlm.generate import ContextShift, Sequence, shift_context
 from scratchlm.quant.quantize import return_freed_memory
 from scratchlm.serve.embed_step import EmbedJob, embed_some
 from scratchlm.serve.events import Event, GenerationJob, QueueFullError, Ticket, TokenLogprob, token_logprob
-from scratchlm.serve.kv_rows import ZeroedRows, bucket_windows, lazy_kv_cache, static_window
+from scratchlm.serve.kv_rows import bucket_windows, lazy_kv_cache, static_window
 from scratchlm.serve.metrics import ServerMetrics
 from scratchlm.serve.prefix_cache import DEFAULT_BUDGET_MB, PrefixCache, reuse_prefix, shared_prefix
 from scratchlm.serve.speculative_step import speculative_step
@@ -115,7 +115,6 @@ class Engine:
         param = next(self.model.parameters())
         self.device = param.device
         self.cache = lazy_kv_cache(cfg, max_batch, self.max_len, param.dtype, param.device)
-        self.zeroed = ZeroedRows(self.cache)  # never-written positions are zeroed before a step reads them
         self.prefix_cache = PrefixCache(cfg, prefix_cache_mb, dtype=self.cache.k.dtype, device=param.device) \
             if prefix_cache_mb else None
         self.drafter = None
@@ -240,8 +239,6 @@ class Engine:
                 active = self._waiting.popleft()
                 active.slot = slot
                 self.cache.lengths[slot] = 0
-                # before a prefix is copied into the row: zeroing must never land on positions already written
-                self.zeroed.ensure(slot, slot + 1, len(active.job.prompt_ids))
                 self.slots[slot] = active
                 while self._waiting and self._waiting[0].ticket.cancelled:
                     self._waiting.popleft()
@@ -324,7 +321,6 @@ class Engine:
         for row, (active, n) in enumerate(group):
             ids[row, :n] = torch.tensor(active.job.prompt_ids[active.done: active.done + n])
         lengths = torch.tensor([n for _, n in group], device=self.device)
-        self.zeroed.ensure(first, first + len(group), max(active.done for active, _ in group) + width)
         view = self.cache.rows(first, first + len(group))
         self._select([active.job.adapter for active, _ in group])
         hidden = self.model.hidden_states(ids, view, input_lengths=lengths)  # (rows, width, C)
@@ -372,9 +368,7 @@ class Engine:
                 if int(self.cache.lengths[active.slot]) + 1 > self.max_len:
                     self._shift(active)
         rows = max(a.slot for a in self.slots if a is not None) + 1
-        longest = int(self.cache.lengths[:rows].max())
         if self.drafter is not None:
-            self.zeroed.ensure(0, rows, longest + 2 + self.draft_tokens)  # the last token and the drafts
             if speculative_step(self, decoding):
                 return
         # The compiled step (scratchlm.compiled), when attached; its graphs know nothing of per-row adapters.
@@ -382,10 +376,8 @@ class Engine:
         if decoder is not None:
             view = static_window(self.cache, rows, self.max_batch)
             rows = view.lengths.shape[0]
-            self.zeroed.ensure(0, rows, view.max_len)  # the compiled step reads its whole window
         else:
             view = self.cache.rows(0, rows)
-            self.zeroed.ensure(0, rows, longest + 1)
         tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
         adapter_ids = [0] * rows  # idle and prefilling rows: the base (their dummy token's output is dropped)
         for active in decoding:

@@ -162,15 +162,21 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def completion_logprobs(entries: list, token_text, offset: int, decoder) -> dict:
+def completion_logprobs(entries: list, token_text, offset: int, tokenizer, prompt_count: int = 0) -> dict:
     """The legacy /v1/completions logprobs block: parallel lists, one item per token.
 
-    ``offset`` is the character position where the first token's text starts; ``decoder`` (a tokenizer's
-    stream decoder) turns the tokens back into characters to count them, so a token holding half a UTF-8
-    character advances the offset only when the character completes.
+    ``offset`` is the character position where the first token's text starts; the first ``prompt_count``
+    entries are the echoed prompt's. Offsets count characters as the reply's text holds them: the prompt as
+    ``tokenizer.decode`` writes it (special tokens included), the completion as generation released it
+    (special tokens skipped), each decoded on its own; a token holding half a UTF-8 character advances the
+    offset only when the character completes.
     """
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    for entry in entries:
+    decoder = tokenizer.stream_decoder(skip_special=False)
+    for i, entry in enumerate(entries):
+        if i == prompt_count:  # the completion's text starts after the whole prompt text
+            offset += len(decoder.flush())
+            decoder = tokenizer.stream_decoder(skip_special=True)
         tokens.append(token_text(entry.token_id))
         token_logprobs.append(entry.logprob)
         top_logprobs.append(None if entry.logprob is None else {token_text(t): lp for t, lp in entry.top})
