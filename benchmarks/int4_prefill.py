@@ -22,7 +22,7 @@ import time
 from common import append_results, section_header
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
-ROWS = (1, 8, 16, 32, 64, 128, 512)
+ROWS = (1, 8, 16, 32, 64, 96, 128, 256, 512)
 
 
 def best_ms(fn, repeats: int) -> float:

@@ -147,9 +147,11 @@ KERNEL_DTYPE = torch.bfloat16
 
 
 # Rows from which int4_linear dequantizes into bfloat16 instead of calling the kernel: the crossover measured by
-# benchmarks/int4_prefill.py (2026-12-02, loaded machine: the kernel still wins at 128 rows, 0.85x, and loses at
-# 512, 1.30x, over SmolLM2's four shapes).
-PREFILL_MIN_ROWS = 256
+# benchmarks/int4_prefill.py on a quiet machine (2026-12-02 07:40, SmolLM2's four shapes summed): the kernel wins
+# up to 96 rows (0.78-0.96x of dequantize + mm), the two are level at 128 (0.98-1.22x), dequantizing wins from
+# there on (1.34-1.61x at 256). (256 before, from a run on a loaded machine.) A server's prefill steps of 128
+# tokens and chat prompts of 128-255 tokens now take the faster path.
+PREFILL_MIN_ROWS = 128
 
 
 def pack_for_kernel(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
