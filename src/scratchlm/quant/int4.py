@@ -146,12 +146,12 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
 KERNEL_DTYPE = torch.bfloat16
 
 
-# Rows from which int4_linear dequantizes into bfloat16 instead of calling the kernel: the crossover measured by
-# benchmarks/int4_prefill.py on a quiet machine (2026-12-02 07:40, SmolLM2's four shapes summed): the kernel wins
-# up to 96 rows (0.78-0.96x of dequantize + mm), the two are level at 128 (0.98-1.22x), dequantizing wins from
-# there on (1.34-1.61x at 256). (256 before, from a run on a loaded machine.) A server's prefill steps of 128
-# tokens and chat prompts of 128-255 tokens now take the faster path.
-PREFILL_MIN_ROWS = 128
+# Rows from which int4_linear dequantizes into bfloat16 instead of calling the kernel. Per layer in isolation
+# (benchmarks/int4_prefill.py, quiet machine, 2026-12-02 07:40) the two are level at about 128 rows, but inside
+# a forward pass, where each layer's weights arrive cold and the dequantized buffers crowd the caches, a server's
+# 128-token prefill steps (133 rows) ran 10% slower on the dequantizing path (three alternated rounds, prefill
+# 0.89-1.08 s with the kernel, 0.98-1.18 s without). So the kernel keeps everything below 256 rows.
+PREFILL_MIN_ROWS = 256
 
 
 def pack_for_kernel(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
