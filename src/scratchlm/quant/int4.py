@@ -147,10 +147,9 @@ KERNEL_DTYPE = torch.bfloat16
 
 
 # Rows from which int4_linear dequantizes into bfloat16 instead of calling the kernel. Per layer in isolation
-# (benchmarks/int4_prefill.py, quiet machine, 2026-12-02 07:40) the two are level at about 128 rows, but inside
-# a forward pass, where each layer's weights arrive cold and the dequantized buffers crowd the caches, a server's
-# 128-token prefill steps (133 rows) ran 10% slower on the dequantizing path (three alternated rounds, prefill
-# 0.89-1.08 s with the kernel, 0.98-1.18 s without). So the kernel keeps everything below 256 rows.
+# (benchmarks/int4_prefill.py, quiet machine, 2026-12-02 07:40) the two are level at about 128 rows; inside
+# a server engine its 128-token prefill steps (133 rows) ran 10% slower dequantizing, and one such step alone 10%
+# faster (three alternated rounds each, RESULTS.md): within the machine's noise, so the threshold stays 256.
 PREFILL_MIN_ROWS = 256
 
 
