@@ -168,6 +168,31 @@ def test_a_background_build_that_fails_leaves_eager_decoding_with_one_notice(tmp
     assert "Traceback" not in err
 
 
+def test_a_request_written_while_the_worker_releases_its_lock_is_not_left_behind(tmp_path, monkeypatch):
+    """A process whose request arrives after the worker's last look, while it still holds the lock, finds the lock
+    taken and starts no worker of its own: the worker looks again once it has released the lock. (Both packages
+    exist already, so nothing is compiled: the requests are only taken.)"""
+    from scratchlm import aot_background
+
+    requests = tmp_path / aot_background.REQUESTS
+    requests.mkdir()
+    for name in ("step-a.pt2", "step-b.pt2"):
+        (tmp_path / name).write_bytes(b"")
+    aot_background.atomic_write_json(requests / "step-a.pt2.json", {"package": "step-a.pt2"})
+    original, rounds = aot_background.build_requested, []
+
+    def then_a_late_request(directory, models, done):
+        original(directory, models, done)
+        rounds.append(sorted(done))
+        if len(rounds) == 1:  # the worker found nothing more; before it lets go of the lock, another request lands
+            aot_background.atomic_write_json(requests / "step-b.pt2.json", {"package": "step-b.pt2"})
+
+    monkeypatch.setattr(aot_background, "build_requested", then_a_late_request)
+    assert aot_background.work(tmp_path, nice=0) == 0
+    assert rounds == [["step-a.pt2.json"], ["step-a.pt2.json", "step-b.pt2.json"]]
+    assert not list(requests.iterdir())
+
+
 def test_stale_manifest_empties_the_directory(tmp_path, monkeypatch):
     from conftest import tiny_llm
     from scratchlm.compile_cache import MANIFEST, cache_dir, describe, prepare

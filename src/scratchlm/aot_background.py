@@ -134,36 +134,48 @@ def work(directory: Path, nice: int = NICE) -> int:
             os.nice(nice)
         except OSError:
             pass
-    with open(directory / LOCK, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return 0  # another worker is on it; it will see our request
-        models: dict = {}
-        done: set[str] = set()
-        while True:
-            pending = [p for p in sorted((directory / REQUESTS).glob("*.json")) if p.name not in done]
-            if not pending:
-                return 0
-            for path in pending:
-                done.add(path.name)
+    models: dict = {}
+    handled: set[str] = set()  # request names seen (each tried once per worker, even if its file stays)
+    while True:
+        with open(directory / LOCK, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # another worker holds it; it looks for requests again after releasing it (below)
+            build_requested(directory, models, handled)
+        # A process that wrote its request after our last look, while we still held the lock, found the lock taken
+        # and left its request to us: look once more now that the lock is free.
+        if not any(p.name not in handled for p in (directory / REQUESTS).glob("*.json")):
+            return 0
+
+
+def build_requested(directory: Path, models: dict, done: set[str]) -> None:
+    """Build the package of every request in ``directory`` not in ``done`` (each request file removed once
+    handled and its name added to ``done``, a failure recorded beside its package), until none is left. The
+    caller holds the build lock; ``models``: the models loaded so far, by how they were loaded."""
+    while True:
+        pending = [p for p in sorted((directory / REQUESTS).glob("*.json")) if p.name not in done]
+        if not pending:
+            return
+        for path in pending:
+            done.add(path.name)
+            try:
+                spec = read_json(path)
+                package = directory / spec["package"]
+                if not package.is_file() and failure(package) is None:
+                    started = time.perf_counter()
+                    _build(directory, spec, models)
+                    print(f"built {package.name} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            except Exception as exc:  # noqa: BLE001 - any failure: recorded, the decoders stay eager
+                traceback.print_exc()
+                line = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
                 try:
-                    spec = read_json(path)
-                    package = directory / spec["package"]
-                    if not package.is_file() and failure(package) is None:
-                        started = time.perf_counter()
-                        _build(directory, spec, models)
-                        print(f"built {package.name} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-                except Exception as exc:  # noqa: BLE001 - any failure: recorded, the decoders stay eager
-                    traceback.print_exc()
-                    line = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
-                    try:
-                        atomic_write_bytes(failed_marker(directory / path.name.removesuffix(".json")),
-                                           (line + "\n").encode())
-                    except OSError:
-                        pass
-                finally:
-                    path.unlink(missing_ok=True)
+                    atomic_write_bytes(failed_marker(directory / path.name.removesuffix(".json")),
+                                       (line + "\n").encode())
+                except OSError:
+                    pass
+            finally:
+                path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
