@@ -119,6 +119,8 @@ class LoRALinear(nn.Module):
         # The scaling multiplies the small [.., r] activation rather than the [.., out] one, and the update is
         # added into the base output in place (no op saves that output): two fewer full-size temporaries per
         # layer, which is most of LoRA's activation memory beyond what the base model itself needs.
+        if self.scaling == 0:  # switched off (align.run.adapters_disabled: the reference model): the base alone
+            return self.base(x)
         update = self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
         return self.base(x).add_(update)
 
